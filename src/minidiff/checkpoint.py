@@ -1,0 +1,157 @@
+"""Self-describing checkpoints: one safetensors file, tensors plus a JSON header.
+
+Loading never unpickles anything. The JSON (safetensors metadata key ``minidiff``) carries the
+architecture, config, step and library versions, and a sha256 over every tensor's bytes, so a
+corrupt file is detected even where safetensors' own header checks pass. Writes are atomic
+(temporary file, fsync, rename) and the previous file is kept as ``*.prev`` until the new one
+is in place.
+
+Two kinds:
+- ``training``: model, EMA, optimizer and RNG state — what ``--resume`` needs;
+- ``model``: one set of weights — what sampling, evaluation and pruning use.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not describe a model minidiff can build."""
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import safetensors
+
+    from . import __version__
+    return {"minidiff": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, keep_previous: bool = False) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(path.name + ".prev"))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+         keep_previous: bool = False) -> Path:
+    """Save tensors and a JSON-serialisable ``meta`` dict atomically; returns the path."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = dict(meta, format=FORMAT, versions=versions(), saved_at=time.time(),
+                  sha256=tensors_digest(tensors))
+    data = st_save(tensors, metadata={"minidiff": json.dumps(header)})
+    atomic_write_bytes(path, data, keep_previous=keep_previous)
+    return path
+
+
+def load(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify a checkpoint; raises CheckpointError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        meta = json.loads(header["__metadata__"]["minidiff"])
+    except (SafetensorError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a minidiff checkpoint or truncated/corrupt ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
+    if tensors_digest(tensors) != meta.get("sha256"):
+        raise CheckpointError(f"{path}: sha256 of the weights does not match the one recorded; "
+                              "the file is corrupt")
+    return tensors, meta
+
+
+def load_with_fallback(path: Path | str, log=print) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load ``path``; if it is corrupt, fall back to ``path.prev`` (the last good one)."""
+    path = Path(path)
+    try:
+        return load(path)
+    except CheckpointError as e:
+        prev = path.with_name(path.name + ".prev")
+        if not prev.exists():
+            raise
+        log(f"warning: {e}; using the previous checkpoint {prev.name}")
+        return load(prev)
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix.`` with the prefix stripped."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """Flatten an optimizer state_dict into tensors plus JSON-able param groups."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, val in state.items():
+            tensors[f"{idx}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
+    return tensors, sd["param_groups"]
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           groups: list) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        idx, key = k.split(".", 1)
+        state.setdefault(int(idx), {})[key] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,140 @@
+"""SimpleUnet, exactly as the paper's notebook builds it (SPEC §3).
+
+Parameter counts are acceptance facts: baseline 2,529,217, reduced 634,081, shallow 2,148,097.
+Structurally pruned models keep the same topology with narrower layers; ``widths`` records
+every layer's output width so such a model is rebuilt from its checkpoint alone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class SinusoidalPositionEmbeddings(nn.Module):
+    """Transformer-style embedding of the (float) timestep: half sin, half cos."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / (half - 1))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, dim)
+        args = t.float()[:, None] * self.freqs[None, :]
+        return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class Block(nn.Module):
+    """conv3x3 → BN → ReLU → + Linear(SiLU(t_emb)) → conv3x3 → BN → ReLU → + residual."""
+
+    def __init__(self, in_ch: int, out_ch: int, time_emb_dim: int, mid_ch: int | None = None):
+        super().__init__()
+        mid = mid_ch or out_ch  # differs from out_ch only after structural pruning
+        self.conv1 = nn.Conv2d(in_ch, mid, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.time_mlp = nn.Linear(time_emb_dim, mid)
+        self.conv2 = nn.Conv2d(mid, out_ch, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.act = nn.ReLU()
+        self.residual = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn1(self.conv1(x)))
+        h = h + self.time_mlp(nn.functional.silu(t_emb))[:, :, None, None]
+        h = self.act(self.bn2(self.conv2(h)))
+        return h + self.residual(x)
+
+
+class SimpleUnet(nn.Module):
+    """ε-prediction U-Net for 1×28×28 images: x (B, 1, 28, 28), t (B,) -> ε̂ (B, 1, 28, 28)."""
+
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        self.cfg = cfg
+        c, d = cfg.channels, cfg.time_emb_dim
+        self.time_mlp = nn.Sequential(SinusoidalPositionEmbeddings(d), nn.Linear(d, d), nn.SiLU())
+        self.stem = nn.Conv2d(1, c[0], 3, padding=1)
+        self.downs = nn.ModuleList()
+        for i in range(len(c) - 1):
+            self.downs.append(nn.ModuleDict(dict(
+                block1=Block(c[i], c[i + 1], d), block2=Block(c[i + 1], c[i + 1], d),
+                down=nn.Conv2d(c[i + 1], c[i + 1], 4, stride=2, padding=1))))
+        self.mid1 = Block(c[-1], c[-1], d)
+        self.mid2 = Block(c[-1], c[-1], d)
+        self.ups = nn.ModuleList()
+        for i in reversed(range(len(c) - 1)):
+            self.ups.append(nn.ModuleDict(dict(
+                up=nn.ConvTranspose2d(c[i + 1], c[i + 1], 4, stride=2, padding=1),
+                block1=Block(2 * c[i + 1], c[i], d), block2=Block(c[i], c[i], d))))
+        self.head = nn.Conv2d(c[0], 1, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_emb = self.time_mlp(t)                        # (B, d)
+        h = self.stem(x)                                # (B, c0, 28, 28)
+        skips = []
+        for level in self.downs:
+            h = level["block2"](level["block1"](h, t_emb), t_emb)
+            skips.append(h)                             # saved before downsampling
+            h = level["down"](h)                        # 28 -> 14 -> 7
+        h = self.mid2(self.mid1(h, t_emb), t_emb)
+        for level in self.ups:
+            h = torch.cat([level["up"](h), skips.pop()], dim=1)  # upsampled first
+            h = level["block2"](level["block1"](h, t_emb), t_emb)
+        return self.head(h)
+
+
+def count_parameters(model: nn.Module, nonzero: bool = False) -> int:
+    """Total parameter count, or the count of non-zero entries."""
+    if nonzero:
+        return int(sum((p != 0).sum().item() for p in model.parameters()))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _resized(layer: nn.Module, shapes: dict[str, torch.Size]) -> nn.Module:
+    """A fresh copy of ``layer`` whose widths follow the weight shapes of a (pruned) state dict."""
+    w = shapes.get("weight")
+    if w is None:
+        return layer
+    if isinstance(layer, nn.Conv2d) and tuple(w) != tuple(layer.weight.shape):
+        return nn.Conv2d(w[1], w[0], layer.kernel_size, layer.stride, layer.padding,
+                         bias=layer.bias is not None)
+    if isinstance(layer, nn.ConvTranspose2d) and tuple(w) != tuple(layer.weight.shape):
+        return nn.ConvTranspose2d(w[0], w[1], layer.kernel_size, layer.stride, layer.padding,
+                                  bias=layer.bias is not None)
+    if isinstance(layer, nn.Linear) and tuple(w) != tuple(layer.weight.shape):
+        return nn.Linear(w[1], w[0], bias=layer.bias is not None)
+    if isinstance(layer, nn.BatchNorm2d) and w[0] != layer.num_features:
+        return nn.BatchNorm2d(w[0])
+    return layer
+
+
+def build_from_state_dict(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> SimpleUnet:
+    """Rebuild a SimpleUnet whose layer widths follow ``state_dict`` (dense or structurally
+    pruned) and load the weights. Raises ValueError if the weights do not fit together."""
+    model = SimpleUnet(cfg)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)):
+            continue
+        shapes = {k[len(name) + 1:]: v.shape for k, v in state_dict.items()
+                  if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+        new = _resized(module, shapes)
+        if new is not module:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if isinstance(parent, nn.ModuleDict):
+                parent[attr] = new
+            else:
+                setattr(parent, attr, new)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+        with torch.no_grad():  # widths of neighbouring layers must agree
+            model.eval()(torch.zeros(1, 1, 28, 28), torch.zeros(1))
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:240]
+        raise ValueError(f"the weights do not fit a SimpleUnet{tuple(cfg.channels)}: {detail}") from None
+    return model

@@ -1,0 +1,135 @@
+"""Reverse-process samplers. Each takes an ε-predictor ``eps_fn(x_t, t) -> ε̂`` and x_T.
+
+- ``ddpm``: the paper's ancestral sampler (Ho et al. Algorithm 2), all T steps,
+  posterior variance β̃_t, no noise at t = 0.
+- ``ddim``: Song et al. 2021 eq. 12 on a strided grid that always contains T−1 and 0;
+  η = 0 is deterministic, η = 1 at full steps is the ancestral sampler.
+- ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), deterministic, second order.
+
+Grids: ``steps`` network evaluations at t_0 = T−1 > … > t_{steps−1} = 0; the last evaluation's
+x̂_0 is the sample. Randomness comes in only through the ``torch.Generator``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .diffusion import Schedule, predict_x0
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def timestep_grid(T: int, steps: int) -> list[int]:
+    """``steps`` distinct timesteps from T−1 down to 0, evenly spaced (both ends included)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    if steps == 1:
+        return [T - 1]
+    grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    return grid
+
+
+def _batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def ddpm_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
+                generator: torch.Generator | None = None, steps: int | None = None,
+                callback=None) -> torch.Tensor:
+    """Ancestral sampling, Ho et al. Algorithm 2 (the paper's sampler, §3.1.2):
+
+    x_{t−1} = 1/√α_t · (x_t − β_t/√(1 − ᾱ_t) · ε_θ(x_t, t)) + √β̃_t · z,  z = 0 at the last step.
+    """
+    if steps not in (None, sched.T):
+        raise ValueError(f"the ddpm sampler runs all {sched.T} steps; use ddim or dpmpp2m for fewer")
+    s = sched.to(x_T.device)
+    x = x_T
+    for t in range(sched.T - 1, -1, -1):
+        tt = _batch_t(t, x)
+        eps = eps_fn(x, tt)
+        mean = (x - s.betas[t] / s.sqrt_one_minus_alpha_bars[t] * eps) / s.alphas[t].sqrt()
+        if t > 0:
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = mean + s.posterior_variance[t].sqrt() * z
+        else:
+            x = mean
+        if callback is not None:
+            callback(t, x)
+    return x
+
+
+def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
+                generator: torch.Generator | None = None, steps: int = 50, eta: float = 0.0,
+                callback=None) -> torch.Tensor:
+    """DDIM, Song et al. 2021 eq. 12, from t to the next grid point t' (ᾱ_{t'} = 1 past the end):
+
+    x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ²) ε̂ + σ z,
+    σ = η √((1 − ᾱ_{t'})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t'}).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    s = sched.to(x_T.device)
+    grid = timestep_grid(sched.T, steps)
+    x = x_T
+    for i, t in enumerate(grid):
+        tt = _batch_t(t, x)
+        eps = eps_fn(x, tt)
+        x0 = predict_x0(s, x, tt, eps)
+        ab_t = s.alpha_bars[t]
+        ab_next = s.alpha_bars[grid[i + 1]] if i + 1 < len(grid) else torch.ones_like(ab_t)
+        sigma = eta * ((1 - ab_next) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_next).sqrt()
+        x = ab_next.sqrt() * x0 + (1 - ab_next - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0 and i + 1 < len(grid):
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if callback is not None:
+            callback(t, x)
+    return x
+
+
+def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
+                   generator: torch.Generator | None = None, steps: int = 20,
+                   callback=None) -> torch.Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2, in data-prediction form.
+
+    With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), λ_t = log(α_t/σ_t), h = λ_t − λ_s and r = h_prev/h:
+    D = (1 + 1/(2r)) x̂_0(s) − 1/(2r) x̂_0(s_prev)   (D = x̂_0(s) on the first step),
+    x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D.
+    """
+    s = sched.to(x_T.device)
+    grid = timestep_grid(sched.T, steps)
+    alpha, sigma = s.sqrt_alpha_bars, s.sqrt_one_minus_alpha_bars
+    lam = (alpha / sigma).log()
+    x, x0_prev, h_prev = x_T, None, None
+    for i, t in enumerate(grid):
+        tt = _batch_t(t, x)
+        x0 = predict_x0(s, x, tt, eps_fn(x, tt))
+        if i + 1 == len(grid):
+            x = x0
+        else:
+            tn = grid[i + 1]
+            h = lam[tn] - lam[t]
+            if x0_prev is None:
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            x = (sigma[tn] / sigma[t]) * x - alpha[tn] * torch.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(t, x)
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample}
+
+
+def run_sampler(name: str, eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
+                generator: torch.Generator | None = None, steps: int | None = None,
+                **kw) -> torch.Tensor:
+    """Dispatch by name; ``steps=None`` means the sampler's default (T for ddpm)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if name == "ddpm":
+        return ddpm_sample(eps_fn, sched, x_T, generator, steps=steps, **kw)
+    return SAMPLERS[name](eps_fn, sched, x_T, generator, steps=steps or 50, **kw)

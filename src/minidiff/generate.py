@@ -1,0 +1,88 @@
+"""Turning a trained network into images: the inference wrapper, batched generation, grids.
+
+The initial noise x_T for all N samples is drawn up front from the seed, so the same seed gives
+the same x_T whatever the batch size — and two models sampled with the same seed and a
+deterministic sampler start from the same noise (teacher-consistency SSIM relies on this).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data import to_uint8
+from .diffusion import Schedule
+from .runtime import autocast
+from .samplers import EpsFn, run_sampler
+
+
+def make_eps_fn(model: torch.nn.Module, precision: str = "fp32", channels_last: bool = True) -> EpsFn:
+    """Wrap a network as ε̂ = eps_fn(x_t, t): eval mode, no autograd, fp32 output."""
+    model.eval()
+    device = next(model.parameters()).device
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(precision, device):
+            return model(x.contiguous(memory_format=fmt), t.float()).float().contiguous()
+    return eps_fn
+
+
+def initial_noise(n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """x_T ~ N(0, I) for n samples, (n, 1, 28, 28), reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 1, 28, 28), generator=g).to(device)
+
+
+def generate(model: torch.nn.Module, sched: Schedule, n: int, *, sampler: str = "ddim",
+             steps: int | None = 50, seed: int = 0, batch_size: int = 256, precision: str = "fp32",
+             progress: bool = True, x_T: torch.Tensor | None = None, **sampler_kw) -> torch.Tensor:
+    """Sample ``n`` images in batches; returns float (n, 1, 28, 28) in the model's range."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    eps_fn = make_eps_fn(model, precision)
+    x_T = initial_noise(n, seed, device) if x_T is None else x_T.to(device)
+    g = torch.Generator(device=device).manual_seed(seed + 1)  # for stochastic samplers
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc=f"sampling {sampler}", unit="batch",
+                      disable=not progress, leave=False):
+        out.append(run_sampler(sampler, eps_fn, sched, x_T[start:start + batch_size], g,
+                               steps=steps, **sampler_kw).cpu())
+    return torch.cat(out)
+
+
+def grid_image(images_u8: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile uint8 (N, 28, 28) images into one grayscale PIL image."""
+    n, h, w = images_u8.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    ncol = math.ceil(n / nrow)
+    canvas = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    for i, img in enumerate(images_u8.numpy()):
+        r, c = divmod(i, nrow)
+        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
+    return Image.fromarray(canvas, mode="L")
+
+
+def save_images(x: torch.Tensor, path: Path | str) -> Path:
+    """Save samples (float in [-1, 1]) as a PNG grid or an ``.npz`` with uint8 ``images`` (N, 28, 28)."""
+    path = Path(path)
+    u8 = to_uint8(x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".npz":
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=u8.numpy())
+    elif path.suffix == ".png":
+        grid_image(u8).save(tmp, format="PNG")
+    else:
+        raise ValueError(f"output must end in .png or .npz, got {path.name!r}")
+    tmp.replace(path)
+    return path

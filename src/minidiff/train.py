@@ -1,0 +1,239 @@
+"""One readable training loop: batch → t, ε → loss → step → EMA → log / checkpoint.
+
+Run directory (``out``):
+  config.json              the TrainConfig of the run
+  checkpoint.safetensors   model, EMA, optimizer and RNG state (resume); ``*.prev`` = previous
+  model.safetensors        the weights to sample from (EMA with re-estimated BN, or raw)
+  loss.csv                 step, epoch, loss, lr, images/s, elapsed seconds
+  samples/step_*.png       sample grids during training; samples.png at the end
+
+Resuming is exact: data order is a pure function of (seed, epoch), and the generator that
+draws t and ε is saved, so an interrupted run continues with the very batches it would have seen.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import MNIST, batches_per_epoch, iterate_batches, to_model_range
+from .diffusion import make_schedule, p_losses, q_sample
+from .generate import generate, save_images
+from .models.unet import SimpleUnet, build_from_state_dict
+from .runtime import autocast, default_device, resolve_precision
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to 10 % of ``lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """θ_ema ← d·θ_ema + (1 − d)·θ, with d warmed up as min(decay, (1 + step)/(10 + step)).
+    Buffers (BN statistics) are copied; ``recalibrate_bn`` re-estimates them for the EMA weights."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p.detach(), 1 - d)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, data: MNIST, sched, n_batches: int, batch_size: int,
+                   seed: int = 0) -> torch.nn.Module:
+    """Re-estimate BatchNorm running statistics for the current weights on noised training batches.
+
+    EMA weights with the live model's BN statistics sample badly (SPEC §8): the statistics
+    belong to other weights. A cumulative average over ``n_batches`` fixes that.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or n_batches == 0:
+        return model
+    device = next(model.parameters()).device
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    fmt = torch.channels_last if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    for i, (_, u8) in enumerate(iterate_batches(data, batch_size, g)):
+        if i >= n_batches:
+            break
+        x0 = to_model_range(u8).to(device)
+        t = torch.randint(0, sched.T, (x0.shape[0],), generator=g).to(device)
+        xt = q_sample(sched.to(device), x0, t, torch.randn(x0.shape, generator=g).to(device))
+        model(xt.contiguous(memory_format=fmt), t.float())
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return model.eval()
+
+
+def _sampling_model(model, ema, cfg: TrainConfig, data: MNIST, sched) -> torch.nn.Module:
+    """The weights to sample from: the EMA (with BN re-estimated) if EMA is on, else the model."""
+    if cfg.ema_decay == 0:
+        return copy.deepcopy(model).eval()
+    return recalibrate_bn(copy.deepcopy(ema), data, sched, cfg.bn_recalib_batches, cfg.batch_size,
+                          seed=cfg.seed + 7)
+
+
+def _save_training(path: Path, model, ema, opt, cfg, step, g_noise, total_steps) -> None:
+    opt_t, groups = ckpt.optimizer_to_tensors(opt)
+    tensors = {**ckpt.with_prefix(model.state_dict(), "model"), **ckpt.with_prefix(ema.state_dict(), "ema"),
+               **ckpt.with_prefix(opt_t, "optim"), "rng.noise": g_noise.get_state(),
+               "rng.torch": torch.get_rng_state()}
+    meta = dict(kind="training", arch=cfg.arch, model=cfg.to_dict()["model"], config=cfg.to_dict(),
+                step=step, total_steps=total_steps, optim_groups=groups)
+    ckpt.save(path, tensors, meta, keep_previous=True)
+
+
+def save_model(path: Path, model: torch.nn.Module, cfg: TrainConfig, step: int, **extra) -> Path:
+    """Write a weights-only, self-describing model file."""
+    meta = dict(kind="model", arch=cfg.arch, model=cfg.to_dict()["model"], config=cfg.to_dict(),
+                step=step, **extra)
+    return ckpt.save(path, model.state_dict(), meta)
+
+
+def _log_rows(path: Path, keep_until: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= keep_until]
+    path.write_text("\n".join(kept) + "\n")
+
+
+def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = False,
+          init_state: dict[str, torch.Tensor] | None = None, progress: bool = True,
+          device: torch.device | None = None, log=print) -> Path:
+    """Train (or resume) one model into run directory ``out``; returns the model file's path.
+
+    ``init_state`` starts from given weights (fine-tuning, possibly of a pruned architecture).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or default_device()
+    precision = resolve_precision(cfg.precision, device)
+    data = data.subset(cfg.train_subset)
+    sched = make_schedule(cfg.diffusion)
+    bpe = batches_per_epoch(len(data), cfg.batch_size)
+    total_steps = max(1, math.ceil(cfg.epochs * bpe))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    model = (build_from_state_dict(cfg.model, init_state) if init_state is not None
+             else SimpleUnet(cfg.model)).to(device)
+    state, step = None, 0
+    ckpt_path = out / "checkpoint.safetensors"
+    if resume and (ckpt_path.exists() or ckpt_path.with_name(ckpt_path.name + ".prev").exists()):
+        state, meta = ckpt.load_with_fallback(ckpt_path, log=log)
+        model = build_from_state_dict(cfg.model, ckpt.split_prefix(state, "model")).to(device)
+        step = meta["step"]
+    model = model.to(memory_format=fmt)
+    ema = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    g_noise = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if state is not None:
+        ema.load_state_dict(ckpt.split_prefix(state, "ema"))
+        ckpt.optimizer_from_tensors(opt, ckpt.split_prefix(state, "optim"), meta["optim_groups"])
+        g_noise.set_state(state["rng.noise"])
+        torch.set_rng_state(state["rng.torch"])
+        log(f"resuming {out} at step {step}/{total_steps}")
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    log_path = out / "loss.csv"
+    if step == 0 or not log_path.exists():
+        log_path.write_text("step,epoch,loss,lr,images_per_s,elapsed_s\n")
+    else:
+        _log_rows(log_path, step)
+
+    sample_every = max(1, round(cfg.sample_every * bpe)) if cfg.sample_every > 0 else 0
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.arch}", unit="step", disable=not progress)
+    t_start, seen, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+    model.train()
+    while step < total_steps:
+        epoch, first_batch = divmod(step, bpe)
+        g_data = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        for _, u8 in iterate_batches(data, cfg.batch_size, g_data, start=first_batch):
+            lr = lr_at(step, cfg, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x0 = to_model_range(u8).to(device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
+            with autocast(precision, device):
+                loss = p_losses(model, sched, x0, g_noise)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise TrainingDiverged(f"loss became {loss.item()} at step {step} (lr {lr:.3g}); "
+                                       f"the last good checkpoint is {ckpt_path}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if cfg.ema_decay > 0:
+                ema_update(ema, model, cfg.ema_decay, step)
+            step += 1
+            seen += x0.shape[0]
+            window_loss, window_n = window_loss + loss.item(), window_n + 1
+            elapsed = time.perf_counter() - t_start
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / elapsed:.0f}")
+            if step % 10 == 0 or step == total_steps:
+                with open(log_path, "a") as f:
+                    f.write(f"{step},{step / bpe:.4f},{window_loss / window_n:.6f},{lr:.6g},"
+                            f"{seen / elapsed:.1f},{elapsed:.1f}\n")
+                window_loss, window_n = 0.0, 0
+            if step % cfg.ckpt_every_steps == 0 or step % bpe == 0 or step == total_steps:
+                _save_training(ckpt_path, model, ema if cfg.ema_decay > 0 else model, opt, cfg, step,
+                               g_noise, total_steps)
+            if sample_every and step % sample_every == 0 and step != total_steps:
+                _grid(model, ema, cfg, data, sched, out / "samples" / f"step_{step:06d}.png", precision)
+                model.train()
+            if step >= total_steps:
+                break
+    bar.close()
+    final = _sampling_model(model, ema, cfg, data, sched)
+    path = save_model(out / "model.safetensors", final, cfg, step,
+                      weights="ema" if cfg.ema_decay > 0 else "raw")
+    _grid(model, ema, cfg, data, sched, out / "samples.png", precision, final=final)
+    return path
+
+
+def _grid(model, ema, cfg, data, sched, path: Path, precision: str, final=None, n: int = 64) -> None:
+    m = final if final is not None else _sampling_model(model, ema, cfg, data, sched)
+    x = generate(m, sched, n, sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed,
+                 precision=precision, progress=False)
+    save_images(x, path)
+
+
+def load_model(path: Path | str, device: torch.device | str = "cpu"):
+    """Load a sampling-ready model from a model or training checkpoint; returns (model, meta)."""
+    from .config import DiffusionConfig, ModelConfig
+    tensors, meta = ckpt.load(path)
+    if meta.get("kind") == "training":
+        prefix = "ema" if meta["config"].get("ema_decay", 0) > 0 else "model"
+        tensors = ckpt.split_prefix(tensors, prefix)
+    try:
+        model_cfg = ModelConfig(**meta["model"])
+        DiffusionConfig(**meta["config"]["diffusion"])
+        model = build_from_state_dict(model_cfg, tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: cannot build a model from this checkpoint: {e}") from None
+    return model.to(device).eval(), meta

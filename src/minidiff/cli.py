@@ -85,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _writable_dir(path: Path) -> Path:
+    """Create ``path`` if needed and prove it is writable, before any work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".minidiff-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {path}: {e.strerror or e}") from None
+    return path
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from .data import load_split
     from .train import train
@@ -93,6 +105,7 @@ def cmd_train(a: argparse.Namespace) -> None:
                        seed=a.seed)
     if a.resume:
         cfg = _resume_config(a.out, cfg, epochs=a.epochs)
+    _writable_dir(a.out)
     path = train(cfg, load_split("train", a.data_dir), a.out, resume=a.resume)
     print(f"model: {path}\nsamples: {a.out / 'samples.png'}")
 
@@ -122,6 +135,9 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise UserError(f"-n must be >= 1, got {a.n}")
     if a.out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {a.out.name!r}")
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
+    _writable_dir(a.out.parent)
     device = default_device()
     model, meta = load_model(a.ckpt, device)
     sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
@@ -144,8 +160,8 @@ def cmd_run(a: argparse.Namespace) -> None:
     from .train import train
     out = (a.out or Path("runs") / a.preset) / "baseline"
     cfg = train_config(a.preset, "baseline")
-    done = (out / "model.safetensors").exists()
-    if done:
+    _writable_dir(out)
+    if (out / "model.safetensors").exists():
         print(f"{out / 'model.safetensors'} exists; nothing to do (delete it to train again)")
         return
     train(_resume_config(out, cfg), load_split("train", a.data_dir), out, resume=True)

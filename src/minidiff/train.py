@@ -138,6 +138,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     total_steps = max(1, math.ceil(cfg.epochs * bpe))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
+    torch.manual_seed(cfg.seed)  # weight init; everything else draws from its own generator
     model = (build_from_state_dict(cfg.model, init_state) if init_state is not None
              else SimpleUnet(cfg.model)).to(device)
     state, step = None, 0
@@ -150,7 +151,6 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     ema = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g_noise = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     if state is not None:
         ema.load_state_dict(ckpt.split_prefix(state, "ema"))
         ckpt.optimizer_from_tensors(opt, ckpt.split_prefix(state, "optim"), meta["optim_groups"])

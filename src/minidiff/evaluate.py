@@ -1,0 +1,203 @@
+"""Evaluate one checkpoint: efficiency and sample quality in one JSON-serialisable dict.
+
+Generated samples are clamped to [-1, 1] and quantised to uint8 (exactly what ``save_images``
+writes) before any quality metric sees them, so metrics describe the images a user gets and the
+classifier sees the same value grid as the real test images.
+
+Determinism: the same arguments give the same result except under the key ``"timing"`` (wall
+times and the device they were measured on), which a comparison can drop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from . import metrics as M
+from .config import DiffusionConfig
+from .data import MNIST, to_model_range, to_uint8
+from .diffusion import make_schedule
+from .generate import generate, initial_noise, make_eps_fn
+from .models.classifier import MnistClassifier, predict
+from .runtime import default_device, describe_device, resolve_precision
+from .train import load_model
+
+DETERMINISTIC_SAMPLERS = ("ddim", "dpmpp2m")  # ddim with η = 0, generate()'s default
+
+
+def resolve_steps(sampler: str, steps: int | None, T: int) -> int:
+    """Network evaluations per sample: T for ddpm (which cannot skip steps), else ``steps`` or 50."""
+    if sampler == "ddpm":
+        if steps not in (None, T):
+            raise ValueError(f"the ddpm sampler always runs all {T} steps; use ddim or dpmpp2m")
+        return T
+    steps = 50 if steps is None else steps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    return steps
+
+
+def _summary(values: torch.Tensor) -> dict[str, float]:
+    v = values.double()
+    return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
+
+
+def _sample(path: Path | str, device: torch.device, n: int, sampler: str, steps: int | None,
+            seed: int, batch_size: int, precision: str, progress: bool):
+    """Load a checkpoint and generate n quantised samples; returns (model, meta, images, timing)."""
+    model, meta = load_model(path, device)
+    sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+    steps = resolve_steps(sampler, steps, sched.T)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    # Warm-up (untimed) and per-evaluation latency on one full batch of noise.
+    eps_fn = make_eps_fn(model, precision)
+    x = initial_noise(min(batch_size, n), seed + 1_000_003, device)
+    t = torch.full((x.shape[0],), sched.T - 1, device=device)
+    net_latency = M.measure_latency(lambda: eps_fn(x, t), n=3, warmup=2, synchronize=sync)
+    rows = []  # images passed through the network: counts evaluations, not assumes them
+    hook = model.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    try:
+        t0 = time.perf_counter()
+        images = generate(model, sched, n, sampler=sampler, steps=steps, seed=seed,
+                          batch_size=batch_size, precision=precision, progress=progress)
+        if sync:
+            sync()
+        seconds = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    images = to_model_range(to_uint8(images))  # (n, 1, 28, 28) on the uint8 grid
+    timing = {"generate_s": seconds, "per_sample_ms": 1000 * seconds / n,
+              "network_eval_batch": dict(net_latency, batch=x.shape[0])}
+    nfe = sum(rows) / n
+    return model, meta, images, dict(timing, nfe_per_sample=int(nfe) if nfe.is_integer() else nfe,
+                                     steps=steps)
+
+
+def _teacher_consistency(ckpt_path, teacher, student_images, device, n, sampler, steps, seed,
+                         batch_size, precision, classifier, progress) -> tuple[dict, dict]:
+    """SSIM between student and teacher samples from the same x_T with a deterministic sampler."""
+    det = sampler if sampler in DETERMINISTIC_SAMPLERS else "ddim"
+    det_steps = steps if det == sampler else None
+    if det != sampler:  # the student's own samples were stochastic: draw deterministic ones
+        _, _, student_images, _ = _sample(ckpt_path, device, n, det, det_steps, seed,
+                                          batch_size, precision, progress)
+    _, t_meta, t_images, t_timing = _sample(teacher, device, n, det, det_steps, seed, batch_size,
+                                            precision, progress)
+    _, p_student = predict(classifier, student_images)
+    _, p_teacher = predict(classifier, t_images)
+    agree = (p_student.argmax(1) == p_teacher.argmax(1)).double().mean()
+    out = {"teacher": str(teacher), "teacher_sha256": t_meta.get("sha256"), "sampler": det,
+           "eta": 0.0 if det == "ddim" else None, "steps": t_timing["steps"], "seed": seed, "n": n,
+           "ssim": _summary(M.ssim_pairs(student_images, t_images)),
+           "label_agreement": float(agree)}
+    return out, {"teacher_generate_s": t_timing["generate_s"]}
+
+
+def _quality(classifier: MnistClassifier, images: torch.Tensor, test_data: MNIST,
+             seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quality metrics of samples (N, 1, 28, 28) against the test set, and the classifier's record."""
+    n = images.shape[0]
+    real = to_model_range(test_data.images)                   # (M, 1, 28, 28)
+    real_f, real_p = predict(classifier, real)
+    fake_f, fake_p = predict(classifier, images)
+    # χ² also against the test set's own label shares (clamped so a tiny test slice works)
+    share = torch.bincount(test_data.labels.long(), minlength=10).double().clamp(min=1)
+    vs_labels = M.digit_distribution(fake_p, share)
+    quality = {
+        "ssim_paper": dict(_summary(M.ssim_paper(images, real, torch.Generator().manual_seed(seed))),
+                           definition="paper's definition: each sample vs a uniformly random real "
+                                      "test image"),
+        "pseudo_fid": {"value": M.frechet_distance(fake_f, real_f), "n_fake": n,
+                       "n_real": real.shape[0], "floor": M.fid_floor(real_f, n, seed)},
+        "digit_distribution": dict(M.digit_distribution(fake_p), vs_test_labels={
+            "chi2": vs_labels["chi2"], "p_value": vs_labels["p_value"]}),
+        "precision_recall": M.precision_recall(real_f, fake_f, k=3),
+        "inception_score": {"value": M.inception_score(fake_p),
+                            "real_test_set": M.inception_score(real_p)},
+    }
+    accuracy = (real_p.argmax(1) == test_data.labels.long()).double().mean()
+    record = {"sha256": ckpt.tensors_digest(classifier.state_dict()), **classifier.arch(),
+              "test_accuracy": float(accuracy), "test_images": real.shape[0]}
+    return quality, record
+
+
+def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "ddim",
+                        steps: int | None = None, seed: int = 0, batch_size: int = 256,
+                        classifier: MnistClassifier | None = None, test_data: MNIST | None = None,
+                        precision: str = "auto", teacher: Path | str | None = None,
+                        device: torch.device | None = None, progress: bool = True) -> dict[str, Any]:
+    """Generate ``n`` samples from a checkpoint and measure efficiency and quality.
+
+    ``classifier`` / ``test_data`` default to the cached classifier and the MNIST test set.
+    With ``teacher`` (the uncompressed model's checkpoint), also report SSIM between this model's
+    and the teacher's samples from the same initial noise (deterministic sampler).
+    """
+    if n < 2:
+        raise ValueError(f"n must be >= 2 (a covariance needs two samples), got {n}")
+    if classifier is None:
+        from .models.classifier import load_or_train_classifier
+        classifier, _ = load_or_train_classifier(progress=progress)
+    if test_data is None:
+        from .data import load_split
+        test_data = load_split("test")
+    device = device or default_device()
+    precision = resolve_precision(precision, device)
+    classifier = classifier.to(device).eval()
+
+    model, meta, images, timing = _sample(ckpt_path, device, n, sampler, steps, seed, batch_size,
+                                          precision, progress)
+    quality, clf_record = _quality(classifier, images, test_data, seed)
+    n_bytes = M.checkpoint_bytes(ckpt_path)
+    one_image = (torch.zeros(1, 1, 28, 28, device=device), torch.zeros(1, device=device))
+    macs = M.macs_per_eval(model, *one_image)
+    nfe = timing.pop("nfe_per_sample")
+    result: dict[str, Any] = {
+        "kind": "evaluation",
+        "checkpoint": {"path": str(ckpt_path), "sha256": meta.get("sha256"), "arch": meta.get("arch"),
+                       "step": meta.get("step"), "weights": meta.get("weights")},
+        "sampling": {"n": n, "sampler": sampler, "steps": timing.pop("steps"), "seed": seed,
+                     "batch_size": batch_size, "precision": precision, "nfe_per_sample": nfe,
+                     "eta": 0.0 if sampler == "ddim" else None,
+                     "images": "clamped to [-1, 1] and quantised to uint8 before every metric"},
+        "efficiency": {**{f"params_{k}": v for k, v in M.count_params(model).items()},
+                       "checkpoint_bytes": n_bytes, "checkpoint_mib": n_bytes / 2**20,
+                       "macs_per_eval": macs, "macs_per_sample": macs * nfe},
+        "quality": quality,
+        "classifier": clf_record,
+        "teacher_consistency": None,
+        "versions": ckpt.versions(),
+    }
+    if teacher is not None:
+        result["teacher_consistency"], extra = _teacher_consistency(
+            ckpt_path, teacher, images, device, n, sampler, result["sampling"]["steps"], seed,
+            batch_size, precision, classifier, progress)
+        timing.update(extra)
+    result["timing"] = dict(timing, device=describe_device(device), threads=torch.get_num_threads(),
+                            batch_size=batch_size, warmup="2 untimed network evaluations on one "
+                            "batch before timing; generation timed once, end to end")
+    return result
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/Infinity: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(result: dict[str, Any], path: Path | str) -> Path:
+    """Write an evaluation result as indented JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_finite(result), indent=2, allow_nan=False) + "\n"
+    ckpt.atomic_write_bytes(path, text.encode())
+    return path

@@ -68,3 +68,19 @@ def test_build_rejects_weights_that_do_not_fit():
     sd["mid1.conv1.weight"] = sd["mid1.conv1.weight"][:10]  # inconsistent with its BN
     with pytest.raises(ValueError, match="do not fit"):
         build_from_state_dict(ModelConfig.from_arch("reduced"), sd)
+
+
+def test_folded_batchnorm_gives_the_same_output():
+    from minidiff.models.unet import fold_batchnorm
+    torch.manual_seed(0)
+    m = SimpleUnet(ModelConfig.from_arch("reduced"))
+    m.train()
+    for _ in range(3):  # give BN non-trivial running statistics
+        m(torch.randn(8, 1, 28, 28) * 2 + 0.3, torch.randint(0, 200, (8,)).float())
+    m.eval()
+    folded = fold_batchnorm(m)
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in folded.modules())
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # original untouched
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([0.0, 10.0, 100.0, 199.0])
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x, t), m(x, t), atol=1e-5, rtol=1e-5)

@@ -16,13 +16,16 @@ from tqdm.auto import tqdm
 
 from .data import to_uint8
 from .diffusion import Schedule
+from .models.unet import SimpleUnet, fold_batchnorm
 from .runtime import autocast
 from .samplers import EpsFn, run_sampler
 
 
-def make_eps_fn(model: torch.nn.Module, precision: str = "fp32", channels_last: bool = True) -> EpsFn:
-    """Wrap a network as ε̂ = eps_fn(x_t, t): eval mode, no autograd, fp32 output."""
-    model.eval()
+def make_eps_fn(model: torch.nn.Module, precision: str = "fp32", channels_last: bool = True,
+                fold_bn: bool = True) -> EpsFn:
+    """Wrap a network as ε̂ = eps_fn(x_t, t): eval mode, BN folded into the convs (a copy),
+    channels_last, no autograd, fp32 output."""
+    model = fold_batchnorm(model) if fold_bn and isinstance(model, SimpleUnet) else model.eval()
     device = next(model.parameters()).device
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)

@@ -6,6 +6,7 @@ every layer's output width so such a model is rebuilt from its checkpoint alone.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -138,3 +139,19 @@ def build_from_state_dict(cfg: ModelConfig, state_dict: dict[str, torch.Tensor])
         detail = " ".join(str(e).split())[:240]
         raise ValueError(f"the weights do not fit a SimpleUnet{tuple(cfg.channels)}: {detail}") from None
     return model
+
+
+def fold_batchnorm(model: SimpleUnet) -> SimpleUnet:
+    """A copy for inference with every BN folded into the conv before it (eval statistics):
+
+    W' = W · γ/√(σ² + ε),  b' = (b − μ) · γ/√(σ² + ε) + β.   Outputs equal within float rounding.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    folded = copy.deepcopy(model).eval()
+    for block in folded.modules():
+        if isinstance(block, Block):
+            for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+                if isinstance(getattr(block, bn), nn.BatchNorm2d):
+                    setattr(block, conv, fuse_conv_bn_eval(getattr(block, conv), getattr(block, bn)))
+                    setattr(block, bn, nn.Identity())
+    return folded

@@ -76,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
                                    "sha256 of all four files and cache them.")
     _add_data_dir(p)
 
+    p = sub.add_parser("figures", help="regenerate the figures of the guided tour (docs/tour.md)",
+                       description="Write the tour's figures into OUT. The schedule and forward-process "
+                                   "figures need no model; the reverse-process, prediction and step-count "
+                                   "figures use MODEL (default: the quick run's baseline).",
+                       epilog="example: minidiff figures --out docs/figures --model runs/quick/baseline/model.safetensors")
+    p.add_argument("--out", type=Path, default=Path("docs/figures"))
+    p.add_argument("--model", type=Path, default=Path("runs/quick/baseline/model.safetensors"),
+                   help="model for the model-based figures; skipped with a note if missing")
+    _add_data_dir(p)
+
     p = sub.add_parser("run", help="the main job: train the preset's baseline, then a sample grid",
                        description="Train the baseline of a preset into OUT/baseline, resuming if it "
                                    "was interrupted, then write OUT/baseline/samples.png.")
@@ -155,6 +165,24 @@ def cmd_data(a: argparse.Namespace) -> None:
     ensure_mnist(a.data_dir)
 
 
+def cmd_figures(a: argparse.Namespace) -> None:
+    from .config import DiffusionConfig
+    from .data import load_split
+    from .diffusion import make_schedule
+    from .figures import make_all
+    from .train import load_model
+    model, sched = None, make_schedule()
+    if a.model.exists():
+        model, meta = load_model(a.model)
+        sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+        print(f"model-based figures use {a.model} ({meta['arch']}, step {meta['step']})")
+    else:
+        print(f"{a.model} not found: writing only the figures that need no model "
+              "(train one with `make run`, or pass --model)")
+    for p in make_all(_writable_dir(a.out), sched, load_split("test", a.data_dir), model):
+        print(p)
+
+
 def cmd_run(a: argparse.Namespace) -> None:
     from .data import load_split
     from .train import train
@@ -168,7 +196,8 @@ def cmd_run(a: argparse.Namespace) -> None:
     print(f"model: {out / 'model.safetensors'}\nsamples: {out / 'samples.png'}")
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "data": cmd_data, "run": cmd_run}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "data": cmd_data, "run": cmd_run,
+            "figures": cmd_figures}
 
 
 def main(argv: list[str] | None = None) -> int:

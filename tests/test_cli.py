@@ -57,7 +57,7 @@ def test_sample_writes_png_and_npz_reproducibly(smoke_model, tmp_path, capsys):
 @pytest.mark.parametrize("extra, fragment", [
     (["--out", "x.txt"], "--out must end in .png or .npz"),
     (["-n", "0", "--out", "x.png"], "-n must be >= 1"),
-    (["--steps", "500", "--out", "x.png"], "--steps must be in [1, 200], got 500"),
+    (["--steps", "500", "--out", "x.png"], "steps must be in [1, 200], got 500"),
     (["--sampler", "ddpm", "--steps", "20", "--out", "x.png"], "always runs all 200 steps"),
 ])
 def test_bad_sample_flags(smoke_model, extra, fragment, capsys, tmp_path):

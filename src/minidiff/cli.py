@@ -92,6 +92,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", choices=PRESETS)
     p.add_argument("--out", type=Path, default=None, help="default runs/PRESET")
     _add_data_dir(p)
+
+    p = sub.add_parser("classifier", help="train (once) and cache the evaluation classifier",
+                       description="Train the small CNN that every quality metric uses, cache it "
+                                   "(safetensors, identified by the sha256 of its weights) and print "
+                                   "its test accuracy. A second call only loads the cache.",
+                       epilog="example: minidiff classifier --epochs 3")
+    p.add_argument("--epochs", type=float, default=3.0, help="training epochs (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="default: $MINIDIFF_CACHE/classifier or ~/.cache/minidiff/classifier")
+    _add_data_dir(p)
+
+    p = sub.add_parser("evaluate", help="measure a checkpoint's efficiency and sample quality",
+                       description="Generate N samples and report parameters, checkpoint bytes, MACs, "
+                                   "latency, SSIM, pseudo-FID with its real-vs-real floor, digit "
+                                   "distribution, precision/recall and IS as JSON.",
+                       epilog="example: minidiff evaluate runs/quick/baseline/model.safetensors "
+                              "-n 1000 --steps 20 --json eval.json")
+    p.add_argument("ckpt", type=Path, help="model.safetensors (or checkpoint.safetensors) of a run")
+    p.add_argument("-n", type=int, default=10_000, help="number of samples (default 10,000)")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
+    p.add_argument("--steps", type=int, default=None,
+                   help="network evaluations per sample (default 50; ddpm always uses T)")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="uncompressed model: add SSIM between its samples and CKPT's from the "
+                        "same noise (deterministic sampler)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--json", type=Path, required=True, dest="json_out", help="output .json file")
+    p.add_argument("--cache-dir", type=Path, default=None, help="classifier cache (see `classifier`)")
+    _add_data_dir(p)
     return ap
 
 
@@ -138,8 +171,9 @@ def _resume_config(out: Path, fallback, epochs=None):
 def cmd_sample(a: argparse.Namespace) -> None:
     from .diffusion import make_schedule
     from .generate import generate, save_images
-    from .runtime import default_device, resolve_precision
     from .config import DiffusionConfig
+    from .runtime import default_device, resolve_precision
+    from .samplers import resolve_steps
     from .train import load_model
     if a.n < 1:
         raise UserError(f"-n must be >= 1, got {a.n}")
@@ -151,11 +185,11 @@ def cmd_sample(a: argparse.Namespace) -> None:
     device = default_device()
     model, meta = load_model(a.ckpt, device)
     sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
-    if a.steps is not None and not 1 <= a.steps <= sched.T:
-        raise UserError(f"--steps must be in [1, {sched.T}], got {a.steps}")
-    if a.sampler == "ddpm" and a.steps not in (None, sched.T):
-        raise UserError(f"the ddpm sampler always runs all {sched.T} steps; use ddim or dpmpp2m")
-    x = generate(model, sched, a.n, sampler=a.sampler, steps=a.steps or (sched.T if a.sampler == "ddpm" else 50),
+    try:
+        steps = resolve_steps(a.sampler, a.steps, sched.T)
+    except ValueError as e:
+        raise UserError(f"--steps: {e}") from None
+    x = generate(model, sched, a.n, sampler=a.sampler, steps=steps,
                  seed=a.seed, batch_size=a.batch_size, precision=resolve_precision(a.precision, device))
     print(save_images(x, a.out))
 
@@ -196,8 +230,55 @@ def cmd_run(a: argparse.Namespace) -> None:
     print(f"model: {out / 'model.safetensors'}\nsamples: {out / 'samples.png'}")
 
 
+def cmd_classifier(a: argparse.Namespace) -> None:
+    from .models.classifier import load_or_train_classifier
+    if a.epochs <= 0 or a.batch_size < 1:
+        raise UserError(f"--epochs must be > 0 and --batch-size >= 1, got {a.epochs}, {a.batch_size}")
+    _, info = load_or_train_classifier(a.cache_dir, epochs=a.epochs, seed=a.seed,
+                                       batch_size=a.batch_size, data_dir=a.data_dir)
+    how = "cached" if info["cached"] else f"trained in {info['train_seconds']:.0f} s"
+    print(f"classifier: {info['path']}\nsha256: {info['sha256']}\n"
+          f"test accuracy: {info['test_accuracy']:.2%} ({how})")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from .checkpoint import load
+    from .data import load_split
+    from .evaluate import evaluate_checkpoint, resolve_steps, write_json
+    from .models.classifier import load_or_train_classifier
+    # Check everything a user can get wrong before minutes of classifier training and sampling.
+    if a.n < 2:
+        raise UserError(f"-n must be >= 2, got {a.n}")
+    if a.json_out.suffix != ".json":
+        raise UserError(f"--json must end in .json, got {a.json_out.name!r}")
+    _, meta = load(a.ckpt)
+    try:
+        resolve_steps(a.sampler, a.steps, meta["config"]["diffusion"]["timesteps"])
+    except ValueError as e:
+        raise UserError(f"--steps: {e}") from None
+    if a.teacher is not None:
+        load(a.teacher)
+    _writable_dir(a.json_out.parent)
+    clf, _ = load_or_train_classifier(a.cache_dir, data_dir=a.data_dir)
+    r = evaluate_checkpoint(a.ckpt, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed,
+                            batch_size=a.batch_size, classifier=clf,
+                            test_data=load_split("test", a.data_dir), precision=a.precision,
+                            teacher=a.teacher)
+    q, t = r["quality"], r["timing"]
+    fid = q["pseudo_fid"]
+    print(f"pseudo-FID {fid['value']:.3f} (real-vs-real floor {fid['floor']['value']:.3f} at n = "
+          f"{fid['floor']['n_used']}) | precision {q['precision_recall']['precision']:.3f} "
+          f"recall {q['precision_recall']['recall']:.3f} | IS {q['inception_score']['value']:.2f} | "
+          f"chi2 {q['digit_distribution']['chi2']:.1f} | SSIM (paper) {q['ssim_paper']['mean']:.3f}")
+    if r["teacher_consistency"]:
+        print(f"teacher SSIM {r['teacher_consistency']['ssim']['mean']:.4f}")
+    print(f"{a.n} samples in {t['generate_s']:.1f} s ({r['sampling']['sampler']}, "
+          f"{r['sampling']['steps']} steps, {t['device']['device']}, batch {a.batch_size})")
+    print(write_json(r, a.json_out))
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "data": cmd_data, "run": cmd_run,
-            "figures": cmd_figures}
+            "figures": cmd_figures, "classifier": cmd_classifier, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

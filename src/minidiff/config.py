@@ -141,8 +141,8 @@ _PRESET_TRAIN: dict[str, dict[str, Any]] = {
                   ckpt_every_steps=2),
     # CPU-sized (SPEC §8): bf16, short warm-up + cosine decay, clipping, EMA with BN re-estimation,
     # batch 64 for more optimiser steps per minute.
-    "quick": dict(epochs=4, batch_size=64, lr=2e-3, lr_schedule="cosine", warmup_steps=200,
-                  grad_clip=1.0, ema_decay=0.995, precision="auto", sample_every=1,
+    "quick": dict(epochs=0.5, batch_size=64, lr=2e-3, lr_schedule="cosine", warmup_steps=100,
+                  grad_clip=1.0, ema_decay=0.995, precision="auto", sample_every=0.25,
                   ckpt_every_steps=300, sample_steps=50),
     # The paper's recipe, SPEC §2: Adam, batch 128, lr 1e-3, 50 epochs, no EMA, constant LR.
     "paper": dict(epochs=50, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0,

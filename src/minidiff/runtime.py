@@ -49,6 +49,18 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map ``auto`` to ``bf16`` where the hardware does bf16 natively, else ``fp32``."""
     if precision != "auto":
@@ -73,6 +85,6 @@ def describe_device(device: torch.device) -> dict[str, object]:
     """What a latency figure needs next to it: device name, threads, capability."""
     if device.type == "cuda":
         return {"device": torch.cuda.get_device_name(device), "type": "cuda"}
-    return {"device": platform.processor() or platform.machine(), "type": "cpu",
+    return {"device": cpu_name(), "type": "cpu",
             "threads": torch.get_num_threads(), "capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": cpu_has_native_bf16(), "allocator_tuned": _allocator_tuned}

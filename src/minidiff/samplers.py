@@ -121,6 +121,18 @@ def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
     return x
 
 
+def resolve_steps(sampler: str, steps: int | None, T: int) -> int:
+    """Network evaluations per sample: T for ddpm (which cannot skip steps), else ``steps`` or 50."""
+    if sampler == "ddpm":
+        if steps not in (None, T):
+            raise ValueError(f"the ddpm sampler always runs all {T} steps; use ddim or dpmpp2m")
+        return T
+    steps = 50 if steps is None else steps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    return steps
+
+
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample}
 
 
@@ -130,6 +142,4 @@ def run_sampler(name: str, eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
     """Dispatch by name; ``steps=None`` means the sampler's default (T for ddpm)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    if name == "ddpm":
-        return ddpm_sample(eps_fn, sched, x_T, generator, steps=steps, **kw)
-    return SAMPLERS[name](eps_fn, sched, x_T, generator, steps=steps or 50, **kw)
+    return SAMPLERS[name](eps_fn, sched, x_T, generator, steps=resolve_steps(name, steps, sched.T), **kw)

@@ -203,8 +203,8 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
             if step % cfg.ckpt_every_steps == 0 or step % bpe == 0 or step == total_steps:
                 _save_training(ckpt_path, model, ema if cfg.ema_decay > 0 else model, opt, cfg, step,
                                g_noise, total_steps)
-            if sample_every and step % sample_every == 0 and step != total_steps:
-                _grid(model, ema, cfg, data, sched, out / "samples" / f"step_{step:06d}.png", precision)
+            if sample_every and step % sample_every == 0 and total_steps - step >= sample_every // 2:
+                _grid(model, ema, cfg, data, sched, out / "samples" / f"step_{step:06d}.png", precision, n=36)
                 model.train()
             if step >= total_steps:
                 break

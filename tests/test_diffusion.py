@@ -73,17 +73,19 @@ def test_p_losses_is_zero_for_an_oracle_and_one_for_zero():
     assert p_losses(zero, s, x0, g).item() == pytest.approx(1.0, rel=0.05)
 
 
-def test_ancestral_step_equals_diffusers_ddpm_step():
+@pytest.mark.parametrize("clip", [False, True])
+def test_ancestral_sampler_equals_diffusers_ddpm(clip):
     from diffusers import DDPMScheduler
 
     from minidiff.samplers import ddpm_sample
     s = make_schedule()
     sch = DDPMScheduler(num_train_timesteps=200, trained_betas=s.betas.double().numpy(),
-                        variance_type="fixed_small", clip_sample=False, prediction_type="epsilon")
+                        variance_type="fixed_small", clip_sample=clip, clip_sample_range=1.0,
+                        prediction_type="epsilon")
     sch.set_timesteps(200)
     x_T = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     eps_fn = lambda x, t: 0.3 * x + 0.01 * t.view(-1, 1, 1, 1).float() / 200  # noqa: E731
-    ours = ddpm_sample(eps_fn, s, x_T, torch.Generator().manual_seed(5))
+    ours = ddpm_sample(eps_fn, s, x_T, torch.Generator().manual_seed(5), clip_x0=clip)
     g, x = torch.Generator().manual_seed(5), x_T
     for t in sch.timesteps:
         tt = torch.full((4,), int(t))

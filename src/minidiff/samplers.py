@@ -6,6 +6,11 @@
   η = 0 is deterministic, η = 1 at full steps is the ancestral sampler.
 - ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), deterministic, second order.
 
+Clipping: with ``clip_x0=True`` (the default) every sampler clips its estimate x̂_0 to the data
+range [−1, 1] before using it. This matters most at the first step: with β_199 = 0.9999,
+√ᾱ_199 ≈ 5·10⁻⁵, so x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t amplifies any error in ε̂ by 2·10⁴.
+``clip_x0=False`` is the paper's exact ε-form (and what the closed-form tests on Gaussian data use).
+
 Grids: ``steps`` network evaluations at t_0 = T−1 > … > t_{steps−1} = 0; the last evaluation's
 x̂_0 is the sample. Randomness comes in only through the ``torch.Generator``.
 """
@@ -36,10 +41,13 @@ def _batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
 
 def ddpm_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
                 generator: torch.Generator | None = None, steps: int | None = None,
-                callback=None) -> torch.Tensor:
+                callback=None, clip_x0: bool = True) -> torch.Tensor:
     """Ancestral sampling, Ho et al. Algorithm 2 (the paper's sampler, §3.1.2):
 
     x_{t−1} = 1/√α_t · (x_t − β_t/√(1 − ᾱ_t) · ε_θ(x_t, t)) + √β̃_t · z,  z = 0 at the last step.
+
+    With ``clip_x0`` the same posterior mean is written through a clipped x̂_0 (eq. 7):
+    μ̃_t = β_t √ᾱ_{t−1}/(1 − ᾱ_t) · x̂_0 + (1 − ᾱ_{t−1}) √α_t/(1 − ᾱ_t) · x_t.
     """
     if steps not in (None, sched.T):
         raise ValueError(f"the ddpm sampler runs all {sched.T} steps; use ddim or dpmpp2m for fewer")
@@ -48,7 +56,12 @@ def ddpm_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
     for t in range(sched.T - 1, -1, -1):
         tt = _batch_t(t, x)
         eps = eps_fn(x, tt)
-        mean = (x - s.betas[t] / s.sqrt_one_minus_alpha_bars[t] * eps) / s.alphas[t].sqrt()
+        if clip_x0:
+            x0 = predict_x0(s, x, tt, eps).clamp(-1, 1)
+            mean = (s.betas[t] * s.alpha_bars_prev[t].sqrt() * x0
+                    + (1 - s.alpha_bars_prev[t]) * s.alphas[t].sqrt() * x) / (1 - s.alpha_bars[t])
+        else:
+            mean = (x - s.betas[t] / s.sqrt_one_minus_alpha_bars[t] * eps) / s.alphas[t].sqrt()
         if t > 0:
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = mean + s.posterior_variance[t].sqrt() * z
@@ -61,7 +74,7 @@ def ddpm_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
 
 def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
                 generator: torch.Generator | None = None, steps: int = 50, eta: float = 0.0,
-                callback=None) -> torch.Tensor:
+                callback=None, clip_x0: bool = True) -> torch.Tensor:
     """DDIM, Song et al. 2021 eq. 12, from t to the next grid point t' (ᾱ_{t'} = 1 past the end):
 
     x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ²) ε̂ + σ z,
@@ -76,6 +89,9 @@ def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
         tt = _batch_t(t, x)
         eps = eps_fn(x, tt)
         x0 = predict_x0(s, x, tt, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - s.sqrt_alpha_bars[t] * x0) / s.sqrt_one_minus_alpha_bars[t]  # ε consistent with x̂_0
         ab_t = s.alpha_bars[t]
         ab_next = s.alpha_bars[grid[i + 1]] if i + 1 < len(grid) else torch.ones_like(ab_t)
         sigma = eta * ((1 - ab_next) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_next).sqrt()
@@ -89,7 +105,7 @@ def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
 
 def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
                    generator: torch.Generator | None = None, steps: int = 20,
-                   callback=None) -> torch.Tensor:
+                   callback=None, clip_x0: bool = True) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2, in data-prediction form.
 
     With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), λ_t = log(α_t/σ_t), h = λ_t − λ_s and r = h_prev/h:
@@ -104,6 +120,8 @@ def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
     for i, t in enumerate(grid):
         tt = _batch_t(t, x)
         x0 = predict_x0(s, x, tt, eps_fn(x, tt))
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
         if i + 1 == len(grid):
             x = x0
         else:

@@ -7,10 +7,12 @@ Prunes one trained model file in every way minidiff knows and prints a Markdown 
   paper sparse  the same weights in a sparse file (values + packed bitmask)
   structural R  R of the channels removed with Torch-Pruning (L1 importance by default)
 
-Latency: ``minidiff.generate.generate`` with DDIM, N images in one batch, median of RUNS timed
-runs after one warm-up, fp32 unless --precision says otherwise, on this process's CPU threads.
+Latency: ``minidiff.generate.generate`` with DDIM, N images in one batch, fp32 unless
+--precision says otherwise, on this process's CPU threads; the median of RUNS timed runs taken
+round-robin over the models, after each model has sampled once.
 No fine-tuning happens here, so the last column (RMS difference of the samples from the dense
-model's, pixels clamped to [-1, 1], same initial noise, deterministic DDIM) shows the damage fine-tuning has to repair.
+model's, pixels clamped to [-1, 1], same initial noise, deterministic DDIM) shows the damage
+fine-tuning has to repair.
 
     .venv/bin/python benchmarks/bench_prune.py runs/quick/baseline/model.safetensors
     .venv/bin/python benchmarks/bench_prune.py MODEL --n 64 --steps 2 --runs 1   # a quick look
@@ -18,6 +20,7 @@ model's, pixels clamped to [-1, 1], same initial noise, deterministic DDIM) show
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -30,7 +33,7 @@ def main() -> None:
                     help="taylor needs MNIST (fetched into the cache)")
     ap.add_argument("--n", type=int, default=256, help="images per sampling run")
     ap.add_argument("--steps", type=int, default=5, help="DDIM steps")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs (after one warm-up)")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per model, round-robin")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     a = ap.parse_args()
 
@@ -58,31 +61,40 @@ def main() -> None:
                         precision=a.precision, progress=False)
 
     reference = sample(dense).clamp(-1, 1)  # pixels as they are saved
-    rows = []
-
-    def measure(label: str, model, path: Path, time_it: bool = True) -> None:
-        model.eval()
-        params = count_params(model)
-        macs = macs_per_eval(model, torch.zeros(1, 1, 28, 28), torch.zeros(1))
-        row = dict(label=label, params=params["total"], nonzero=params["nonzero"], macs=macs,
-                   bytes=path.stat().st_size, latency=None, rms=None)
-        if time_it:
-            row["latency"] = measure_latency(lambda: sample(model), n=a.runs, warmup=1)["median_s"]
-            row["rms"] = float((sample(model).clamp(-1, 1) - reference).pow(2).mean().sqrt())
-        rows.append(row)
+    entries = []  # (label, model, file, timed)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        measure("dense", dense, a.ckpt)
-        paper = P.prune_checkpoint(a.ckpt, "paper", P.PAPER_UNSTRUCTURED, out_path=tmp / "paper.safetensors")
-        measure("paper 10 % + 30 %", load_model(paper)[0], paper)
-        sparse = P.prune_checkpoint(a.ckpt, "sparse", P.PAPER_UNSTRUCTURED, out_path=tmp / "sparse.safetensors")
+        entries.append(("dense", dense, a.ckpt, True))
+        paper = P.prune_checkpoint(a.ckpt, "paper", P.PAPER_UNSTRUCTURED,
+                                   out_path=tmp / "paper.safetensors")
+        entries.append(("paper 10 % + 30 %", load_model(paper)[0], paper, True))
+        sparse = P.prune_checkpoint(a.ckpt, "sparse", P.PAPER_UNSTRUCTURED,
+                                    out_path=tmp / "sparse.safetensors")
         state, smeta = P.load_sparse(sparse)
-        measure("paper, sparse file", build_from_state_dict(ModelConfig(**smeta["model"]), state), sparse,
-                time_it=False)  # the same weights as "paper" once loaded
+        model = build_from_state_dict(ModelConfig(**smeta["model"]), state).eval()
+        entries.append(("paper, sparse file", model, sparse, False))  # = "paper" once loaded
         for r in a.ratios:
             out = P.prune_checkpoint(a.ckpt, "structural", r, a.importance, tmp / f"s{r}.safetensors", data)
-            measure(f"structural {r:g} ({a.importance})", load_model(out)[0], out)
+            entries.append((f"structural {r:g} ({a.importance})", load_model(out)[0], out, True))
+        rows = []
+        for label, model, path, timed in entries:
+            params = count_params(model)
+            rows.append(dict(label=label, params=params["total"], nonzero=params["nonzero"],
+                             macs=macs_per_eval(model, torch.zeros(1, 1, 28, 28), torch.zeros(1)),
+                             bytes=path.stat().st_size, latency=None, rms=None))
+            if timed:
+                rows[-1]["rms"] = float((sample(model).clamp(-1, 1) - reference).pow(2).mean().sqrt())
+
+    # Round-robin timing: the first model timed in a process runs slower (allocator and oneDNN
+    # caches warming up), and a shared machine drifts; interleaving spreads both over all rows.
+    timed = [(row, model) for row, (_, model, _, t) in zip(rows, entries) if t]
+    times: dict[str, list[float]] = {row["label"]: [] for row, _ in timed}
+    for _ in range(a.runs):
+        for row, model in timed:
+            times[row["label"]].append(measure_latency(lambda: sample(model), n=1, warmup=0)["min_s"])
+    for row, _ in timed:
+        row["latency"] = statistics.median(times[row["label"]])
 
     base = rows[0]
     print(f"\nmodel: {a.ckpt} (arch {meta['arch']}, step {meta['step']}); {torch.get_num_threads()} "

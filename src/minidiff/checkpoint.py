@@ -14,18 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 FORMAT = 1
+_VALUES, _MASK = "@values", "@mask"  # key suffixes of a sparse-encoded tensor
+SPARSE_FORMAT = 1
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}  # integer view of each float dtype, for exact zero tests
 
 
 class CheckpointError(RuntimeError):
@@ -155,3 +161,68 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
         idx, key = k.split(".", 1)
         state.setdefault(int(idx), {})[key] = v
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------- sparse storage
+def encode_sparse(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split each float tensor that gets smaller into ``name@values`` (its non-zero entries, 1-D,
+    same dtype) and ``name@mask`` (numpy.packbits of "entry is non-zero", uint8); returns the
+    tensors and an index {name: {shape, dtype}}. Other tensors are kept as they are.
+
+    "Zero" means the all-zero bit pattern (+0.0): −0.0 is kept among the values, so decoding is
+    bit-exact for every float (signed zeros and NaN payloads included). The encoding pays off
+    above 1/32 sparsity in fp32 (the bitmask costs 1 bit per entry)."""
+    out, index = {}, {}
+    for k, t in state_dict.items():
+        if k.endswith((_VALUES, _MASK)):
+            raise ValueError(f"state dict key {k!r} clashes with the sparse encoding's suffixes")
+        t = t.detach().cpu().contiguous()
+        if t.dtype in _BITS and t.numel() > 0:
+            keep = t.view(_BITS[t.dtype]) != 0
+            nnz = int(keep.sum())
+            if nnz * t.element_size() + (t.numel() + 7) // 8 < t.numel() * t.element_size():
+                out[k + _VALUES] = t[keep]
+                out[k + _MASK] = torch.from_numpy(np.packbits(keep.reshape(-1).numpy()))
+                index[k] = dict(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+                continue
+        out[k] = t
+    return out, index
+
+
+def decode_sparse(tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Inverse of ``encode_sparse``: dense tensors, bit-exact."""
+    out = {k: v for k, v in tensors.items() if not k.endswith((_VALUES, _MASK))}
+    for k, spec in index.items():
+        try:
+            values, packed = tensors[k + _VALUES], tensors[k + _MASK]
+        except KeyError:
+            raise CheckpointError(f"sparse tensor {k!r} is missing its values or mask") from None
+        n = math.prod(spec["shape"])
+        keep = torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))
+        if int(keep.sum()) != values.numel() or str(values.dtype).removeprefix("torch.") != spec["dtype"]:
+            raise CheckpointError(f"sparse tensor {k!r}: mask and values do not agree")
+        dense = torch.zeros(n, dtype=values.dtype)
+        dense[keep] = values
+        out[k] = dense.reshape(spec["shape"])
+    return out
+
+
+def save_sparse(path: Path | str, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Save a state dict with its zeros left out, through ``checkpoint.save`` (one safetensors
+    file, JSON header, sha256 over the stored tensors, atomic write); the index of encoded
+    tensors goes into the header as ``sparse``."""
+    tensors, index = encode_sparse(state_dict)
+    return save(path, tensors, dict(meta, sparse=dict(format=SPARSE_FORMAT, tensors=index)))
+
+
+def load_sparse(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a file written by ``save_sparse`` (a dense checkpoint loads unchanged); returns the
+    dense state dict and the metadata."""
+    tensors, meta = load(path)
+    sparse = meta.get("sparse")
+    if sparse is None:
+        return tensors, meta
+    if sparse.get("format") != SPARSE_FORMAT:
+        raise CheckpointError(f"{path}: sparse format {sparse.get('format')} is not {SPARSE_FORMAT}")
+    return decode_sparse(tensors, sparse["tensors"]), meta
+

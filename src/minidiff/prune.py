@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import checkpoint as ckpt
+from .checkpoint import decode_sparse, encode_sparse, load_sparse, save_sparse  # noqa: F401 (re-exported)
 from .data import MNIST, to_model_range
 from .diffusion import Schedule, make_schedule, p_losses
 
@@ -36,10 +37,6 @@ IMPORTANCES = ("l1", "taylor")
 PAPER_STRUCTURED = 0.10    # fraction of Conv2d filters removed by L1 norm (SPEC §2)
 PAPER_UNSTRUCTURED = 0.30  # fraction of the remaining weights zeroed by magnitude (SPEC §2)
 PRUNABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-SPARSE_FORMAT = 1
-_VALUES, _MASK = "@values", "@mask"  # key suffixes of a sparse-encoded tensor
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-         torch.float64: torch.int64}  # integer view of each float dtype, for exact zero tests
 
 
 def _check_fraction(name: str, value: float, low_open: bool = False) -> None:
@@ -205,71 +202,6 @@ def structural_prune(model: nn.Module, ratio: float, importance: str = "l1",
     return model.train(was_training)
 
 
-# ---------------------------------------------------------------- sparse storage
-def encode_sparse(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split each float tensor that gets smaller into ``name@values`` (its non-zero entries, 1-D,
-    same dtype) and ``name@mask`` (numpy.packbits of "entry is non-zero", uint8); returns the
-    tensors and an index {name: {shape, dtype}}. Other tensors are kept as they are.
-
-    "Zero" means the all-zero bit pattern (+0.0): −0.0 is kept among the values, so decoding is
-    bit-exact for every float (signed zeros and NaN payloads included). The encoding pays off
-    above 1/32 sparsity in fp32 (the bitmask costs 1 bit per entry)."""
-    out, index = {}, {}
-    for k, t in state_dict.items():
-        if k.endswith((_VALUES, _MASK)):
-            raise ValueError(f"state dict key {k!r} clashes with the sparse encoding's suffixes")
-        t = t.detach().cpu().contiguous()
-        if t.dtype in _BITS and t.numel() > 0:
-            keep = t.view(_BITS[t.dtype]) != 0
-            nnz = int(keep.sum())
-            if nnz * t.element_size() + (t.numel() + 7) // 8 < t.numel() * t.element_size():
-                out[k + _VALUES] = t[keep]
-                out[k + _MASK] = torch.from_numpy(np.packbits(keep.reshape(-1).numpy()))
-                index[k] = dict(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch."))
-                continue
-        out[k] = t
-    return out, index
-
-
-def decode_sparse(tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Inverse of ``encode_sparse``: dense tensors, bit-exact."""
-    out = {k: v for k, v in tensors.items() if not k.endswith((_VALUES, _MASK))}
-    for k, spec in index.items():
-        try:
-            values, packed = tensors[k + _VALUES], tensors[k + _MASK]
-        except KeyError:
-            raise ckpt.CheckpointError(f"sparse tensor {k!r} is missing its values or mask") from None
-        n = math.prod(spec["shape"])
-        keep = torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))
-        if int(keep.sum()) != values.numel() or str(values.dtype).removeprefix("torch.") != spec["dtype"]:
-            raise ckpt.CheckpointError(f"sparse tensor {k!r}: mask and values do not agree")
-        dense = torch.zeros(n, dtype=values.dtype)
-        dense[keep] = values
-        out[k] = dense.reshape(spec["shape"])
-    return out
-
-
-def save_sparse(path: Path | str, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Save a state dict with its zeros left out, through ``checkpoint.save`` (one safetensors
-    file, JSON header, sha256 over the stored tensors, atomic write); the index of encoded
-    tensors goes into the header as ``sparse``."""
-    tensors, index = encode_sparse(state_dict)
-    return ckpt.save(path, tensors, dict(meta, sparse=dict(format=SPARSE_FORMAT, tensors=index)))
-
-
-def load_sparse(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a file written by ``save_sparse`` (a dense checkpoint loads unchanged); returns the
-    dense state dict and the metadata."""
-    tensors, meta = ckpt.load(path)
-    sparse = meta.get("sparse")
-    if sparse is None:
-        return tensors, meta
-    if sparse.get("format") != SPARSE_FORMAT:
-        raise ckpt.CheckpointError(f"{path}: sparse format {sparse.get('format')} is not {SPARSE_FORMAT}")
-    return decode_sparse(tensors, sparse["tensors"]), meta
-
-
-# ---------------------------------------------------------------- checkpoint to checkpoint
 def prune_checkpoint(ckpt_path: Path | str, method: str, ratio: float, importance: str = "l1",
                      out_path: Path | str = "pruned.safetensors",
                      data: MNIST | torch.Tensor | None = None) -> Path:

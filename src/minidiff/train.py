@@ -27,6 +27,7 @@ from .data import MNIST, batches_per_epoch, iterate_batches, to_model_range
 from .diffusion import make_schedule, p_losses, q_sample
 from .generate import generate, save_images
 from .models.unet import SimpleUnet, build_from_state_dict
+from .prune import apply_masks
 from .runtime import autocast, default_device, resolve_precision
 
 
@@ -122,11 +123,15 @@ def _log_rows(path: Path, keep_until: int) -> None:
 
 
 def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = False,
-          init_state: dict[str, torch.Tensor] | None = None, progress: bool = True,
+          init_state: dict[str, torch.Tensor] | None = None,
+          masks: dict[str, torch.Tensor] | None = None, progress: bool = True,
           device: torch.device | None = None, log=print) -> Path:
     """Train (or resume) one model into run directory ``out``; returns the model file's path.
 
     ``init_state`` starts from given weights (fine-tuning, possibly of a pruned architecture).
+    ``masks`` ({parameter name: bool tensor}, from ``prune.paper_prune`` or
+    ``prune.masks_from_zeros``) keeps pruned weights at zero: applied to the initial weights and
+    after every optimizer step, so fine-tuning cannot refill them (SPEC §4).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +153,9 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
         model = build_from_state_dict(cfg.model, ckpt.split_prefix(state, "model")).to(device)
         step = meta["step"]
     model = model.to(memory_format=fmt)
+    if masks:
+        masks = {k: v.to(device) for k, v in masks.items()}
+        apply_masks(model, masks)  # before the EMA copy, so the EMA starts sparse as well
     ema = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g_noise = torch.Generator().manual_seed(cfg.seed)
@@ -187,6 +195,8 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if masks:
+                apply_masks(model, masks)
             if cfg.ema_decay > 0:
                 ema_update(ema, model, cfg.ema_decay, step)
             step += 1
@@ -226,7 +236,7 @@ def _grid(model, ema, cfg, data, sched, path: Path, precision: str, final=None, 
 def load_model(path: Path | str, device: torch.device | str = "cpu"):
     """Load a sampling-ready model from a model or training checkpoint; returns (model, meta)."""
     from .config import DiffusionConfig, ModelConfig
-    tensors, meta = ckpt.load(path)
+    tensors, meta = ckpt.load_sparse(path)  # a dense file loads unchanged; a sparse one is densified
     if meta.get("kind") == "training":
         prefix = "ema" if meta["config"].get("ema_decay", 0) > 0 else "model"
         tensors = ckpt.split_prefix(tensors, prefix)

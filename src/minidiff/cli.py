@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model file: paper masks, removed channels, or a sparse file",
                        description="Prune a model file into a new self-describing model file. "
-                                   "paper: 10 %% of Conv2d filters, then RATIO of the remaining weights "
+                                   "paper: 10 % of Conv2d filters, then RATIO of the remaining weights "
                                    "zeroed (torch.nn.utils.prune; same size and speed); sparse: the "
                                    "same, stored as non-zero values + bitmask (a smaller file); "
                                    "structural: RATIO of the channels removed with Torch-Pruning (fewer "

@@ -92,7 +92,9 @@ def worker(name: str, train_steps: int, sample_steps: int) -> dict:
         step(next(batches), None)
     train_ips = train_steps * bs / (time.perf_counter() - t0)
 
-    eps_fn = make_eps_fn(fwd if c["compile"] else model, "bf16" if c["bf16"] else "fp32", c["cl"])
+    # naive: the paper's loop does not fold BN (make_eps_fn folds by default)
+    eps_fn = make_eps_fn(fwd if c["compile"] else model, "bf16" if c["bf16"] else "fp32", c["cl"],
+                         fold_bn=c["alloc"])
     x = torch.randn(c["sample_bs"], 1, 28, 28)
     tt = torch.full((x.shape[0],), 100)
     for _ in range(2):
@@ -118,8 +120,11 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(a.worker, n_train, n_sample)))
         return
     rows = []
-    env = dict(os.environ, MINIDIFF_NO_MALLOPT="1")
     for name in a.configs.split(","):
+        env = dict(os.environ)
+        env.pop("MINIDIFF_NO_MALLOPT", None)
+        if not CONFIGS[name]["alloc"]:
+            env["MINIDIFF_NO_MALLOPT"] = "1"  # glibc defaults for the naive loop only
         cmd = [sys.executable, __file__, "--worker", name] + (["--quick"] if a.quick else [])
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

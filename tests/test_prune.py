@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from minidiff import checkpoint as C
 from minidiff import prune as P
 from minidiff.checkpoint import CheckpointError
 from minidiff.config import ModelConfig, train_config
@@ -156,7 +157,7 @@ def test_sparse_files_shrink_with_sparsity_and_beat_dense_files(tmp_path):
     for amount in (0.3, 0.5, 0.8):
         state = _sparse_state(amount)
         dense = save(tmp_path / f"dense{amount}.safetensors", state, {"kind": "model"}).stat().st_size
-        sparse = P.save_sparse(tmp_path / f"sparse{amount}.safetensors", state, {"kind": "model"})
+        sparse = C.save_sparse(tmp_path / f"sparse{amount}.safetensors", state, {"kind": "model"})
         sizes.append(sparse.stat().st_size)
         assert sizes[-1] < dense
     assert sizes[0] > sizes[1] > sizes[2]
@@ -171,8 +172,8 @@ def test_sparse_reload_is_bit_exact(tmp_path):
     state["extra.half"] = torch.tensor([0.0, -0.0, 0.0, 0.0, 0.0, 1.5] * 4, dtype=torch.float16)
     state["extra.bf16"] = torch.zeros(40, dtype=torch.bfloat16)  # all zero: no values stored
     state["extra.scalar"] = torch.tensor(-0.0)
-    path = P.save_sparse(tmp_path / "s.safetensors", state, {"kind": "model"})
-    loaded, meta = P.load_sparse(path)
+    path = C.save_sparse(tmp_path / "s.safetensors", state, {"kind": "model"})
+    loaded, meta = C.load_sparse(path)
     assert "mid1.conv1.weight" in meta["sparse"]["tensors"]
     assert loaded.keys() == state.keys()
     for k, v in state.items():
@@ -181,16 +182,16 @@ def test_sparse_reload_is_bit_exact(tmp_path):
         assert torch.equal(a.view(torch.uint8) if a.dim() else a.reshape(1).view(torch.uint8),
                            b.view(torch.uint8) if b.dim() else b.reshape(1).view(torch.uint8)), k
     model = build_from_state_dict(CFG, _sparse_state(0.5))
-    again = build_from_state_dict(CFG, P.load_sparse(P.save_sparse(
+    again = build_from_state_dict(CFG, C.load_sparse(C.save_sparse(
         tmp_path / "m.safetensors", model.state_dict(), {}))[0])
     assert torch.equal(model.eval()(X, T), again.eval()(X, T))
 
 
 def test_sparse_decode_detects_inconsistent_files():
-    tensors, index = P.encode_sparse({"w": torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0] * 8)})
+    tensors, index = C.encode_sparse({"w": torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0] * 8)})
     tensors["w@values"] = tensors["w@values"][:-1]
     with pytest.raises(CheckpointError, match="do not agree"):
-        P.decode_sparse(tensors, index)
+        C.decode_sparse(tensors, index)
 
 
 # ---------------------------------------------------------------- checkpoint glue
@@ -199,7 +200,7 @@ def test_prune_checkpoint_writes_a_self_describing_file(tmp_path, method):
     cfg = train_config("smoke", "reduced")
     src = save_model(tmp_path / "model.safetensors", _model(), cfg, step=8, weights="raw")
     out = P.prune_checkpoint(src, method, 0.3, "l1", tmp_path / f"{method}.safetensors")
-    state, meta = P.load_sparse(out)
+    state, meta = C.load_sparse(out)
     info = meta["pruning"]
     assert info["method"] == method and info["ratio"] == 0.3 and meta["step"] == 8
     model = build_from_state_dict(ModelConfig(**meta["model"]), state)

@@ -82,8 +82,10 @@ def atomic_write_bytes(path: Path, data: bytes, keep_previous: bool = False) -> 
         if keep_previous and path.exists():
             os.replace(path, path.with_name(path.name + ".prev"))
         os.replace(tmp, path)
-    except OSError:
+    except OSError as e:
         tmp.unlink(missing_ok=True)
+        if e.filename is None:  # write() and fsync() report ENOSPC without a name
+            e.filename = str(path)
         raise
     _fsync_dir(path.parent)
 
@@ -113,6 +115,8 @@ def load(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         meta = json.loads(header["__metadata__"]["minidiff"])
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a minidiff checkpoint or truncated/corrupt ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a minidiff checkpoint (its metadata is not a JSON object)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
     if tensors_digest(tensors) != meta.get("sha256"):
@@ -222,7 +226,13 @@ def load_sparse(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, An
     sparse = meta.get("sparse")
     if sparse is None:
         return tensors, meta
-    if sparse.get("format") != SPARSE_FORMAT:
-        raise CheckpointError(f"{path}: sparse format {sparse.get('format')} is not {SPARSE_FORMAT}")
-    return decode_sparse(tensors, sparse["tensors"]), meta
+    if not isinstance(sparse, dict) or sparse.get("format") != SPARSE_FORMAT:
+        found = sparse.get("format") if isinstance(sparse, dict) else repr(sparse)
+        raise CheckpointError(f"{path}: sparse format {found} is not {SPARSE_FORMAT}")
+    try:
+        return decode_sparse(tensors, sparse["tensors"]), meta
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the sparse index does not fit the stored tensors ({e})") from None
 

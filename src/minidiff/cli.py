@@ -106,6 +106,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="model for the model-based figures; skipped with a note if missing")
     _add_data_dir(p)
 
+    p = sub.add_parser("study", help="the paper's whole study: train, prune, fine-tune, evaluate, tabulate",
+                       description="Run every stage of the paper's study into OUT (classifier, baseline, "
+                                   "paper pruning + fine-tune, structural pruning + fine-tune, reduced + "
+                                   "fine-tune, shallow + fine-tune, evaluation of every model), then write "
+                                   "results.json, results.csv and table.md. Finished stages are skipped; an "
+                                   "interrupted one resumes from its last checkpoint.",
+                       epilog="example: minidiff study --preset quick --out runs/study")
+    p.add_argument("--preset", default="quick", choices=PRESETS)
+    p.add_argument("--out", type=Path, default=None, help="default runs/study-PRESET")
+    _add_data_dir(p)
+
     p = sub.add_parser("run", help="the main job: train the preset's baseline, then a sample grid",
                        description="Train the baseline of a preset into OUT/baseline, resuming if it "
                                    "was interrupted, then write OUT/baseline/samples.png.")
@@ -132,7 +143,9 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="example: minidiff evaluate runs/quick/baseline/model.safetensors "
                               "-n 1000 --steps 20 --json eval.json")
     p.add_argument("ckpt", type=Path, help="model.safetensors (or checkpoint.safetensors) of a run")
-    p.add_argument("-n", type=int, default=10_000, help="number of samples (default 10,000)")
+    p.add_argument("-n", type=int, default=None,
+                   help="number of samples: default 10,000 on a GPU (the paper's), 1,000 on a CPU; "
+                        "Fréchet distances depend on N, so compare values at the same N only")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
     p.add_argument("--steps", type=int, default=None,
                    help="network evaluations per sample (default 50; ddpm always uses T)")
@@ -146,6 +159,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="classifier cache (see `classifier`)")
     _add_data_dir(p)
     return ap
+
+
+MAX_SAMPLES = 1_000_000  # x_T alone is 3 GB at this size
+
+
+def _output_file(path: Path) -> Path:
+    """An output file's directory must be writable and the name must not be a directory."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a file name")
+    _writable_dir(path.parent)
+    return path
 
 
 def _writable_dir(path: Path) -> Path:
@@ -182,7 +206,10 @@ def _resume_config(out: Path, fallback, epochs=None):
     if not f.exists():
         return fallback
     try:
-        cfg = TrainConfig.from_dict(json.loads(f.read_text()))
+        d = json.loads(f.read_text())
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        cfg = TrainConfig.from_dict(d)
     except (ValueError, TypeError) as e:
         raise UserError(f"{f}: cannot read the saved config ({e})") from None
     return with_overrides(cfg, epochs=epochs)
@@ -197,11 +224,15 @@ def cmd_sample(a: argparse.Namespace) -> None:
     from .train import load_model
     if a.n < 1:
         raise UserError(f"-n must be >= 1, got {a.n}")
+    if a.n > MAX_SAMPLES:
+        raise UserError(f"-n must be <= {MAX_SAMPLES:,}, got {a.n}")
+    if not 0 <= a.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), got {a.seed}")
     if a.out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {a.out.name!r}")
     if a.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
-    _writable_dir(a.out.parent)
+    _output_file(a.out)
     device = default_device()
     model, meta = load_model(a.ckpt, device)
     sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
@@ -219,7 +250,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
     from .prune import prune_checkpoint
     if a.importance != "l1" and a.method != "structural":
         raise UserError("--importance applies to --method structural only")
-    _writable_dir(a.out.parent)
+    _output_file(a.out)
     data = None
     if a.method == "structural" and a.importance == "taylor":
         from .data import load_split
@@ -270,10 +301,21 @@ def cmd_run(a: argparse.Namespace) -> None:
     print(f"model: {out / 'model.safetensors'}\nsamples: {out / 'samples.png'}")
 
 
+def cmd_study(a: argparse.Namespace) -> None:
+    from .data import load_split
+    from .study import run_study
+    out = _writable_dir(a.out or Path("runs") / f"study-{a.preset}")
+    run_study(a.preset, out, load_split("train", a.data_dir), load_split("test", a.data_dir))
+    print(f"results: {out / 'results.json'}\ntable: {out / 'table.md'}")
+
+
 def cmd_classifier(a: argparse.Namespace) -> None:
-    from .models.classifier import load_or_train_classifier
-    if a.epochs <= 0 or a.batch_size < 1:
+    from .models.classifier import cache_path, load_or_train_classifier
+    if not (0 < a.epochs < float("inf")) or a.batch_size < 1:
         raise UserError(f"--epochs must be > 0 and --batch-size >= 1, got {a.epochs}, {a.batch_size}")
+    if not 0 <= a.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), got {a.seed}")
+    _writable_dir(cache_path(a.cache_dir, epochs=a.epochs, seed=a.seed, batch_size=a.batch_size).parent)
     _, info = load_or_train_classifier(a.cache_dir, epochs=a.epochs, seed=a.seed,
                                        batch_size=a.batch_size, data_dir=a.data_dir)
     how = "cached" if info["cached"] else f"trained in {info['train_seconds']:.0f} s"
@@ -287,8 +329,13 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from .evaluate import evaluate_checkpoint, resolve_steps, write_json
     from .models.classifier import load_or_train_classifier
     # Check everything a user can get wrong before minutes of classifier training and sampling.
+    if a.n is None:
+        from .runtime import default_device
+        a.n = 10_000 if default_device().type == "cuda" else 1_000
     if a.n < 2:
         raise UserError(f"-n must be >= 2, got {a.n}")
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.json_out.suffix != ".json":
         raise UserError(f"--json must end in .json, got {a.json_out.name!r}")
     _, meta = load(a.ckpt)
@@ -317,8 +364,9 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     print(write_json(r, a.json_out))
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prune": cmd_prune, "data": cmd_data, "run": cmd_run,
-            "figures": cmd_figures, "classifier": cmd_classifier, "evaluate": cmd_evaluate}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prune": cmd_prune, "data": cmd_data,
+            "run": cmd_run, "figures": cmd_figures, "classifier": cmd_classifier,
+            "evaluate": cmd_evaluate, "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:

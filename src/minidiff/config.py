@@ -7,6 +7,7 @@ the CLI turns that into one line on stderr and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -29,6 +30,19 @@ class ConfigError(ValueError):
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+_FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool}
+
+
+def _check_types(obj) -> None:
+    """A value of the wrong type (``batch_size=1.5``, ``lr="0.1"``) is a ConfigError too; bool is
+    not accepted as a number."""
+    for f in fields(obj):
+        want = _FIELD_TYPES.get(f.type)
+        v = getattr(obj, f.name)
+        if want is not None and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
+            raise ConfigError(f"{f.name} must be of type {f.type}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class DiffusionConfig:
     beta_max: float = 0.9999
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.timesteps >= 2, f"timesteps must be >= 2, got {self.timesteps}")
         _check(0 <= self.beta_min < self.beta_max < 1,
                f"need 0 <= beta_min < beta_max < 1, got [{self.beta_min}, {self.beta_max}]")
@@ -99,8 +114,9 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.arch in ARCHS, f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _check(0 < self.epochs < float("inf"), f"epochs must be > 0 and finite, got {self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         _check(self.lr_schedule in LR_SCHEDULES,
@@ -112,8 +128,11 @@ class TrainConfig:
                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         _check(self.train_subset >= 0, f"train_subset must be >= 0, got {self.train_subset}")
         _check(self.bn_recalib_batches >= 0, "bn_recalib_batches must be >= 0")
-        _check(self.sample_every >= 0, f"sample_every must be >= 0, got {self.sample_every}")
+        _check(0 <= self.sample_every < float("inf"),
+               f"sample_every must be >= 0 and finite, got {self.sample_every}")
         _check(self.ckpt_every_steps >= 1, "ckpt_every_steps must be >= 1")
+        # the data order is seeded with seed * 1_000_003 + epoch, which must fit torch's 64 bits
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         _check(self.sampler in SAMPLERS,
                f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         _check(1 <= self.sample_steps <= self.diffusion.timesteps,
@@ -145,7 +164,9 @@ _PRESET_TRAIN: dict[str, dict[str, Any]] = {
     # optimiser steps, which matter more than batch size (900 steps at batch 32 gave poor digits).
     "quick": dict(epochs=0.45, batch_size=16, lr=2e-3, lr_schedule="cosine", warmup_steps=200,
                   grad_clip=1.0, ema_decay=0.998, precision="auto", sample_every=0.25,
-                  ckpt_every_steps=300, sample_steps=50),
+                  # grids with the paper's 200-step sampler: after this short training it draws
+                  # clearly better digits than 50 DDIM steps (~80 s for 64 images on 2 cores)
+                  ckpt_every_steps=300, sampler="ddpm", sample_steps=200),
     # The paper's recipe, SPEC §2: Adam, batch 128, lr 1e-3, 50 epochs, no EMA, constant LR.
     "paper": dict(epochs=50, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0,
                   grad_clip=0.0, ema_decay=0.0, precision="fp32", sample_every=10,

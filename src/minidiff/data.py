@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
+import math
 import os
 import struct
 import subprocess
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     if ndim < 1 or len(data) < 4 + 4 * ndim:
         raise DataError(f"{name}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    expected = int(np.prod(dims, dtype=np.int64))
+    expected = math.prod(dims)  # Python ints: np.prod in int64 wraps for 2**31 x 2**31 x 4
     payload = memoryview(data)[4 + 4 * ndim:]
     if len(payload) != expected:
         raise DataError(f"{name}: IDX header promises {expected} bytes of data for shape "
@@ -119,7 +120,7 @@ def _from_mirrors(timeout: float) -> dict[str, bytes]:
                 with urllib.request.urlopen(base + name + ".gz", timeout=timeout) as r:
                     out[name] = gzip.decompress(r.read())
             return out
-        except (OSError, EOFError) as e:  # URLError is an OSError; gzip errors are OSError/EOFError
+        except (OSError, EOFError, zlib.error) as e:  # URLError, gzip errors; zlib.error: corrupt deflate
             errors.append(f"{base}: {e}")
     raise DataError("; ".join(errors))
 
@@ -189,7 +190,11 @@ def ensure_mnist(cache_dir: Path | None = None, *, mirror_timeout: float = 5.0,
     for label, fetch in sources:
         try:
             log(f"fetching MNIST from {label} ...")
-            files = {name: _verify(name, data, label, expected) for name, data in fetch().items()}
+            got = fetch()
+            absent = sorted(set(expected) - set(got))
+            if absent:
+                raise DataError(f"{label} did not provide {', '.join(absent)}")
+            files = {name: _verify(name, got[name], label, expected) for name in expected}
             break
         except DataError as e:
             errors.append(f"{label}: {e}")

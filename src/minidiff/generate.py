@@ -79,13 +79,19 @@ def save_images(x: torch.Tensor, path: Path | str) -> Path:
     path = Path(path)
     u8 = to_uint8(x)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".npz":
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, images=u8.numpy())
-    elif path.suffix == ".png":
-        grid_image(u8).save(tmp, format="PNG")
-    else:
+    if path.suffix not in (".npz", ".png"):
         raise ValueError(f"output must end in .png or .npz, got {path.name!r}")
-    tmp.replace(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if path.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=u8.numpy())
+        else:
+            grid_image(u8).save(tmp, format="PNG")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:
+            e.filename = str(path)
+        raise
     return path

@@ -18,17 +18,14 @@ step call ``apply_masks`` so pruned weights stay zero.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import checkpoint as ckpt
-from .checkpoint import decode_sparse, encode_sparse, load_sparse, save_sparse  # noqa: F401 (re-exported)
+from .checkpoint import save_sparse
 from .data import MNIST, to_model_range
 from .diffusion import Schedule, make_schedule, p_losses
 

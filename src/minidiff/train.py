@@ -113,13 +113,18 @@ def save_model(path: Path, model: torch.nn.Module, cfg: TrainConfig, step: int, 
     return ckpt.save(path, model.state_dict(), meta)
 
 
+_LOG_HEADER = "step,epoch,loss,lr,images_per_s,elapsed_s"
+
+
 def _log_rows(path: Path, keep_until: int) -> None:
     """On resume, drop log rows written after the checkpoint (they will be written again)."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
-    kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= keep_until]
-    path.write_text("\n".join(kept) + "\n")
+    header, *rows = path.read_text().splitlines() or [""]
+    # a SIGKILL can leave the file empty (write_text truncates first) or a row cut short
+    kept = [_LOG_HEADER] + [ln for ln in rows if ln.count(",") == _LOG_HEADER.count(",")
+                            and ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= keep_until]
+    ckpt.atomic_write_bytes(path, ("\n".join(kept) + "\n").encode())
 
 
 def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = False,
@@ -150,7 +155,10 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     ckpt_path = out / "checkpoint.safetensors"
     if resume and (ckpt_path.exists() or ckpt_path.with_name(ckpt_path.name + ".prev").exists()):
         state, meta = ckpt.load_with_fallback(ckpt_path, log=log)
-        model = build_from_state_dict(cfg.model, ckpt.split_prefix(state, "model")).to(device)
+        try:
+            model = build_from_state_dict(cfg.model, ckpt.split_prefix(state, "model")).to(device)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{ckpt_path}: cannot resume from this checkpoint: {e}") from None
         step = meta["step"]
     model = model.to(memory_format=fmt)
     if masks:
@@ -165,10 +173,10 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
         g_noise.set_state(state["rng.noise"])
         torch.set_rng_state(state["rng.torch"])
         log(f"resuming {out} at step {step}/{total_steps}")
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    ckpt.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
     log_path = out / "loss.csv"
     if step == 0 or not log_path.exists():
-        log_path.write_text("step,epoch,loss,lr,images_per_s,elapsed_s\n")
+        log_path.write_text(_LOG_HEADER + "\n")
     else:
         _log_rows(log_path, step)
 
@@ -176,49 +184,51 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.arch}", unit="step", disable=not progress)
     t_start, seen, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
     model.train()
-    while step < total_steps:
-        epoch, first_batch = divmod(step, bpe)
-        g_data = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        for _, u8 in iterate_batches(data, cfg.batch_size, g_data, start=first_batch):
-            lr = lr_at(step, cfg, total_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x0 = to_model_range(u8).to(device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
-            with autocast(precision, device):
-                loss = p_losses(model, sched, x0, g_noise)
-            if not torch.isfinite(loss):
-                bar.close()
-                raise TrainingDiverged(f"loss became {loss.item()} at step {step} (lr {lr:.3g}); "
-                                       f"the last good checkpoint is {ckpt_path}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if masks:
-                apply_masks(model, masks)
-            if cfg.ema_decay > 0:
-                ema_update(ema, model, cfg.ema_decay, step)
-            step += 1
-            seen += x0.shape[0]
-            window_loss, window_n = window_loss + loss.item(), window_n + 1
-            elapsed = time.perf_counter() - t_start
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / elapsed:.0f}")
-            if step % 10 == 0 or step == total_steps:
-                with open(log_path, "a") as f:
-                    f.write(f"{step},{step / bpe:.4f},{window_loss / window_n:.6f},{lr:.6g},"
-                            f"{seen / elapsed:.1f},{elapsed:.1f}\n")
-                window_loss, window_n = 0.0, 0
-            if step % cfg.ckpt_every_steps == 0 or step % bpe == 0 or step == total_steps:
-                _save_training(ckpt_path, model, ema if cfg.ema_decay > 0 else model, opt, cfg, step,
-                               g_noise, total_steps)
-            if sample_every and step % sample_every == 0 and total_steps - step >= sample_every // 2:
-                _grid(model, ema, cfg, data, sched, out / "samples" / f"step_{step:06d}.png", precision, n=36)
-                model.train()
-            if step >= total_steps:
-                break
-    bar.close()
+    try:
+        while step < total_steps:
+            epoch, first_batch = divmod(step, bpe)
+            g_data = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            for _, u8 in iterate_batches(data, cfg.batch_size, g_data, start=first_batch):
+                lr = lr_at(step, cfg, total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                x0 = to_model_range(u8).to(device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
+                with autocast(precision, device):
+                    loss = p_losses(model, sched, x0, g_noise)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise TrainingDiverged(f"loss became {loss.item()} at step {step} (lr {lr:.3g}); "
+                                           f"the last good checkpoint is {ckpt_path}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                if masks:
+                    apply_masks(model, masks)
+                if cfg.ema_decay > 0:
+                    ema_update(ema, model, cfg.ema_decay, step)
+                step += 1
+                seen += x0.shape[0]
+                window_loss, window_n = window_loss + loss.item(), window_n + 1
+                elapsed = time.perf_counter() - t_start
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / elapsed:.0f}")
+                if step % 10 == 0 or step == total_steps:
+                    with open(log_path, "a") as f:
+                        f.write(f"{step},{step / bpe:.4f},{window_loss / window_n:.6f},{lr:.6g},"
+                                f"{seen / elapsed:.1f},{elapsed:.1f}\n")
+                    window_loss, window_n = 0.0, 0
+                if step % cfg.ckpt_every_steps == 0 or step % bpe == 0 or step == total_steps:
+                    _save_training(ckpt_path, model, ema if cfg.ema_decay > 0 else model, opt, cfg, step,
+                                   g_noise, total_steps)
+                if sample_every and step % sample_every == 0 and total_steps - step >= sample_every // 2:
+                    _grid(model, ema, cfg, data, sched, out / "samples" / f"step_{step:06d}.png", precision, n=36)
+                    model.train()
+                if step >= total_steps:
+                    break
+    finally:
+        bar.close()
     final = _sampling_model(model, ema, cfg, data, sched)
     path = save_model(out / "model.safetensors", final, cfg, step,
                       weights="ema" if cfg.ema_decay > 0 else "raw")
@@ -237,13 +247,13 @@ def load_model(path: Path | str, device: torch.device | str = "cpu"):
     """Load a sampling-ready model from a model or training checkpoint; returns (model, meta)."""
     from .config import DiffusionConfig, ModelConfig
     tensors, meta = ckpt.load_sparse(path)  # a dense file loads unchanged; a sparse one is densified
-    if meta.get("kind") == "training":
-        prefix = "ema" if meta["config"].get("ema_decay", 0) > 0 else "model"
-        tensors = ckpt.split_prefix(tensors, prefix)
     try:
+        if meta.get("kind") == "training":
+            prefix = "ema" if meta["config"].get("ema_decay", 0) > 0 else "model"
+            tensors = ckpt.split_prefix(tensors, prefix)
         model_cfg = ModelConfig(**meta["model"])
         DiffusionConfig(**meta["config"]["diffusion"])
         model = build_from_state_dict(model_cfg, tensors)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ckpt.CheckpointError(f"{path}: cannot build a model from this checkpoint: {e}") from None
     return model.to(device).eval(), meta

@@ -101,6 +101,8 @@ def _resized(layer: nn.Module, shapes: dict[str, torch.Size]) -> nn.Module:
     w = shapes.get("weight")
     if w is None:
         return layer
+    if len(w) != layer.weight.dim() or 0 in tuple(w):
+        raise ValueError(f"a {type(layer).__name__} cannot have a weight of shape {tuple(w)}")
     if isinstance(layer, nn.Conv2d) and tuple(w) != tuple(layer.weight.shape):
         return nn.Conv2d(w[1], w[0], layer.kernel_size, layer.stride, layer.padding,
                          bias=layer.bias is not None)

@@ -1,0 +1,273 @@
+"""Sampling: speed and quality per sampler and step count, against the paper's naive loop.
+
+One run on one checkpoint, three parts:
+
+1. Speed, side by side. Every configuration runs in its own subprocess (the allocator setting is
+   process-wide), one after another:
+     naive     the paper's loop: ancestral DDPM in its exact ε-form (clip_x0=False), all
+               T = 200 steps, fp32 eager, BN unfused, NCHW, batch 100, glibc malloc defaults
+               (MINIDIFF_NO_MALLOPT=1). It still runs under inference_mode (make_eps_fn), so the
+               speed-ups below are, if anything, low.
+     minidiff  generate(): allocator fix, BN folded, channels_last, inference_mode, fp32, for
+               ddpm-200 and every sampler x steps below, at each --batch-sizes.
+   Each configuration is timed on K = --extrapolate-from samples after a warm-up of two untimed
+   network evaluations on one batch, and scaled linearly to --n-speed; the tables mark those
+   numbers "extrapolated from K". The verdict configuration is then timed again on all
+   --n-speed samples (--no-confirm skips that). GFLOP/s = 2 x MACs per evaluation
+   (minidiff.metrics.macs_per_eval, convolutions and matmuls) x evaluations / seconds.
+2. Quality: pseudo-FID (classifier features, MNIST test set) of --n-quality samples per
+   configuration, all from the same seed and initial noise x_T, next to the real-vs-real floor at
+   the same N; samples are quantised to uint8 first, as minidiff.evaluate does. Every sampler
+   runs with minidiff's defaults (x̂_0 clipped to [-1, 1], DDIM η = 0), ddpm-200 included: the
+   reference is minidiff's DDPM, not the unclipped paper loop.
+3. Verdict: the fastest configuration whose pseudo-FID is within --tolerance (10 %) of
+   ddpm-200's at the same N, and its speed-up over the naive loop (target: >= 25x).
+
+Reproduce (on an otherwise idle machine: two PyTorch processes on two cores slow each other
+down several-fold):
+
+    .venv/bin/python benchmarks/bench_sampling.py runs/quick/baseline/model.safetensors \\
+        --out runs/bench_sampling                      # defaults: ~2.5 h on a 2-core AVX2 CPU
+    .venv/bin/python benchmarks/bench_sampling.py MODEL --out /tmp/bs --n-quality 64 \\
+        --n-speed 200 --extrapolate-from 20 --steps 5,10   # a look at the output: ~8 min
+
+Default run time on an idle 2-core AVX2 CPU, 2 threads, fp32 (~7 ms per network evaluation per
+image for minidiff's path at batch 256; the naive loop ~1.3-2x that): naive 500 x 200 evaluations
+~20 min; minidiff's 9 configurations (370 evaluations per image) on 500 samples ~22 min; the
+verdict again on 10,000 samples ~12 min at 10 steps (~23 min at 20); quality 2,000 x 370
+evaluations ~90 min. About 2.5 h in all. Writes to --out: bench_sampling.json (every number,
+argv, machine) and pseudo_fid_vs_steps.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n: int,
+                seed: int) -> dict:
+    """In this process: sample ``n`` images with one configuration after a warm-up; time it."""
+    if not naive:
+        from minidiff.runtime import tune_allocator
+        tune_allocator()
+    import torch
+
+    from minidiff import metrics as M
+    from minidiff.config import DiffusionConfig
+    from minidiff.diffusion import make_schedule
+    from minidiff.generate import generate, initial_noise, make_eps_fn
+    from minidiff.runtime import describe_device
+    from minidiff.samplers import run_sampler
+    from minidiff.train import load_model
+
+    model, meta = load_model(ckpt)
+    sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+    macs = M.macs_per_eval(model, torch.zeros(1, 1, 28, 28), torch.zeros(1))
+    # naive: the caller's model itself; minidiff: generate() builds the same wrapper per call
+    eps_fn = make_eps_fn(model, "fp32", channels_last=not naive, fold_bn=not naive)
+    x = initial_noise(min(batch, n), seed + 1_000_003)
+    t = torch.full((x.shape[0],), sched.T - 1)
+    for _ in range(2):  # warm-up: oneDNN primitives, the heap
+        eps_fn(x, t)
+    rows = []  # images through the network; the hook survives generate()'s BN-folded deepcopy
+    model.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    t0 = time.perf_counter()
+    if naive:
+        x_T, g = initial_noise(n, seed), torch.Generator().manual_seed(seed + 1)
+        for start in range(0, n, batch):
+            run_sampler("ddpm", eps_fn, sched, x_T[start:start + batch], g, clip_x0=False)
+    else:
+        generate(model, sched, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch,
+                 precision="fp32", progress=False)
+    seconds = time.perf_counter() - t0
+    return dict(config="naive" if naive else "minidiff", sampler=sampler, steps=steps, batch=batch,
+                n_timed=n, seconds=seconds, nfe=sum(rows) / n, macs_per_eval=macs,
+                machine=dict(describe_device(torch.device("cpu")), torch=torch.__version__,
+                             cpus=os.cpu_count(), omp_num_threads=os.environ.get("OMP_NUM_THREADS")))
+
+
+def run_worker(ckpt: str, spec: dict, n_speed: int) -> dict:
+    """Time ``spec`` in a fresh subprocess; add wall time for n_speed, images/s, ms/eval, GFLOP/s."""
+    env = dict(os.environ)
+    env.pop("MINIDIFF_NO_MALLOPT", None)
+    if spec["naive"]:
+        env["MINIDIFF_NO_MALLOPT"] = "1"  # glibc defaults, as in the paper's process
+    cmd = [sys.executable, __file__, ckpt, "--worker", json.dumps(spec)]
+    what = (f"{'naive' if spec['naive'] else 'minidiff'} {spec['sampler']} {spec['steps']} "
+            f"batch {spec['batch']} on {spec['n']} samples")
+    print(f"speed: {what} ...", file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not line:
+        sys.exit(f"speed worker failed: {what}\n{out.stderr[-2000:]}")
+    r = json.loads(line[0][len("RESULT "):])
+    r["extrapolated"] = r["n_timed"] < n_speed
+    r["wall_s"] = r["seconds"] * n_speed / r["n_timed"]
+    r["images_per_s"] = r["n_timed"] / r["seconds"]
+    r["ms_per_eval_per_image"] = 1e3 * r["seconds"] / (r["n_timed"] * r["nfe"])
+    r["gflop_per_s"] = 2 * r["macs_per_eval"] * r["nfe"] * r["n_timed"] / r["seconds"] / 1e9
+    print(f"  {r['seconds']:.1f} s, {r['ms_per_eval_per_image']:.2f} ms/eval/image",
+          file=sys.stderr, flush=True)
+    return r
+
+
+def pseudo_fids(ckpt: str, configs: list[tuple[str, int]], n: int, seed: int) -> dict:
+    """Pseudo-FID of n samples per (sampler, steps), all from the same x_T, and the real floor."""
+    from minidiff import metrics as M
+    from minidiff.config import DiffusionConfig
+    from minidiff.data import load_split, to_model_range, to_uint8
+    from minidiff.diffusion import make_schedule
+    from minidiff.generate import generate
+    from minidiff.models.classifier import load_or_train_classifier, predict
+    from minidiff.train import load_model
+
+    model, meta = load_model(ckpt)
+    sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+    classifier, info = load_or_train_classifier()
+    real_f, _ = predict(classifier, to_model_range(load_split("test").images))  # (10000, D)
+    rows = []
+    for sampler, steps in configs:
+        print(f"quality: {sampler} {steps} steps, {n} samples ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        x = generate(model, sched, n, sampler=sampler, steps=steps, seed=seed, progress=False)
+        fake_f, _ = predict(classifier, to_model_range(to_uint8(x)))  # the images a user gets
+        rows.append(dict(sampler=sampler, steps=steps, pseudo_fid=M.frechet_distance(fake_f, real_f),
+                         generate_s=time.perf_counter() - t0))
+    return dict(n=n, seed=seed, n_real=real_f.shape[0], floor=M.fid_floor(real_f, n, seed),
+                classifier_sha256=info.get("sha256"), rows=rows,
+                sampler_settings="minidiff defaults: x0 clipped to [-1, 1], ddim eta = 0",
+                checkpoint_sha256=meta.get("sha256"), T=sched.T)
+
+
+def plot(quality: dict, tol: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    ref = _ddpm_fid(quality)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sampler in sorted({r["sampler"] for r in quality["rows"]} - {"ddpm"}):
+        rs = [r for r in quality["rows"] if r["sampler"] == sampler]
+        ax.plot([r["steps"] for r in rs], [r["pseudo_fid"] for r in rs], "o-", label=sampler)
+    ax.plot([quality["T"]], [ref], "k*", markersize=12, label=f"ddpm ({quality['T']} steps)")
+    ax.axhline((1 + tol) * ref, color="k", ls="--", lw=1, label=f"ddpm + {tol:.0%}")
+    ax.axhline(quality["floor"]["value"], color="gray", ls=":", lw=1, label="real vs real (floor)")
+    ax.set(xscale="log", yscale="log", xlabel="sampling steps (network evaluations)",
+           ylabel="pseudo-FID", title=f"pseudo-FID vs steps, N = {quality['n']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ddpm_fid(quality: dict) -> float:
+    return next(r["pseudo_fid"] for r in quality["rows"] if r["sampler"] == "ddpm")
+
+
+def _speed_table(rows: list[dict], naive_s: float, n_speed: int) -> str:
+    out = [f"| config | sampler | steps | batch | wall s for {n_speed:,} | images/s | ms/eval/image "
+           "| GFLOP/s | × naive | timed on |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        timed = f"extrapolated from {r['n_timed']:,}" if r["extrapolated"] else f"all {r['n_timed']:,}"
+        out.append(f"| {r['config']} | {r['sampler']} | {r['steps']} | {r['batch']} | {r['wall_s']:,.1f} "
+                   f"| {r['images_per_s']:.2f} | {r['ms_per_eval_per_image']:.2f} | "
+                   f"{r['gflop_per_s']:.1f} | {naive_s / r['wall_s']:.1f} | {timed} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpt", help="model.safetensors of a trained run")
+    ap.add_argument("--n-quality", type=int, default=2000, help="samples per pseudo-FID")
+    ap.add_argument("--n-speed", type=int, default=10_000, help="samples the wall times are for")
+    ap.add_argument("--extrapolate-from", type=int, default=500, metavar="K",
+                    help="time K samples per configuration and scale to --n-speed (K >= n-speed: no scaling)")
+    ap.add_argument("--samplers", default="ddim,dpmpp2m", help="fast samplers (ddim with eta = 0)")
+    ap.add_argument("--steps", default="5,10,20,50", help="step counts for each fast sampler")
+    ap.add_argument("--batch-sizes", default="256", help="minidiff's batch sizes to time")
+    ap.add_argument("--naive-batch", type=int, default=100)
+    ap.add_argument("--tolerance", type=float, default=0.10, help="allowed pseudo-FID excess over ddpm")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-confirm", action="store_true", help="do not re-time the verdict on all samples")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_sampling"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(time_config(a.ckpt, **json.loads(a.worker))))
+        return
+    if min(a.n_quality, a.n_speed, a.extrapolate_from, a.naive_batch) < 2 or a.tolerance < 0:
+        ap.error("--n-quality, --n-speed, --extrapolate-from, --naive-batch must be >= 2, "
+                 "--tolerance >= 0")
+
+    from minidiff.evaluate import write_json
+    from minidiff.runtime import tune_allocator
+    from minidiff.samplers import resolve_steps
+    from minidiff.train import load_model
+
+    tune_allocator()  # this process only samples for quality; the timed workers set their own
+    T = load_model(a.ckpt)[1]["config"]["diffusion"]["timesteps"]
+    configs = [("ddpm", T)] + [(s, resolve_steps(s, int(k), T)) for s in a.samplers.split(",")
+                                for k in a.steps.split(",")]
+    k = min(a.extrapolate_from, a.n_speed)
+    naive_spec = dict(sampler="ddpm", steps=T, batch=a.naive_batch, naive=True, n=k, seed=a.seed)
+    naive = run_worker(a.ckpt, naive_spec, a.n_speed)
+    fast = [run_worker(a.ckpt, dict(sampler=s, steps=st, batch=int(b), naive=False, n=k, seed=a.seed),
+                       a.n_speed) for b in a.batch_sizes.split(",") for s, st in configs]
+
+    quality = pseudo_fids(a.ckpt, configs, a.n_quality, a.seed)
+    ref = _ddpm_fid(quality)
+    fid = {(r["sampler"], r["steps"]): r["pseudo_fid"] for r in quality["rows"]}
+    passing = [r for r in fast if fid[r["sampler"], r["steps"]] <= (1 + a.tolerance) * ref]
+    best = min(passing, key=lambda r: r["wall_s"])  # ddpm itself always passes
+    if best["extrapolated"] and not a.no_confirm:
+        spec = dict(sampler=best["sampler"], steps=best["steps"], batch=best["batch"], naive=False,
+                    n=a.n_speed, seed=a.seed)
+        best = dict(run_worker(a.ckpt, spec, a.n_speed), config="minidiff (verdict, all samples)")
+        fast.append(best)
+    speedup = naive["wall_s"] / best["wall_s"]
+
+    m = naive["machine"]
+    print(f"\nmachine: {m['device']}, {m['cpus']} CPUs, {m['threads']} torch threads "
+          f"(OMP_NUM_THREADS={m['omp_num_threads']}), torch {m['torch']}, capability "
+          f"{m['capability']}, native bf16: {m['native_bf16']}; allocator tuned: naive "
+          f"{naive['machine']['allocator_tuned']}, minidiff {fast[0]['machine']['allocator_tuned']}")
+    print(f"MACs per network evaluation per image: {naive['macs_per_eval'] / 1e6:.1f} M\n")
+    print(f"## Speed ({a.n_speed:,} samples; warm-up excluded)\n")
+    print(_speed_table([naive] + fast, naive["wall_s"], a.n_speed))
+    small = sorted({r["batch"] for r in [naive] + fast if r["n_timed"] < r["batch"]})
+    if small:
+        print(f"\nnote: batch sizes {small} were timed on {k} samples, i.e. in smaller batches "
+              "than named; use --extrapolate-from >= the largest batch for representative numbers")
+    fl = quality["floor"]
+    print(f"\n## Quality (pseudo-FID, N = {a.n_quality:,}, seed {a.seed}, same x_T for all; "
+          f"real-vs-real floor {fl['value']:.3f} at N = {fl['n_used']:,})\n")
+    print("| sampler | steps | pseudo-FID | vs ddpm | within tolerance |\n|---|---|---|---|---|")
+    for r in quality["rows"]:
+        rel = r["pseudo_fid"] / ref - 1
+        print(f"| {r['sampler']} | {r['steps']} | {r['pseudo_fid']:.3f} | {rel:+.1%} "
+              f"| {'yes' if rel <= a.tolerance else 'no'} |")
+    def how(r: dict) -> str:
+        return f"extrapolated from {r['n_timed']:,}" if r["extrapolated"] else "measured on all"
+    verdict = (f"{best['sampler']} {best['steps']} steps, batch {best['batch']}: pseudo-FID "
+               f"{fid[best['sampler'], best['steps']]:.3f} vs ddpm-{T} {ref:.3f} (N = {a.n_quality:,}); "
+               f"{a.n_speed:,} samples in {best['wall_s']:,.1f} s ({how(best)}) vs the naive loop's "
+               f"{naive['wall_s']:,.1f} s ({how(naive)}) -> {speedup:.1f}x "
+               f"({'meets' if speedup >= 25 else 'MISSES'} the 25x target)")
+    print(f"\n## Verdict\n\nfastest configuration within {a.tolerance:.0%} of ddpm-{T}: {verdict}")
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    plot(quality, a.tolerance, a.out / "pseudo_fid_vs_steps.png")
+    write_json(dict(kind="bench_sampling", argv=sys.argv, args={k: str(v) for k, v in vars(a).items()},
+                    machine=m, naive=naive, minidiff=fast, quality=quality,
+                    verdict=dict(best, speedup=speedup, tolerance=a.tolerance, text=verdict)),
+               a.out / "bench_sampling.json")
+    print(f"\nwrote {a.out / 'bench_sampling.json'} and {a.out / 'pseudo_fid_vs_steps.png'}")
+
+
+if __name__ == "__main__":
+    main()

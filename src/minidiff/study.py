@@ -1,0 +1,173 @@
+"""The paper's study as stages into one run directory, resumable stage by stage.
+
+  classifier → baseline → paper pruning + fine-tune → structural pruning + fine-tune
+  → reduced + fine-tune → shallow + fine-tune → evaluation of every model → results
+
+Each stage writes into ``OUT/<stage>/``; a stage whose output exists is skipped, and an
+interrupted training stage resumes from its last checkpoint (``train(..., resume=True)``).
+Every model is evaluated the same way (same N, sampler, steps, seed, batch and classifier) in
+one process, so the efficiency columns compare like with like.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import StudyConfig, TrainConfig, study_config, train_config
+from .data import MNIST
+from .evaluate import evaluate_checkpoint, write_json
+from .prune import masks_from_zeros, prune_checkpoint, sparsity_report
+from .train import load_model, train
+
+MODELS = ("baseline", "paper_pruned", "structural", "reduced", "shallow")
+# The paper's Table 1, its own numbers for reference. Its "MB" is MiB; its pseudo-FID is not a
+# Fréchet distance and its SSIM compares unrelated images (SPEC §4); latency: 10,000 samples.
+PAPER_TABLE = {
+    "baseline": dict(params=2_529_217, size_mib=9.72, latency_s=57.6128, ssim=0.3475, pseudo_fid=10.75),
+    "paper_pruned": dict(params=2_529_217, size_mib=9.72, latency_s=57.6229, ssim=0.3674, pseudo_fid=2.77),
+    "reduced": dict(params=634_081, size_mib=2.5, latency_s=31.2825, ssim=0.3688, pseudo_fid=1.76),
+    "shallow": dict(params=2_148_097, size_mib=8.2, latency_s=81.5870, ssim=0.3659, pseudo_fid=2.39),
+}
+
+
+def _finetune(preset: str, arch: str, epochs: float, lr: float) -> TrainConfig:
+    # Fine-tuning is ordinary training from given weights at a lower, constant LR.
+    return train_config(preset, arch, epochs=epochs, lr=lr, lr_schedule="constant", warmup_steps=0)
+
+
+def _train_stage(out: Path, cfg: TrainConfig, data: MNIST, progress: bool, log, **kw) -> Path:
+    done = out / "model.safetensors"
+    if done.exists():
+        return done
+    return train(cfg, data, out, resume=True, progress=progress, log=log, **kw)
+
+
+def _pruned_stage(out: Path, src: Path, method: str, ratio: float, cfg: TrainConfig, data: MNIST,
+                  progress: bool, log) -> Path:
+    pruned = out / "pruned.safetensors"
+    if not pruned.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        prune_checkpoint(src, method, ratio, out_path=pruned)
+    model, meta = load_model(pruned)
+    masks = masks_from_zeros(model, meta["pruning"]["masked"]) if meta["pruning"]["masked"] else None
+    return _train_stage(out, cfg, data, progress, log, init_state=model.state_dict(), masks=masks)
+
+
+def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST, *,
+              classifier=None, progress: bool = True, log=print,
+              stages: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole study into ``out``; returns the results dict it also writes."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sc: StudyConfig = study_config(preset)
+    (out / "study.json").write_text(json.dumps({"preset": preset, "study": asdict(sc)}, indent=2))
+    timings: dict[str, float] = json.loads((out / "timings.json").read_text()) \
+        if (out / "timings.json").exists() else {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        if stages is not None and name not in stages:
+            return None
+        log(f"== stage {name}")
+        t0 = time.perf_counter()
+        result = fn()
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        return result
+
+    if classifier is None:
+        from .models.classifier import load_or_train_classifier
+        classifier = stage("classifier", lambda: load_or_train_classifier(
+            epochs=sc.classifier_epochs, train=train_data, test=test_data, progress=progress, log=log)[0])
+    base_cfg = train_config(preset, "baseline")
+    models = {}
+    models["baseline"] = stage("baseline", lambda: _train_stage(out / "baseline", base_cfg, train_data,
+                                                                progress, log))
+    ft = _finetune(preset, "baseline", sc.prune_ft_epochs, sc.prune_ft_lr)
+    models["paper_pruned"] = stage("paper_pruned", lambda: _pruned_stage(
+        out / "paper_pruned", models["baseline"], "paper", 0.30, ft, train_data, progress, log))
+    models["structural"] = stage("structural", lambda: _pruned_stage(
+        out / "structural", models["baseline"], "structural", sc.structural_ratio, ft, train_data,
+        progress, log))
+    for arch, ft_epochs, ft_lr in (("reduced", sc.reduced_ft_epochs, sc.reduced_ft_lr),
+                                   ("shallow", sc.shallow_ft_epochs, sc.shallow_ft_lr)):
+        def variant(arch=arch, ft_epochs=ft_epochs, ft_lr=ft_lr) -> Path:
+            scratch = _train_stage(out / arch / "scratch", train_config(preset, arch, epochs=sc.variant_epochs),
+                                   train_data, progress, log)
+            state = load_model(scratch)[0].state_dict()
+            return _train_stage(out / arch, _finetune(preset, arch, ft_epochs, ft_lr), train_data, progress,
+                                log, init_state=state)
+        models[arch] = stage(arch, variant)
+    results = stage("evaluate", lambda: _evaluate_all(out, models, sc, classifier, test_data, progress))
+    if results is not None:
+        _write_results(out, results, timings)
+    return {"models": {k: str(v) for k, v in models.items() if v}, "results": results, "timings": timings}
+
+
+def _evaluate_all(out: Path, models: dict[str, Path], sc: StudyConfig, classifier, test_data: MNIST,
+                  progress: bool) -> dict[str, Any]:
+    results = {}
+    for name in MODELS:
+        path = models.get(name)
+        if path is None:
+            continue
+        dest = out / name / "eval.json"
+        if dest.exists():
+            results[name] = json.loads(dest.read_text())
+            continue
+        teacher = models["baseline"] if name != "baseline" else None
+        r = evaluate_checkpoint(path, n=sc.eval_n, sampler=sc.eval_sampler, steps=sc.eval_steps,
+                                classifier=classifier, test_data=test_data, teacher=teacher,
+                                progress=progress)
+        model, _ = load_model(path)
+        r["sparsity_after_finetune"] = sparsity_report(model)["overall"]
+        write_json(r, dest)
+        results[name] = json.loads(dest.read_text())
+    return results
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per model: the paper's Table 1 columns plus MACs, sampler and quality."""
+    rows = []
+    for name, r in results.items():
+        eff, q, s = r["efficiency"], r["quality"], r["sampling"]
+        rows.append({
+            "model": name, "params": eff["params_total"], "nonzero_params": eff["params_nonzero"],
+            "sparsity": round(r.get("sparsity_after_finetune", 0.0), 4),
+            "checkpoint_bytes": eff["checkpoint_bytes"], "macs_per_eval": eff["macs_per_eval"],
+            "sampler": s["sampler"], "steps": s["steps"], "n": s["n"],
+            "latency_s": round(r["timing"]["generate_s"], 2),
+            "pseudo_fid": round(q["pseudo_fid"]["value"], 3),
+            "fid_floor": round(q["pseudo_fid"]["floor"]["value"], 3),
+            "precision": round(q["precision_recall"]["precision"], 3),
+            "recall": round(q["precision_recall"]["recall"], 3),
+            "inception_score": round(q["inception_score"]["value"], 3),
+            "ssim_paper": round(q["ssim_paper"]["mean"], 4),
+            "teacher_ssim": round(r["teacher_consistency"]["ssim"]["mean"], 4)
+            if r.get("teacher_consistency") else None,
+            "mean_confidence": round(q["digit_distribution"]["mean_confidence"], 4),
+            "min_class_share": round(min(q["digit_distribution"]["counts"]) / s["n"], 4),
+        })
+    return rows
+
+
+def _write_results(out: Path, results: dict[str, Any], timings: dict[str, float]) -> None:
+    rows = table_rows(results)
+    (out / "results.json").write_text(json.dumps({"models": results, "timings": timings}, indent=2))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["", "The paper's own Table 1 for reference (its pseudo-FID is not a Fréchet distance and "
+              "its SSIM compares unrelated images; not comparable with the columns above):", "",
+              "| model | params | size (MiB) | latency 10k (s) | SSIM | pseudo-FID |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['params']:,} | {v['size_mib']} | {v['latency_s']} | {v['ssim']} | {v['pseudo_fid']} |"
+              for k, v in PAPER_TABLE.items()]
+    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+    (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -5,8 +5,9 @@ after another on the same machine, and the script prints one table with ratios t
 loop. Run it on an otherwise idle machine (two PyTorch processes on two cores slow each
 other down several-fold):
 
-    .venv/bin/python benchmarks/bench_core.py            # ~5 minutes on a 2-core CPU
-    .venv/bin/python benchmarks/bench_core.py --quick    # fewer steps
+    .venv/bin/python benchmarks/bench_core.py --quick --configs naive,+alloc,+cl   # ~2 min
+    .venv/bin/python benchmarks/bench_core.py            # all configs; > 10 min on AVX2-only CPUs,
+                                                         # where bf16 is emulated and very slow
 
 Configurations
   naive      per-item Dataset + DataLoader, fp32 eager, NCHW, glibc malloc defaults,
@@ -134,10 +135,9 @@ def main() -> None:
         rows.append(json.loads(line[0][7:]))
         print(f"done {name}", file=sys.stderr)
     base = rows[0]
-    from minidiff.runtime import cpu_has_native_bf16
-    import platform
+    from minidiff.runtime import cpu_has_native_bf16, cpu_name
     import torch
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {cpu_has_native_bf16()}, threads {base['threads']}")
     print("| config | train img/s | × naive | sample ms/eval/img | sample img/s (200 steps) | × naive "

@@ -87,3 +87,9 @@ def test_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_init_must_match_the_arch(smoke_model, tmp_path, capsys):
+    code, err = _run(["train", "--preset", "smoke", "--arch", "baseline", "--init", smoke_model,
+                      "--out", tmp_path / "ft"], capsys)
+    assert code == 2 and "is a reduced model; pass --arch reduced" in err

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.safetensors with its saved config")
+    p.add_argument("--init", type=Path, default=None, metavar="CKPT",
+                   help="fine-tune: start from this model file (its architecture, pruned widths "
+                        "included; a paper-pruned model keeps its zeros)")
 
     p = sub.add_parser("sample", help="generate digits from a checkpoint",
                        description="Generate N digits from a checkpoint into a PNG grid or an .npz "
@@ -190,10 +193,21 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg = train_config(a.preset, a.arch, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                        precision=a.precision, ema_decay=a.ema_decay, train_subset=a.train_subset,
                        seed=a.seed)
+    init_state = masks = None
+    if a.init is not None:
+        from .prune import masks_from_zeros
+        from .train import load_model
+        model, meta = load_model(a.init)
+        if meta.get("arch") != a.arch:
+            raise UserError(f"--init {a.init} is a {meta.get('arch')} model; pass --arch {meta.get('arch')}")
+        init_state = model.state_dict()
+        masked = (meta.get("pruning") or {}).get("masked")
+        masks = masks_from_zeros(model, masked) if masked else None
     if a.resume:
         cfg = _resume_config(a.out, cfg, epochs=a.epochs)
     _writable_dir(a.out)
-    path = train(cfg, load_split("train", a.data_dir), a.out, resume=a.resume)
+    path = train(cfg, load_split("train", a.data_dir), a.out, resume=a.resume, init_state=init_state,
+                 masks=masks)
     print(f"model: {path}\nsamples: {a.out / 'samples.png'}")
 
 

@@ -62,7 +62,6 @@ def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n:
     from minidiff.diffusion import make_schedule
     from minidiff.generate import generate, initial_noise, make_eps_fn
     from minidiff.runtime import describe_device
-    from minidiff.samplers import run_sampler
     from minidiff.train import load_model
 
     model, meta = load_model(ckpt)
@@ -77,13 +76,10 @@ def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n:
     rows = []  # images through the network; the hook survives generate()'s BN-folded deepcopy
     model.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     t0 = time.perf_counter()
-    if naive:
-        x_T, g = initial_noise(n, seed), torch.Generator().manual_seed(seed + 1)
-        for start in range(0, n, batch):
-            run_sampler("ddpm", eps_fn, sched, x_T[start:start + batch], g, clip_x0=False)
-    else:
-        generate(model, sched, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch,
-                 precision="fp32", progress=False)
+    # naive: the paper's exact ε-form (no x̂0 clipping), BN unfused, NCHW
+    naive_kw = dict(fold_bn=False, channels_last=False, clip_x0=False) if naive else {}
+    generate(model, sched, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch,
+             precision="fp32", progress=False, **naive_kw)
     seconds = time.perf_counter() - t0
     return dict(config="naive" if naive else "minidiff", sampler=sampler, steps=steps, batch=batch,
                 n_timed=n, seconds=seconds, nfe=sum(rows) / n, macs_per_eval=macs,

@@ -44,14 +44,16 @@ def initial_noise(n: int, seed: int, device: torch.device | str = "cpu") -> torc
 
 def generate(model: torch.nn.Module, sched: Schedule, n: int, *, sampler: str = "ddim",
              steps: int | None = 50, seed: int = 0, batch_size: int = 256, precision: str = "fp32",
-             progress: bool = True, x_T: torch.Tensor | None = None, **sampler_kw) -> torch.Tensor:
-    """Sample ``n`` images in batches; returns float (n, 1, 28, 28) in the model's range."""
+             progress: bool = True, x_T: torch.Tensor | None = None, fold_bn: bool = True,
+             channels_last: bool = True, **sampler_kw) -> torch.Tensor:
+    """Sample ``n`` images in batches; returns float (n, 1, 28, 28) in the model's range.
+    ``fold_bn=False, channels_last=False`` is the unoptimised path (for side-by-side benchmarks)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
-    eps_fn = make_eps_fn(model, precision)
+    eps_fn = make_eps_fn(model, precision, channels_last=channels_last, fold_bn=fold_bn)
     x_T = initial_noise(n, seed, device) if x_T is None else x_T.to(device)
     g = torch.Generator(device=device).manual_seed(seed + 1)  # for stochastic samplers
     out = []

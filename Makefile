@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PRESET ?= quick
 OUT ?= runs/$(PRESET)
 
-.PHONY: run test setup clean-venv
+.PHONY: run test setup browser clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,10 +20,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Debian's chromium renders the study report in a test; installed where we may (root + apt-get).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
+	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }; } || \
+	  echo "note: chromium is not installed (needs root and apt-get): the report-rendering test is skipped"
+
 run: $(STAMP)
 	$(BIN)/minidiff run --preset $(PRESET) --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean-venv:

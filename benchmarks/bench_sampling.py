@@ -49,8 +49,19 @@ import time
 from pathlib import Path
 
 
+def parse_sampler(spec: str) -> tuple[str, dict]:
+    """``ddim`` / ``ddim:eta=1`` / ``dpmpp2m`` -> (sampler, options for generate())."""
+    name, _, rest = spec.partition(":")
+    opts = {k: float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)} if rest else {}
+    return name, opts
+
+
+def label(sampler: str, options: dict) -> str:
+    return sampler + "".join(f" {k}={v:g}" for k, v in sorted(options.items()))
+
+
 def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n: int,
-                seed: int) -> dict:
+                seed: int, options: dict | None = None) -> dict:
     """In this process: sample ``n`` images with one configuration after a warm-up; time it."""
     if not naive:
         from minidiff.runtime import tune_allocator
@@ -79,9 +90,10 @@ def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n:
     # naive: the paper's exact ε-form (no x̂0 clipping), BN unfused, NCHW
     naive_kw = dict(fold_bn=False, channels_last=False, clip_x0=False) if naive else {}
     generate(model, sched, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch,
-             precision="fp32", progress=False, **naive_kw)
+             precision="fp32", progress=False, **naive_kw, **(options or {}))
     seconds = time.perf_counter() - t0
-    return dict(config="naive" if naive else "minidiff", sampler=sampler, steps=steps, batch=batch,
+    return dict(config="naive" if naive else "minidiff", sampler=label(sampler, options or {}),
+                sampler_name=sampler, steps=steps, batch=batch, options=options or {},
                 n_timed=n, seconds=seconds, nfe=sum(rows) / n, macs_per_eval=macs,
                 machine=dict(describe_device(torch.device("cpu")), torch=torch.__version__,
                              cpus=os.cpu_count(), omp_num_threads=os.environ.get("OMP_NUM_THREADS")))
@@ -112,10 +124,10 @@ def run_worker(ckpt: str, spec: dict, n_speed: int) -> dict:
     return r
 
 
-def pseudo_fids(ckpt: str, configs: list[tuple[str, int]], n: int, seed: int) -> dict:
+def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: int) -> dict:
     """Pseudo-FID of n samples per (sampler, steps), all from the same x_T, and the real floor."""
     from minidiff import metrics as M
-    from minidiff.config import DiffusionConfig
+    from minidiff.config import DEFAULT_SPACING, DiffusionConfig
     from minidiff.data import load_split, to_model_range, to_uint8
     from minidiff.diffusion import make_schedule
     from minidiff.generate import generate
@@ -127,16 +139,18 @@ def pseudo_fids(ckpt: str, configs: list[tuple[str, int]], n: int, seed: int) ->
     classifier, info = load_or_train_classifier()
     real_f, _ = predict(classifier, to_model_range(load_split("test").images))  # (10000, D)
     rows = []
-    for sampler, steps in configs:
-        print(f"quality: {sampler} {steps} steps, {n} samples ...", file=sys.stderr, flush=True)
+    for sampler, steps, options in configs:
+        print(f"quality: {label(sampler, options)} {steps} steps, {n} samples ...", file=sys.stderr,
+              flush=True)
         t0 = time.perf_counter()
-        x = generate(model, sched, n, sampler=sampler, steps=steps, seed=seed, progress=False)
+        x = generate(model, sched, n, sampler=sampler, steps=steps, seed=seed, progress=False, **options)
         fake_f, _ = predict(classifier, to_model_range(to_uint8(x)))  # the images a user gets
-        rows.append(dict(sampler=sampler, steps=steps, pseudo_fid=M.frechet_distance(fake_f, real_f),
-                         generate_s=time.perf_counter() - t0))
+        rows.append(dict(sampler=label(sampler, options), steps=steps,
+                         pseudo_fid=M.frechet_distance(fake_f, real_f), generate_s=time.perf_counter() - t0))
     return dict(n=n, seed=seed, n_real=real_f.shape[0], floor=M.fid_floor(real_f, n, seed),
                 classifier_sha256=info.get("sha256"), rows=rows,
-                sampler_settings="minidiff defaults: x0 clipped to [-1, 1], ddim eta = 0",
+                sampler_settings=f"x0 clipped to [-1, 1]; ddim/dpmpp2m timesteps spaced "
+                                 f"'{DEFAULT_SPACING}'; ddim eta = 0 unless named",
                 checkpoint_sha256=meta.get("sha256"), T=sched.T)
 
 
@@ -183,8 +197,9 @@ def main() -> None:
     ap.add_argument("--n-speed", type=int, default=10_000, help="samples the wall times are for")
     ap.add_argument("--extrapolate-from", type=int, default=500, metavar="K",
                     help="time K samples per configuration and scale to --n-speed (K >= n-speed: no scaling)")
-    ap.add_argument("--samplers", default="ddim,dpmpp2m", help="fast samplers (ddim with eta = 0)")
-    ap.add_argument("--steps", default="5,10,20,50", help="step counts for each fast sampler")
+    ap.add_argument("--samplers", default="ddim,ddim:eta=1,dpmpp2m",
+                    help="fast samplers; ddim:eta=1 is DDIM with eta = 1 (plain ddim: eta = 0)")
+    ap.add_argument("--steps", default="5,10,20", help="step counts for each fast sampler")
     ap.add_argument("--batch-sizes", default="256", help="minidiff's batch sizes to time")
     ap.add_argument("--naive-batch", type=int, default=100)
     ap.add_argument("--tolerance", type=float, default=0.10, help="allowed pseudo-FID excess over ddpm")
@@ -207,13 +222,15 @@ def main() -> None:
 
     tune_allocator()  # this process only samples for quality; the timed workers set their own
     T = load_model(a.ckpt)[1]["config"]["diffusion"]["timesteps"]
-    configs = [("ddpm", T)] + [(s, resolve_steps(s, int(k), T)) for s in a.samplers.split(",")
-                                for k in a.steps.split(",")]
+    configs = [("ddpm", T, {})] + [(s, resolve_steps(s, int(k), T), o) for s, o in
+                                    map(parse_sampler, a.samplers.split(","))
+                                    for k in a.steps.split(",")]
     k = min(a.extrapolate_from, a.n_speed)
     naive_spec = dict(sampler="ddpm", steps=T, batch=a.naive_batch, naive=True, n=k, seed=a.seed)
     naive = run_worker(a.ckpt, naive_spec, a.n_speed)
-    fast = [run_worker(a.ckpt, dict(sampler=s, steps=st, batch=int(b), naive=False, n=k, seed=a.seed),
-                       a.n_speed) for b in a.batch_sizes.split(",") for s, st in configs]
+    fast = [run_worker(a.ckpt, dict(sampler=s, steps=st, batch=int(b), naive=False, n=k, seed=a.seed,
+                                    options=o), a.n_speed)
+            for b in a.batch_sizes.split(",") for s, st, o in configs]
 
     quality = pseudo_fids(a.ckpt, configs, a.n_quality, a.seed)
     ref = _ddpm_fid(quality)
@@ -221,8 +238,8 @@ def main() -> None:
     passing = [r for r in fast if fid[r["sampler"], r["steps"]] <= (1 + a.tolerance) * ref]
     best = min(passing, key=lambda r: r["wall_s"])  # ddpm itself always passes
     if best["extrapolated"] and not a.no_confirm:
-        spec = dict(sampler=best["sampler"], steps=best["steps"], batch=best["batch"], naive=False,
-                    n=a.n_speed, seed=a.seed)
+        spec = dict(sampler=best["sampler_name"], steps=best["steps"],
+                    batch=best["batch"], naive=False, n=a.n_speed, seed=a.seed, options=best["options"])
         best = dict(run_worker(a.ckpt, spec, a.n_speed), config="minidiff (verdict, all samples)")
         fast.append(best)
     speedup = naive["wall_s"] / best["wall_s"]

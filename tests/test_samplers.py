@@ -79,3 +79,20 @@ def test_clipping_keeps_samples_in_range_and_is_a_no_op_inside_it():
     a = ddim_sample(tiny, SCHED, x_T, steps=20, clip_x0=True)
     b = ddim_sample(tiny, SCHED, x_T, steps=20, clip_x0=False)
     assert a.var().item() == pytest.approx(b.var().item(), rel=0.05)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 3, 5, 7, 10, 20, 33, 50, 200])
+def test_timestep_grids_equal_diffusers_ddim(spacing, steps):
+    from diffusers import DDIMScheduler
+    ref = DDIMScheduler(num_train_timesteps=200, timestep_spacing=spacing)
+    ref.set_timesteps(steps)
+    if spacing == "linspace" and steps == 1:  # diffusers gives [0]: one step from t = 0 is no sampler
+        assert timestep_grid(200, 1, spacing) == [199]
+        return
+    assert timestep_grid(200, steps, spacing) == ref.timesteps.tolist()
+
+
+def test_unknown_spacing_is_refused():
+    with pytest.raises(ValueError, match="unknown spacing 'log'"):
+        timestep_grid(200, 10, "log")

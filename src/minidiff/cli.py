@@ -6,10 +6,12 @@ A user mistake (bad flag value, missing or corrupt file, unwritable output) prin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from .config import ARCHS, PRECISIONS, PRESETS, SAMPLERS, ConfigError, train_config
+from .config import (ARCHS, DEFAULT_SPACING, PRECISIONS, PRESETS, SAMPLERS, SPACINGS, ConfigError,
+                     train_config)
 
 EPILOG_MAIN = """examples:
   minidiff run                                  # quick baseline: train, then a sample grid
@@ -45,6 +47,22 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     _add_data_dir(p)
 
 
+def _add_sampler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spacing", default=DEFAULT_SPACING, choices=SPACINGS,
+                   help=f"timesteps of ddim/dpmpp2m, as diffusers' DDIMScheduler spaces them "
+                        f"(default {DEFAULT_SPACING}; see minidiff.samplers.timestep_grid)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="ddim only: 0 = deterministic (default), 1 = ancestral-like noise")
+
+
+def _sampler_options(a: argparse.Namespace) -> dict:
+    from .evaluate import sampler_options
+    try:
+        return sampler_options(a.sampler, a.spacing, a.eta)
+    except ValueError as e:
+        raise UserError(f"--eta: {e}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="minidiff", description="A small, fast, honest DDPM for MNIST.",
                                  epilog=EPILOG_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
     p.add_argument("--steps", type=int, default=None,
                    help="network evaluations per sample (default 50; ddpm always uses T)")
+    _add_sampler_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
@@ -155,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", type=Path, default=None,
                    help="uncompressed model: add SSIM between its samples and CKPT's from the "
                         "same noise (deterministic sampler)")
+    _add_sampler_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
@@ -179,7 +199,7 @@ def _writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and prove it is writable, before any work starts."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".minidiff-write-test"
+        probe = path / f".minidiff-write-test-{os.getpid()}"  # one per process under torchrun
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -206,9 +226,18 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.resume:
         cfg = _resume_config(a.out, cfg, epochs=a.epochs)
     _writable_dir(a.out)
+    from .distributed import init_from_env
+    device = init_from_env()  # torchrun: join the process group, one device per rank
     path = train(cfg, load_split("train", a.data_dir), a.out, resume=a.resume, init_state=init_state,
-                 masks=masks)
-    print(f"model: {path}\nsamples: {a.out / 'samples.png'}")
+                 masks=masks, device=device, log=_say)
+    _say(f"model: {path}\nsamples: {a.out / 'samples.png'}")
+
+
+def _say(*args) -> None:
+    """print, on rank 0 only (every process of a torchrun job shares the terminal)."""
+    from .distributed import is_main
+    if is_main():
+        print(*args)
 
 
 def _resume_config(out: Path, fallback, epochs=None):
@@ -254,7 +283,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         steps = resolve_steps(a.sampler, a.steps, sched.T)
     except ValueError as e:
         raise UserError(f"--steps: {e}") from None
-    x = generate(model, sched, a.n, sampler=a.sampler, steps=steps,
+    x = generate(model, sched, a.n, sampler=a.sampler, steps=steps, **_sampler_options(a),
                  seed=a.seed, batch_size=a.batch_size, precision=resolve_precision(a.precision, device))
     print(save_images(x, a.out))
 
@@ -357,14 +386,19 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         resolve_steps(a.sampler, a.steps, meta["config"]["diffusion"]["timesteps"])
     except ValueError as e:
         raise UserError(f"--steps: {e}") from None
+    options = _sampler_options(a)
     if a.teacher is not None:
         load(a.teacher)
     _writable_dir(a.json_out.parent)
+    from .distributed import init_from_env, is_main
+    device = init_from_env()  # torchrun: every rank samples its share of the N samples
     clf, _ = load_or_train_classifier(a.cache_dir, data_dir=a.data_dir)
     r = evaluate_checkpoint(a.ckpt, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed,
                             batch_size=a.batch_size, classifier=clf,
                             test_data=load_split("test", a.data_dir), precision=a.precision,
-                            teacher=a.teacher)
+                            teacher=a.teacher, device=device, progress=is_main(), **options)
+    if not is_main():
+        return
     q, t = r["quality"], r["timing"]
     fid = q["pseudo_fid"]
     print(f"pseudo-FID {fid['value']:.3f} (real-vs-real floor {fid['floor']['value']:.3f} at n = "

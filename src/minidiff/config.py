@@ -19,6 +19,8 @@ ARCHS: dict[str, tuple[tuple[int, ...], int]] = {
 }
 PRESETS = ("smoke", "quick", "paper")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SPACINGS = ("leading", "linspace", "trailing")  # timestep grids of ddim/dpmpp2m (samplers.timestep_grid)
+DEFAULT_SPACING = "leading"  # diffusers' DDIMScheduler default; measured better here (samplers.py)
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -211,6 +213,7 @@ class StudyConfig:
     eval_n: int = 10_000                # samples per model; Fréchet distances depend on it
     eval_sampler: str = "ddpm"
     eval_steps: int = 200
+    eval_eta: float = 0.0               # ddim only: 1 adds ancestral-like noise
     classifier_epochs: float = 3.0
 
     def __post_init__(self) -> None:

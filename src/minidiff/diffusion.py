@@ -84,15 +84,20 @@ def predict_x0(sched: Schedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Te
             / extract(sched.sqrt_alpha_bars, t, xt.ndim))
 
 
-def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None
-             ) -> torch.Tensor:
+def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None,
+             part: slice | None = None) -> torch.Tensor:
     """The simplified DDPM objective (Ho et al. Algorithm 1, eq. 14):
 
     t ~ U{0..T−1}, ε ~ N(0, I),  L = ‖ε − ε_θ(x_t, t)‖².
+
+    ``part`` keeps only a slice of the batch (one rank's share under data parallelism); t and ε
+    are still drawn for the whole batch, so the slice sees exactly what a single process would.
     """
     B = x0.shape[0]
     t = torch.randint(0, sched.T, (B,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if part is not None:
+        x0, t, noise = x0[part], t[part], noise[part]
     xt = q_sample(sched, x0, t, noise)
     eps = model(xt, t.float())
     return F.mse_loss(eps.float(), noise.float())

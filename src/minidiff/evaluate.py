@@ -22,13 +22,24 @@ from . import metrics as M
 from .config import DiffusionConfig
 from .data import MNIST, to_model_range, to_uint8
 from .diffusion import make_schedule
-from .generate import generate, initial_noise, make_eps_fn
+from .generate import generate, initial_noise, make_eps_fn, save_images
 from .models.classifier import MnistClassifier, predict
+from .distributed import shard, world
+from .config import DEFAULT_SPACING
 from .samplers import resolve_steps
 from .runtime import default_device, describe_device, resolve_precision
 from .train import load_model
 
-DETERMINISTIC_SAMPLERS = ("ddim", "dpmpp2m")  # ddim with η = 0, generate()'s default
+
+def sampler_options(sampler: str, spacing: str = DEFAULT_SPACING, eta: float = 0.0) -> dict[str, Any]:
+    """The keyword arguments a sampler takes: spacing for ddim/dpmpp2m, η for ddim."""
+    if eta < 0 or (eta > 0 and sampler != "ddim"):
+        raise ValueError(f"eta applies to ddim only and must be >= 0, got {eta} for {sampler}")
+    return {} if sampler == "ddpm" else dict(spacing=spacing, **({"eta": eta} if sampler == "ddim" else {}))
+
+
+def _deterministic(sampler: str, options: dict[str, Any]) -> bool:
+    return sampler == "dpmpp2m" or (sampler == "ddim" and options.get("eta", 0.0) == 0)
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
@@ -37,7 +48,7 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 
 
 def _sample(path: Path | str, device: torch.device, n: int, sampler: str, steps: int | None,
-            seed: int, batch_size: int, precision: str, progress: bool):
+            seed: int, batch_size: int, precision: str, progress: bool, options: dict[str, Any]):
     """Load a checkpoint and generate n quantised samples; returns (model, meta, images, timing)."""
     model, meta = load_model(path, device)
     sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
@@ -56,7 +67,8 @@ def _sample(path: Path | str, device: torch.device, n: int, sampler: str, steps:
     try:
         t0 = time.perf_counter()
         images = generate(model, sched, n, sampler=sampler, steps=steps, seed=seed,
-                          batch_size=batch_size, precision=precision, progress=progress)
+                          batch_size=batch_size, precision=precision, progress=progress,
+                          distributed=True, **options)
         if sync:
             sync()
         seconds = time.perf_counter() - t0
@@ -65,26 +77,28 @@ def _sample(path: Path | str, device: torch.device, n: int, sampler: str, steps:
     images = to_model_range(to_uint8(images))  # (n, 1, 28, 28) on the uint8 grid
     timing = {"generate_s": seconds, "per_sample_ms": 1000 * seconds / n,
               "network_eval_batch": dict(net_latency, batch=x.shape[0])}
-    nfe = sum(rows) / n
+    nfe = sum(rows) / len(range(n)[shard(n)])  # under torchrun this rank sampled its share
     return model, meta, images, dict(timing, nfe_per_sample=int(nfe) if nfe.is_integer() else nfe,
                                      steps=steps)
 
 
 def _teacher_consistency(ckpt_path, teacher, student_images, device, n, sampler, steps, seed,
-                         batch_size, precision, classifier, progress) -> tuple[dict, dict]:
+                         batch_size, precision, classifier, progress, options) -> tuple[dict, dict]:
     """SSIM between student and teacher samples from the same x_T with a deterministic sampler."""
-    det = sampler if sampler in DETERMINISTIC_SAMPLERS else "ddim"
+    det_opts = options if _deterministic(sampler, options) else dict(
+        sampler_options("ddim", options.get("spacing", DEFAULT_SPACING)))
+    det = sampler if _deterministic(sampler, options) else "ddim"
     det_steps = steps if det == sampler else None
     if det != sampler:  # the student's own samples were stochastic: draw deterministic ones
         _, _, student_images, _ = _sample(ckpt_path, device, n, det, det_steps, seed,
-                                          batch_size, precision, progress)
+                                          batch_size, precision, progress, det_opts)
     _, t_meta, t_images, t_timing = _sample(teacher, device, n, det, det_steps, seed, batch_size,
-                                            precision, progress)
+                                            precision, progress, det_opts)
     _, p_student = predict(classifier, student_images)
     _, p_teacher = predict(classifier, t_images)
     agree = (p_student.argmax(1) == p_teacher.argmax(1)).double().mean()
     out = {"teacher": str(teacher), "teacher_sha256": t_meta.get("sha256"), "sampler": det,
-           "eta": 0.0 if det == "ddim" else None, "steps": t_timing["steps"], "seed": seed, "n": n,
+           **det_opts, "steps": t_timing["steps"], "seed": seed, "n": n,
            "ssim": _summary(M.ssim_pairs(student_images, t_images)),
            "label_agreement": float(agree)}
     return out, {"teacher_generate_s": t_timing["generate_s"]}
@@ -122,12 +136,15 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
                         steps: int | None = None, seed: int = 0, batch_size: int = 256,
                         classifier: MnistClassifier | None = None, test_data: MNIST | None = None,
                         precision: str = "auto", teacher: Path | str | None = None,
-                        device: torch.device | None = None, progress: bool = True) -> dict[str, Any]:
+                        device: torch.device | None = None, progress: bool = True,
+                        samples_png: Path | str | None = None,
+                        spacing: str = DEFAULT_SPACING, eta: float = 0.0) -> dict[str, Any]:
     """Generate ``n`` samples from a checkpoint and measure efficiency and quality.
 
     ``classifier`` / ``test_data`` default to the cached classifier and the MNIST test set.
     With ``teacher`` (the uncompressed model's checkpoint), also report SSIM between this model's
     and the teacher's samples from the same initial noise (deterministic sampler).
+    With ``samples_png``, the first 64 samples are also saved there as a grid.
     """
     if n < 2:
         raise ValueError(f"n must be >= 2 (a covariance needs two samples), got {n}")
@@ -141,8 +158,11 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
     precision = resolve_precision(precision, device)
     classifier = classifier.to(device).eval()
 
+    options = sampler_options(sampler, spacing, eta)
     model, meta, images, timing = _sample(ckpt_path, device, n, sampler, steps, seed, batch_size,
-                                          precision, progress)
+                                          precision, progress, options)
+    if samples_png is not None:
+        save_images(images[:64], samples_png)
     quality, clf_record = _quality(classifier, images, test_data, seed)
     n_bytes = M.checkpoint_bytes(ckpt_path)
     one_image = (torch.zeros(1, 1, 28, 28, device=device), torch.zeros(1, device=device))
@@ -154,7 +174,8 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
                        "step": meta.get("step"), "weights": meta.get("weights")},
         "sampling": {"n": n, "sampler": sampler, "steps": timing.pop("steps"), "seed": seed,
                      "batch_size": batch_size, "precision": precision, "nfe_per_sample": nfe,
-                     "eta": 0.0 if sampler == "ddim" else None,
+                     "eta": options.get("eta"), "spacing": options.get("spacing"),
+                     "processes": world()[1],
                      "images": "clamped to [-1, 1] and quantised to uint8 before every metric"},
         "efficiency": {**{f"params_{k}": v for k, v in M.count_params(model).items()},
                        "checkpoint_bytes": n_bytes, "checkpoint_mib": n_bytes / 2**20,
@@ -167,7 +188,7 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
     if teacher is not None:
         result["teacher_consistency"], extra = _teacher_consistency(
             ckpt_path, teacher, images, device, n, sampler, result["sampling"]["steps"], seed,
-            batch_size, precision, classifier, progress)
+            batch_size, precision, classifier, progress, options)
         timing.update(extra)
     result["timing"] = dict(timing, device=describe_device(device), threads=torch.get_num_threads(),
                             batch_size=batch_size, warmup="2 untimed network evaluations on one "

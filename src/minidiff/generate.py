@@ -18,6 +18,7 @@ from .data import to_uint8
 from .diffusion import Schedule
 from .models.unet import SimpleUnet, fold_batchnorm
 from .runtime import autocast
+from .distributed import gather_cat, shard, world
 from .samplers import EpsFn, run_sampler
 
 
@@ -45,9 +46,11 @@ def initial_noise(n: int, seed: int, device: torch.device | str = "cpu") -> torc
 def generate(model: torch.nn.Module, sched: Schedule, n: int, *, sampler: str = "ddim",
              steps: int | None = 50, seed: int = 0, batch_size: int = 256, precision: str = "fp32",
              progress: bool = True, x_T: torch.Tensor | None = None, fold_bn: bool = True,
-             channels_last: bool = True, **sampler_kw) -> torch.Tensor:
+             channels_last: bool = True, distributed: bool = False, **sampler_kw) -> torch.Tensor:
     """Sample ``n`` images in batches; returns float (n, 1, 28, 28) in the model's range.
-    ``fold_bn=False, channels_last=False`` is the unoptimised path (for side-by-side benchmarks)."""
+    ``fold_bn=False, channels_last=False`` is the unoptimised path (for side-by-side benchmarks).
+    With ``distributed`` under torchrun (every rank must call it), each rank samples its share
+    of x_T and every rank returns all ``n``; otherwise this process samples everything."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if batch_size < 1:
@@ -55,13 +58,16 @@ def generate(model: torch.nn.Module, sched: Schedule, n: int, *, sampler: str = 
     device = next(model.parameters()).device
     eps_fn = make_eps_fn(model, precision, channels_last=channels_last, fold_bn=fold_bn)
     x_T = initial_noise(n, seed, device) if x_T is None else x_T.to(device)
-    g = torch.Generator(device=device).manual_seed(seed + 1)  # for stochastic samplers
+    rank, n_ranks = world() if distributed else (0, 1)
+    x_T = x_T[shard(n)] if n_ranks > 1 else x_T
+    g = torch.Generator(device=device).manual_seed(seed + 1 + 7919 * rank)  # for stochastic samplers
     out = []
-    for start in tqdm(range(0, n, batch_size), desc=f"sampling {sampler}", unit="batch",
+    for start in tqdm(range(0, x_T.shape[0], batch_size), desc=f"sampling {sampler}", unit="batch",
                       disable=not progress, leave=False):
         out.append(run_sampler(sampler, eps_fn, sched, x_T[start:start + batch_size], g,
-                               steps=steps, **sampler_kw).cpu())
-    return torch.cat(out)
+                               steps=steps, **sampler_kw))
+    x = torch.cat(out) if out else x_T[:0]
+    return gather_cat(x, n).cpu() if n_ranks > 1 else x.cpu()
 
 
 def grid_image(images_u8: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:

@@ -20,19 +20,32 @@ from typing import Callable
 
 import torch
 
+from .config import DEFAULT_SPACING, SPACINGS
 from .diffusion import Schedule, predict_x0
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def timestep_grid(T: int, steps: int) -> list[int]:
-    """``steps`` distinct timesteps from T−1 down to 0, evenly spaced (both ends included)."""
+
+
+def timestep_grid(T: int, steps: int, spacing: str = "linspace") -> list[int]:
+    """``steps`` distinct timesteps in decreasing order, spaced as diffusers' DDIMScheduler does:
+
+    - ``linspace``: T−1 down to 0 evenly, both ends included (rounded);
+    - ``leading``: k·⌊T/steps⌋ for k = steps−1 … 0 (diffusers' default): never starts at T−1;
+    - ``trailing``: round(T − k·T/steps) − 1 for k = 0 … steps−1: starts at T−1, never reaches 0.
+    """
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing == "leading":
+        return (torch.arange(steps - 1, -1, -1) * (T // steps)).tolist()
+    if spacing == "trailing":
+        return (torch.arange(T, 0, -T / steps, dtype=torch.float64).round().long() - 1).tolist()
     if steps == 1:
         return [T - 1]
-    grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-    return grid
+    return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
 
 
 def _batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +87,7 @@ def ddpm_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
 
 def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
                 generator: torch.Generator | None = None, steps: int = 50, eta: float = 0.0,
-                callback=None, clip_x0: bool = True) -> torch.Tensor:
+                callback=None, clip_x0: bool = True, spacing: str = DEFAULT_SPACING) -> torch.Tensor:
     """DDIM, Song et al. 2021 eq. 12, from t to the next grid point t' (ᾱ_{t'} = 1 past the end):
 
     x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ²) ε̂ + σ z,
@@ -83,7 +96,7 @@ def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     s = sched.to(x_T.device)
-    grid = timestep_grid(sched.T, steps)
+    grid = timestep_grid(sched.T, steps, spacing)
     x = x_T
     for i, t in enumerate(grid):
         tt = _batch_t(t, x)
@@ -105,7 +118,7 @@ def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
 
 def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
                    generator: torch.Generator | None = None, steps: int = 20,
-                   callback=None, clip_x0: bool = True) -> torch.Tensor:
+                   callback=None, clip_x0: bool = True, spacing: str = DEFAULT_SPACING) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2, in data-prediction form.
 
     With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), λ_t = log(α_t/σ_t), h = λ_t − λ_s and r = h_prev/h:
@@ -113,7 +126,7 @@ def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
     x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D.
     """
     s = sched.to(x_T.device)
-    grid = timestep_grid(sched.T, steps)
+    grid = timestep_grid(sched.T, steps, spacing)
     alpha, sigma = s.sqrt_alpha_bars, s.sqrt_one_minus_alpha_bars
     lam = (alpha / sigma).log()
     x, x0_prev, h_prev = x_T, None, None

@@ -104,6 +104,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     results = stage("evaluate", lambda: _evaluate_all(out, models, sc, classifier, test_data, progress))
     if results is not None:
         _write_results(out, results, timings)
+        stage("report", lambda: write_study_report(out, preset, sc, results, models, timings))
     return {"models": {k: str(v) for k, v in models.items() if v}, "results": results, "timings": timings}
 
 
@@ -119,9 +120,10 @@ def _evaluate_all(out: Path, models: dict[str, Path], sc: StudyConfig, classifie
             results[name] = json.loads(dest.read_text())
             continue
         teacher = models["baseline"] if name != "baseline" else None
-        r = evaluate_checkpoint(path, n=sc.eval_n, sampler=sc.eval_sampler, steps=sc.eval_steps,
+        eta = {"eta": sc.eval_eta} if sc.eval_sampler == "ddim" else {}
+        r = evaluate_checkpoint(path, n=sc.eval_n, sampler=sc.eval_sampler, steps=sc.eval_steps, **eta,
                                 classifier=classifier, test_data=test_data, teacher=teacher,
-                                progress=progress)
+                                progress=progress, samples_png=out / name / "samples.png")
         model, _ = load_model(path)
         r["sparsity_after_finetune"] = sparsity_report(model)["overall"]
         write_json(r, dest)
@@ -152,6 +154,53 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "min_class_share": round(min(q["digit_distribution"]["counts"]) / s["n"], 4),
         })
     return rows
+
+
+def paper_rows() -> list[dict[str, Any]]:
+    return [{"model": k, "params": f"{v['params']:,}", "size (MiB)": v["size_mib"],
+             "latency 10k (s)": v["latency_s"], "SSIM": v["ssim"], "pseudo-FID": v["pseudo_fid"]}
+            for k, v in PAPER_TABLE.items()]
+
+
+def _loss_curves(out: Path) -> dict[str, Path]:
+    curves = {}
+    for name in MODELS:
+        for sub, label in (("scratch", f"{name} (from scratch)"), ("", name if name in (
+                "baseline",) else f"{name} (fine-tune)")):
+            path = out / name / sub / "loss.csv"
+            if path.exists():
+                curves[label] = path
+    return curves
+
+
+def write_study_report(out: Path, preset: str, sc: StudyConfig, results: dict[str, Any],
+                       models: dict[str, Path], timings: dict[str, float]) -> Path:
+    """Draw the study's figures into ``out/figures`` and write ``out/report.html``."""
+    from . import report
+    from .diffusion import make_schedule
+    from .figures import plot_reverse
+
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    rows = table_rows(results)
+    grids = {name: out / name / "samples.png" for name in results if (out / name / "samples.png").exists()}
+    counts = {name: r["quality"]["digit_distribution"]["counts"] for name, r in results.items()}
+    baseline, _ = load_model(models["baseline"])
+    figures = {
+        "samples": (report.plot_sample_grids(grids, figs / "samples.png"),
+                    "The first 64 evaluation samples of each model (same initial noise)."),
+        "denoising": (plot_reverse(baseline, make_schedule(), figs / "denoising.png"),
+                      "The baseline's ancestral sampler (200 steps) from x_T to x_0, four samples."),
+        "loss": (report.plot_losses(_loss_curves(out), figs / "loss.png"),
+                 "Training loss of every training run in the study."),
+        "digits": (report.plot_digit_counts(counts, figs / "digits.png"),
+                   "What minidiff's classifier sees in each model's samples."),
+        "efficiency": (report.plot_efficiency(rows, figs / "efficiency.png"),
+                       "Measured sampling time and parameters against pseudo-FID."),
+    }
+    device = next(iter(results.values()))["timing"]["device"]
+    study = {"preset": preset, "device": device, "study": asdict(sc)}
+    return report.write_report(out, rows, paper_rows(), timings, figures, study)
 
 
 def _write_results(out: Path, results: dict[str, Any], timings: dict[str, float]) -> None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import MNIST, batches_per_epoch, iterate_batches, to_model_range
+from .distributed import barrier, mean_across, shard, world
 from .diffusion import make_schedule, p_losses, q_sample
 from .generate import generate, save_images
 from .models.unet import SimpleUnet, build_from_state_dict
@@ -137,9 +138,17 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     ``masks`` ({parameter name: bool tensor}, from ``prune.paper_prune`` or
     ``prune.masks_from_zeros``) keeps pruned weights at zero: applied to the initial weights and
     after every optimizer step, so fine-tuning cannot refill them (SPEC §4).
+
+    Under torchrun (``minidiff.distributed``) every rank trains its slice of each global batch
+    of ``cfg.batch_size`` with DistributedDataParallel, and only rank 0 writes.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, n_ranks = world()
+    main = rank == 0
+    if cfg.batch_size % n_ranks:
+        raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {n_ranks} processes")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
     precision = resolve_precision(cfg.precision, device)
     data = data.subset(cfg.train_subset)
@@ -172,16 +181,24 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
         ckpt.optimizer_from_tensors(opt, ckpt.split_prefix(state, "optim"), meta["optim_groups"])
         g_noise.set_state(state["rng.noise"])
         torch.set_rng_state(state["rng.torch"])
-        log(f"resuming {out} at step {step}/{total_steps}")
-    ckpt.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+        if main:
+            log(f"resuming {out} at step {step}/{total_steps}")
     log_path = out / "loss.csv"
-    if step == 0 or not log_path.exists():
-        log_path.write_text(_LOG_HEADER + "\n")
-    else:
-        _log_rows(log_path, step)
+    if main:
+        ckpt.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+        if step == 0 or not log_path.exists():
+            log_path.write_text(_LOG_HEADER + "\n")
+        else:
+            _log_rows(log_path, step)
+    net = model
+    if n_ranks > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    part = shard(cfg.batch_size) if n_ranks > 1 else None
 
     sample_every = max(1, round(cfg.sample_every * bpe)) if cfg.sample_every > 0 else 0
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.arch}", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.arch}", unit="step",
+               disable=not (progress and main))
     t_start, seen, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
     model.train()
     try:
@@ -194,10 +211,11 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
                     group["lr"] = lr
                 x0 = to_model_range(u8).to(device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
                 with autocast(precision, device):
-                    loss = p_losses(model, sched, x0, g_noise)
-                if not torch.isfinite(loss):
+                    loss = p_losses(net, sched, x0, g_noise, part)
+                loss_all = mean_across(loss)  # what a single process would report
+                if not torch.isfinite(loss_all):
                     bar.close()
-                    raise TrainingDiverged(f"loss became {loss.item()} at step {step} (lr {lr:.3g}); "
+                    raise TrainingDiverged(f"loss became {loss_all.item()} at step {step} (lr {lr:.3g}); "
                                            f"the last good checkpoint is {ckpt_path}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -210,29 +228,32 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
                     ema_update(ema, model, cfg.ema_decay, step)
                 step += 1
                 seen += x0.shape[0]
-                window_loss, window_n = window_loss + loss.item(), window_n + 1
+                window_loss, window_n = window_loss + loss_all.item(), window_n + 1
                 elapsed = time.perf_counter() - t_start
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / elapsed:.0f}")
+                bar.set_postfix(loss=f"{loss_all.item():.4f}", img_s=f"{seen / elapsed:.0f}")
                 if step % 10 == 0 or step == total_steps:
-                    with open(log_path, "a") as f:
-                        f.write(f"{step},{step / bpe:.4f},{window_loss / window_n:.6f},{lr:.6g},"
-                                f"{seen / elapsed:.1f},{elapsed:.1f}\n")
+                    if main:
+                        with open(log_path, "a") as f:
+                            f.write(f"{step},{step / bpe:.4f},{window_loss / window_n:.6f},{lr:.6g},"
+                                    f"{seen / elapsed:.1f},{elapsed:.1f}\n")
                     window_loss, window_n = 0.0, 0
-                if step % cfg.ckpt_every_steps == 0 or step % bpe == 0 or step == total_steps:
+                if main and (step % cfg.ckpt_every_steps == 0 or step % bpe == 0 or step == total_steps):
                     _save_training(ckpt_path, model, ema if cfg.ema_decay > 0 else model, opt, cfg, step,
                                    g_noise, total_steps)
-                if sample_every and step % sample_every == 0 and total_steps - step >= sample_every // 2:
+                if main and sample_every and step % sample_every == 0 and total_steps - step >= sample_every // 2:
                     _grid(model, ema, cfg, data, sched, out / "samples" / f"step_{step:06d}.png", precision, n=36)
                     model.train()
                 if step >= total_steps:
                     break
     finally:
         bar.close()
-    final = _sampling_model(model, ema, cfg, data, sched)
-    path = save_model(out / "model.safetensors", final, cfg, step,
-                      weights="ema" if cfg.ema_decay > 0 else "raw")
-    _grid(model, ema, cfg, data, sched, out / "samples.png", precision, final=final)
+    path = out / "model.safetensors"
+    if main:
+        final = _sampling_model(model, ema, cfg, data, sched)
+        save_model(path, final, cfg, step, weights="ema" if cfg.ema_decay > 0 else "raw")
+        _grid(model, ema, cfg, data, sched, out / "samples.png", precision, final=final)
+    barrier()  # no rank returns before the model file exists
     return path
 
 

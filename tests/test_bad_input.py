@@ -11,6 +11,7 @@ import functools
 import gzip
 import io
 import json
+import os
 import shutil
 
 import pytest
@@ -57,7 +58,15 @@ def _one_error_line(code, err) -> str:
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("minidiff: error: "), err
+    _record(lines[0])
     return lines[0]
+
+
+def _record(line: str) -> None:
+    """With MINIDIFF_ERROR_LOG set, append "test id <TAB> message" (the list of every bad input)."""
+    if os.environ.get("MINIDIFF_ERROR_LOG"):
+        with open(os.environ["MINIDIFF_ERROR_LOG"], "a") as f:
+            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{line}\n")
 
 
 # ---------------------------------------------------------------- flags argparse rejects
@@ -69,6 +78,8 @@ def _one_error_line(code, err) -> str:
     (["train", "--preset", "smoke"], "the following arguments are required: --out"),
     (["sample", "M", "--sampler", "euler", "--out", "R.png"], "argument --sampler: invalid choice: 'euler'"),
     (["sample", "M", "-n", "ten", "--out", "R.png"], "argument -n: invalid int value: 'ten'"),
+    (["sample", "M", "--spacing", "log", "--out", "R.png"], "argument --spacing: invalid choice: 'log'"),
+    (["evaluate", "M", "--eta", "x"], "argument --eta: invalid float value: 'x'"),
     (["run", "--preset", "fast"], "argument --preset: invalid choice: 'fast'"),
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
 ], ids=_argv_id)
@@ -80,6 +91,7 @@ def test_parser_rejects_with_usage_and_exit_2(argv, fragment, tmp_path, capsys):
     assert e.value.code == 2 and "Traceback" not in err
     # argparse's convention: usage first, then the one error line last
     assert err.startswith("usage: minidiff") and fragment in err.strip().splitlines()[-1]
+    _record(err.strip().splitlines()[-1])
     assert not any(tmp_path.iterdir())
 
 
@@ -146,6 +158,9 @@ def _model_file(tmp_path, name="model.safetensors"):
     pytest.param(["--seed", str(2**64)], "seed"),
     pytest.param(["--seed", str(2**64 - 1)], "seed"),
     pytest.param(["-n", str(10**14)], "-n"),
+    (["--eta", "-1"], "eta applies to ddim only and must be >= 0, got -1.0"),
+    (["--sampler", "dpmpp2m", "--eta", "1"], "eta applies to ddim only and must be >= 0, got 1.0 for dpmpp2m"),
+    (["--eta", "nan"], "eta applies to ddim only and must be >= 0, got nan"),
 ], ids=_argv_id)
 def test_bad_sampling_numbers(extra, message, tmp_path, capsys):
     out = tmp_path / "x.png"

@@ -1,5 +1,5 @@
 """Docs that cannot rot: every ```python block in README.md and docs/*.md runs (blocks of one
-file share a namespace, top to bottom); every `minidiff …` line in a ```bash block must parse
+file share a namespace, top to bottom); every `minidiff …` line (also under torchrun) in a ```bash block must parse
 with the real argument parser (running them would train models for minutes)."""
 import contextlib
 import io
@@ -34,7 +34,7 @@ def test_minidiff_commands_parse(path):
     for body in _blocks(path, "bash"):
         for line in body.splitlines():
             line = line.split("#", 1)[0].strip()
-            m = re.match(r"^(?:\.venv/bin/)?minidiff\s+(.*)$", line)
+            m = re.match(r"^(?:\.venv/bin/)?(?:torchrun\s.*?-m\s+)?minidiff\s+(.*)$", line)
             if m and m.group(1) not in ("--help",):
                 parser.parse_args(shlex.split(m.group(1)))
 

@@ -71,6 +71,20 @@ def test_teacher_consistency_with_itself_is_perfect(tiny_run):
     assert tc["ssim"]["mean"] == pytest.approx(1.0, abs=1e-5) and tc["label_agreement"] == 1.0
 
 
+def test_teacher_samples_are_drawn_once_and_give_the_same_answer(tiny_run):
+    path = tiny_run[0]
+    E._TEACHER_SAMPLES.clear()
+    first = _evaluate(tiny_run, n=8, teacher=path, eta=1.0)
+    second = _evaluate(tiny_run, n=8, teacher=path, eta=1.0)
+    assert not first["timing"]["teacher_samples_reused"] and second["timing"]["teacher_samples_reused"]
+    assert first["teacher_consistency"] == second["teacher_consistency"]
+    # a stochastic student is compared through its deterministic DDIM samples at the same steps
+    tc = first["teacher_consistency"]
+    assert tc["sampler"] == "ddim" and tc["eta"] == 0.0 and tc["steps"] == 3
+    assert tc["ssim"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert first["sampling"]["eta"] == 1.0
+
+
 def test_resolve_steps():
     assert E.resolve_steps("ddpm", None, 200) == 200
     assert E.resolve_steps("ddim", None, 200) == 50

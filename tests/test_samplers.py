@@ -25,7 +25,7 @@ def _x_T(n=40_000, seed=0):
 
 def test_grid_includes_both_ends_and_is_strictly_decreasing():
     for steps in (1, 2, 5, 20, 50, 200):
-        g = timestep_grid(200, steps)
+        g = timestep_grid(200, steps, "linspace")
         assert len(g) == steps and len(set(g)) == steps
         assert g[0] == 199 and (steps == 1 or g[-1] == 0)
         assert all(a > b for a, b in zip(g, g[1:]))

@@ -82,18 +82,28 @@ def _sample(path: Path | str, device: torch.device, n: int, sampler: str, steps:
                                      steps=steps)
 
 
+_TEACHER_SAMPLES: dict[tuple, tuple] = {}  # the last teacher's samples, keyed by everything they depend on
+
+
 def _teacher_consistency(ckpt_path, teacher, student_images, device, n, sampler, steps, seed,
                          batch_size, precision, classifier, progress, options) -> tuple[dict, dict]:
     """SSIM between student and teacher samples from the same x_T with a deterministic sampler."""
-    det_opts = options if _deterministic(sampler, options) else dict(
-        sampler_options("ddim", options.get("spacing", DEFAULT_SPACING)))
-    det = sampler if _deterministic(sampler, options) else "ddim"
-    det_steps = steps if det == sampler else None
-    if det != sampler:  # the student's own samples were stochastic: draw deterministic ones
+    if _deterministic(sampler, options):
+        det, det_steps, det_opts = sampler, steps, options
+    else:  # the student's own samples were stochastic: draw deterministic ones (DDIM η = 0)
+        det, det_opts = "ddim", sampler_options("ddim", options.get("spacing", DEFAULT_SPACING))
+        det_steps = steps if sampler == "ddim" else None
         _, _, student_images, _ = _sample(ckpt_path, device, n, det, det_steps, seed,
                                           batch_size, precision, progress, det_opts)
-    _, t_meta, t_images, t_timing = _sample(teacher, device, n, det, det_steps, seed, batch_size,
-                                            precision, progress, det_opts)
+    st = Path(teacher).stat()
+    key = (str(teacher), st.st_mtime_ns, st.st_size, str(device), n, det, det_steps, seed, batch_size,
+           precision, tuple(sorted(det_opts.items())))
+    cached = key in _TEACHER_SAMPLES
+    if not cached:  # a study compares every model with the same teacher samples: draw them once
+        _TEACHER_SAMPLES.clear()
+        _TEACHER_SAMPLES[key] = _sample(teacher, device, n, det, det_steps, seed, batch_size,
+                                        precision, progress, det_opts)[1:]
+    t_meta, t_images, t_timing = _TEACHER_SAMPLES[key]
     _, p_student = predict(classifier, student_images)
     _, p_teacher = predict(classifier, t_images)
     agree = (p_student.argmax(1) == p_teacher.argmax(1)).double().mean()
@@ -101,7 +111,7 @@ def _teacher_consistency(ckpt_path, teacher, student_images, device, n, sampler,
            **det_opts, "steps": t_timing["steps"], "seed": seed, "n": n,
            "ssim": _summary(M.ssim_pairs(student_images, t_images)),
            "label_agreement": float(agree)}
-    return out, {"teacher_generate_s": t_timing["generate_s"]}
+    return out, {"teacher_generate_s": t_timing["generate_s"], "teacher_samples_reused": cached}
 
 
 def _quality(classifier: MnistClassifier, images: torch.Tensor, test_data: MNIST,

@@ -128,6 +128,37 @@ def _log_rows(path: Path, keep_until: int) -> None:
     ckpt.atomic_write_bytes(path, ("\n".join(kept) + "\n").encode())
 
 
+def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.device,
+                   init_state: dict[str, torch.Tensor] | None, masks: dict[str, torch.Tensor] | None,
+                   log=print):
+    """Model, EMA, optimizer, noise generator and step: fresh (or from ``init_state``), or
+    restored from ``ckpt_path`` (or its ``.prev``) when one exists."""
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.seed)  # weight init; everything else draws from its own generator
+    model = (build_from_state_dict(cfg.model, init_state) if init_state is not None
+             else SimpleUnet(cfg.model)).to(device)
+    state, step = None, 0
+    if ckpt_path is not None and (ckpt_path.exists() or ckpt_path.with_name(ckpt_path.name + ".prev").exists()):
+        state, meta = ckpt.load_with_fallback(ckpt_path, log=log)
+        try:
+            model = build_from_state_dict(cfg.model, ckpt.split_prefix(state, "model")).to(device)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{ckpt_path}: cannot resume from this checkpoint: {e}") from None
+        step = meta["step"]
+    model = model.to(memory_format=fmt)
+    if masks:
+        apply_masks(model, {k: v.to(device) for k, v in masks.items()})  # before the EMA copy
+    ema = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    g_noise = torch.Generator().manual_seed(cfg.seed)
+    if state is not None:
+        ema.load_state_dict(ckpt.split_prefix(state, "ema"))
+        ckpt.optimizer_from_tensors(opt, ckpt.split_prefix(state, "optim"), meta["optim_groups"])
+        g_noise.set_state(state["rng.noise"])
+        torch.set_rng_state(state["rng.torch"])
+    return model, ema, opt, g_noise, step
+
+
 def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = False,
           init_state: dict[str, torch.Tensor] | None = None,
           masks: dict[str, torch.Tensor] | None = None, progress: bool = True,
@@ -157,34 +188,14 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     total_steps = max(1, math.ceil(cfg.epochs * bpe))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    torch.manual_seed(cfg.seed)  # weight init; everything else draws from its own generator
-    model = (build_from_state_dict(cfg.model, init_state) if init_state is not None
-             else SimpleUnet(cfg.model)).to(device)
-    state, step = None, 0
-    ckpt_path = out / "checkpoint.safetensors"
-    if resume and (ckpt_path.exists() or ckpt_path.with_name(ckpt_path.name + ".prev").exists()):
-        state, meta = ckpt.load_with_fallback(ckpt_path, log=log)
-        try:
-            model = build_from_state_dict(cfg.model, ckpt.split_prefix(state, "model")).to(device)
-        except ValueError as e:
-            raise ckpt.CheckpointError(f"{ckpt_path}: cannot resume from this checkpoint: {e}") from None
-        step = meta["step"]
-    model = model.to(memory_format=fmt)
+    ckpt_path, log_path = out / "checkpoint.safetensors", out / "loss.csv"
+    model, ema, opt, g_noise, step = _initial_state(cfg, ckpt_path if resume else None, device,
+                                                    init_state, masks, log)
     if masks:
         masks = {k: v.to(device) for k, v in masks.items()}
-        apply_masks(model, masks)  # before the EMA copy, so the EMA starts sparse as well
-    ema = copy.deepcopy(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    g_noise = torch.Generator().manual_seed(cfg.seed)
-    if state is not None:
-        ema.load_state_dict(ckpt.split_prefix(state, "ema"))
-        ckpt.optimizer_from_tensors(opt, ckpt.split_prefix(state, "optim"), meta["optim_groups"])
-        g_noise.set_state(state["rng.noise"])
-        torch.set_rng_state(state["rng.torch"])
-        if main:
-            log(f"resuming {out} at step {step}/{total_steps}")
-    log_path = out / "loss.csv"
     if main:
+        if step:
+            log(f"resuming {out} at step {step}/{total_steps}")
         ckpt.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
         if step == 0 or not log_path.exists():
             log_path.write_text(_LOG_HEADER + "\n")

@@ -497,3 +497,10 @@ def test_bad_input_to_the_other_commands(argv, fragment, tmp_path, capsys, monke
     assert fragment in line
     assert not any(out.iterdir()) and blocker.read_text() == ""
     assert not (tmp_path / "clf").exists()  # nothing was trained
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = _one_error_line(*_run(["study", "--preset", "smoke", "--out", tmp_path / "s"], capsys))
+    assert line == "minidiff: error: `minidiff study` runs in one process; under torchrun use train or evaluate"
+    assert not (tmp_path / "s").exists()

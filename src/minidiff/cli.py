@@ -417,6 +417,9 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prune": cmd_prune, "data"
             "evaluate": cmd_evaluate, "study": cmd_study}
 
 
+DISTRIBUTED_COMMANDS = ("train", "evaluate")  # the commands that know torchrun (minidiff.distributed)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_allocator
     ap = _parser()
@@ -426,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .train import TrainingDiverged
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.cmd not in DISTRIBUTED_COMMANDS:
+            raise UserError(f"`minidiff {a.cmd}` runs in one process; under torchrun use "
+                            f"{' or '.join(DISTRIBUTED_COMMANDS)}")
         COMMANDS[a.cmd](a)
     except (UserError, ConfigError, DataError, CheckpointError) as e:
         print(f"minidiff: error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from .prune import masks_from_zeros, prune_checkpoint, sparsity_report
 from .train import load_model, train
 
 MODELS = ("baseline", "paper_pruned", "structural", "reduced", "shallow")
+STAGES = ("classifier", *MODELS, "evaluate", "report")
 # The paper's Table 1, its own numbers for reference. Its "MB" is MiB; its pseudo-FID is not a
 # Fréchet distance and its SSIM compares unrelated images (SPEC §4); latency: 10,000 samples.
 PAPER_TABLE = {
@@ -68,10 +69,14 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     timings: dict[str, float] = json.loads((out / "timings.json").read_text()) \
         if (out / "timings.json").exists() else {}
 
+    t_study = time.perf_counter()
+
     def stage(name: str, fn: Callable[[], Any]) -> Any:
         if stages is not None and name not in stages:
             return None
-        log(f"== stage {name}")
+        log(f"== stage {STAGES.index(name) + 1}/{len(STAGES)}: {name} (this run: "
+            f"{(time.perf_counter() - t_study) / 60:.1f} min so far; each training stage shows its "
+            "own bar and time left)")
         t0 = time.perf_counter()
         result = fn()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0

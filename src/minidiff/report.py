@@ -62,7 +62,7 @@ def plot_losses(curves: dict[str, Path], path: Path, window: int = 10) -> Path:
             continue
         smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1])
                   for i in range(len(loss))]
-        ax.plot(steps, smooth, label=name, lw=1.2)
+        ax.plot(steps, smooth, label=name, lw=1.2, marker="o" if len(steps) < 10 else None, ms=3)
     ax.set(xlabel="optimiser step", ylabel=f"MSE loss (running mean of {window} logs)", yscale="log",
            title="training loss")
     ax.legend(fontsize=8)
@@ -109,13 +109,13 @@ def _table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in columns.values())
     body = "".join("<tr>" + "".join(f"<td>{html.escape('' if r.get(c) is None else str(r[c]))}</td>"
                                     for c in columns) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 6px;
 text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}figure{margin:1.5em 0}
-img{max-width:100%}figcaption{font-size:13px;color:#555}.broken{outline:3px solid red}"""
+img{max-width:100%}.wide{overflow-x:auto}figcaption{font-size:13px;color:#555}.broken{outline:3px solid red}"""
 # Marks any image that failed to decode, so a broken report is visible (and testable).
 _SCRIPT = """addEventListener('load',()=>{const imgs=[...document.images];
 const bad=imgs.filter(i=>!(i.complete&&i.naturalWidth>0));bad.forEach(i=>i.classList.add('broken'));

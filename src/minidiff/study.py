@@ -203,7 +203,13 @@ def write_study_report(out: Path, preset: str, sc: StudyConfig, results: dict[st
         "efficiency": (report.plot_efficiency(rows, figs / "efficiency.png"),
                        "Measured sampling time and parameters against pseudo-FID."),
     }
-    device = next(iter(results.values()))["timing"]["device"]
+    steps_fig = out / "bench_sampling" / "pseudo_fid_vs_steps.png"  # benchmarks/bench_sampling.py --out OUT/bench_sampling
+    if steps_fig.exists():
+        figures["steps"] = (steps_fig, "Pseudo-FID against sampling steps for each sampler "
+                                       "(benchmarks/bench_sampling.py on the baseline).")
+    d = next(iter(results.values()))["timing"]
+    device = (f"{d['device'].get('device')} ({d['device'].get('type')}, {d['threads']} threads, "
+              f"{d['device'].get('capability')}), batch {d['batch_size']}")
     study = {"preset": preset, "device": device, "study": asdict(sc)}
     return report.write_report(out, rows, paper_rows(), timings, figures, study)
 

@@ -147,7 +147,7 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
         step = meta["step"]
     model = model.to(memory_format=fmt)
     if masks:
-        apply_masks(model, {k: v.to(device) for k, v in masks.items()})  # before the EMA copy
+        apply_masks(model, masks)  # before the EMA copy, so the EMA starts sparse as well
     ema = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g_noise = torch.Generator().manual_seed(cfg.seed)
@@ -189,10 +189,10 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     ckpt_path, log_path = out / "checkpoint.safetensors", out / "loss.csv"
-    model, ema, opt, g_noise, step = _initial_state(cfg, ckpt_path if resume else None, device,
-                                                    init_state, masks, log)
     if masks:
         masks = {k: v.to(device) for k, v in masks.items()}
+    model, ema, opt, g_noise, step = _initial_state(cfg, ckpt_path if resume else None, device,
+                                                    init_state, masks, log)
     if main:
         if step:
             log(f"resuming {out} at step {step}/{total_steps}")

@@ -50,14 +50,21 @@ from pathlib import Path
 
 
 def parse_sampler(spec: str) -> tuple[str, dict]:
-    """``ddim`` / ``ddim:eta=1`` / ``dpmpp2m`` -> (sampler, options for generate())."""
-    name, _, rest = spec.partition(":")
-    opts = {k: float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)} if rest else {}
+    """``ddim`` / ``ddim:eta=1`` / ``ddim:eta=1:spacing=trailing`` / ``dpmpp2m`` -> (sampler,
+    options for generate()); numbers become floats, anything else stays a string."""
+    name, *pairs = spec.split(":")
+    opts = {}
+    for k, v in (kv.split("=", 1) for kv in pairs if kv):
+        try:
+            opts[k] = float(v)
+        except ValueError:
+            opts[k] = v
     return name, opts
 
 
 def label(sampler: str, options: dict) -> str:
-    return sampler + "".join(f" {k}={v:g}" for k, v in sorted(options.items()))
+    return sampler + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}"
+                             for k, v in sorted(options.items()))
 
 
 def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n: int,
@@ -124,9 +131,15 @@ def run_worker(ckpt: str, spec: dict, n_speed: int) -> dict:
     return r
 
 
-def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: int) -> dict:
-    """Pseudo-FID of n samples per (sampler, steps), all from the same x_T, and the real floor."""
+def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: int,
+                cache_path: Path | None = None) -> dict:
+    """Pseudo-FID of n samples per (sampler, steps), all from the same x_T, and the real floor.
+
+    With ``cache_path``, each result is stored there under everything it depends on (checkpoint
+    and classifier sha256, sampler, steps, N, seed, spacing, torch version) and a later run
+    reuses it instead of sampling again; reused rows say so (``reused``)."""
     from minidiff import metrics as M
+    from minidiff.evaluate import write_json
     from minidiff.config import DEFAULT_SPACING, DiffusionConfig
     from minidiff.data import load_split, to_model_range, to_uint8
     from minidiff.diffusion import make_schedule
@@ -134,12 +147,23 @@ def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: i
     from minidiff.models.classifier import load_or_train_classifier, predict
     from minidiff.train import load_model
 
+    import torch
+
     model, meta = load_model(ckpt)
     sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
     classifier, info = load_or_train_classifier()
     real_f, _ = predict(classifier, to_model_range(load_split("test").images))  # (10000, D)
+    cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
     rows = []
     for sampler, steps, options in configs:
+        # everything the samples depend on; seeded sampling repeats them exactly
+        key = json.dumps([meta.get("sha256"), info.get("sha256"), label(sampler, options), steps, n, seed,
+                          DEFAULT_SPACING, torch.__version__])
+        if key in cache:
+            print(f"quality: {label(sampler, options)} {steps} steps: reused from {cache_path}",
+                  file=sys.stderr, flush=True)
+            rows.append(dict(cache[key], reused=True))
+            continue
         print(f"quality: {label(sampler, options)} {steps} steps, {n} samples ...", file=sys.stderr,
               flush=True)
         t0 = time.perf_counter()
@@ -147,6 +171,9 @@ def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: i
         fake_f, _ = predict(classifier, to_model_range(to_uint8(x)))  # the images a user gets
         rows.append(dict(sampler=label(sampler, options), steps=steps,
                          pseudo_fid=M.frechet_distance(fake_f, real_f), generate_s=time.perf_counter() - t0))
+        if cache_path:
+            cache[key] = rows[-1]
+            write_json(cache, cache_path)
     return dict(n=n, seed=seed, n_real=real_f.shape[0], floor=M.fid_floor(real_f, n, seed),
                 classifier_sha256=info.get("sha256"), rows=rows,
                 sampler_settings=f"x0 clipped to [-1, 1]; ddim/dpmpp2m timesteps spaced "
@@ -205,6 +232,8 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.10, help="allowed pseudo-FID excess over ddpm")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-confirm", action="store_true", help="do not re-time the verdict on all samples")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="sample every pseudo-FID again instead of reusing OUT/quality_cache.json")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_sampling"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -232,7 +261,8 @@ def main() -> None:
                                     options=o), a.n_speed)
             for b in a.batch_sizes.split(",") for s, st, o in configs]
 
-    quality = pseudo_fids(a.ckpt, configs, a.n_quality, a.seed)
+    quality = pseudo_fids(a.ckpt, configs, a.n_quality, a.seed,
+                          None if a.no_cache else a.out / "quality_cache.json")
     ref = _ddpm_fid(quality)
     fid = {(r["sampler"], r["steps"]): r["pseudo_fid"] for r in quality["rows"]}
     passing = [r for r in fast if fid[r["sampler"], r["steps"]] <= (1 + a.tolerance) * ref]
@@ -259,11 +289,12 @@ def main() -> None:
     fl = quality["floor"]
     print(f"\n## Quality (pseudo-FID, N = {a.n_quality:,}, seed {a.seed}, same x_T for all; "
           f"real-vs-real floor {fl['value']:.3f} at N = {fl['n_used']:,})\n")
-    print("| sampler | steps | pseudo-FID | vs ddpm | within tolerance |\n|---|---|---|---|---|")
+    print("| sampler | steps | pseudo-FID | vs ddpm | within tolerance | sampled |\n|---|---|---|---|---|---|")
     for r in quality["rows"]:
         rel = r["pseudo_fid"] / ref - 1
+        sampled = "reused (quality_cache.json)" if r.get("reused") else f"this run, {r['generate_s']:.0f} s"
         print(f"| {r['sampler']} | {r['steps']} | {r['pseudo_fid']:.3f} | {rel:+.1%} "
-              f"| {'yes' if rel <= a.tolerance else 'no'} |")
+              f"| {'yes' if rel <= a.tolerance else 'no'} | {sampled} |")
     def how(r: dict) -> str:
         return f"extrapolated from {r['n_timed']:,}" if r["extrapolated"] else "measured on all"
     verdict = (f"{best['sampler']} {best['steps']} steps, batch {best['batch']}: pseudo-FID "

@@ -54,6 +54,18 @@ def test_sample_writes_png_and_npz_reproducibly(smoke_model, tmp_path, capsys):
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sampling_defaults_are_ddim_eta_1_at_20_steps(smoke_model, tmp_path, capsys):
+    def images(name, *extra):
+        code, err = _run(["sample", smoke_model, "-n", "3", "--out", tmp_path / name,
+                          "--precision", "fp32", *extra], capsys)
+        assert code == 0, err
+        return np.load(tmp_path / name)["images"]
+    default = images("d.npz")
+    assert np.array_equal(default, images("e1.npz", "--sampler", "ddim", "--steps", "20", "--eta", "1"))
+    assert not np.array_equal(default, images("e0.npz", "--eta", "0"))
+    images("dpm.npz", "--sampler", "dpmpp2m")  # the ddim default η is not forced on other samplers
+
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--out", "x.txt"], "--out must end in .png or .npz"),
     (["-n", "0", "--out", "x.png"], "-n must be >= 1"),
@@ -93,3 +105,23 @@ def test_init_must_match_the_arch(smoke_model, tmp_path, capsys):
     code, err = _run(["train", "--preset", "smoke", "--arch", "baseline", "--init", smoke_model,
                       "--out", tmp_path / "ft"], capsys)
     assert code == 2 and "is a reduced model; pass --arch reduced" in err
+
+
+@pytest.mark.parametrize("argv, out", [
+    (["run"], "runs/quick"), (["run", "--preset", "smoke"], "runs/smoke"),
+    (["study", "--preset", "paper"], "runs/study-paper"), (["run", "--out", "elsewhere"], "elsewhere"),
+])
+def test_run_is_the_whole_study(argv, out, monkeypatch, tmp_path, capsys):
+    # `make run` calls `minidiff run`: the preset's study, into runs/PRESET unless --out says
+    import minidiff.data
+    import minidiff.study
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(minidiff.data, "load_split", lambda split, data_dir=None: split)
+    monkeypatch.setattr(minidiff.study, "run_study", lambda *a, **kw: calls.append(a))
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else "quick"
+    assert [(c[0], str(c[1]), c[2], c[3]) for c in calls] == [(preset, out, "train", "test")]
+    assert f"{out}/report.html" in captured.out

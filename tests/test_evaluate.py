@@ -7,6 +7,7 @@ from minidiff import evaluate as E
 from minidiff.checkpoint import tensors_digest
 from minidiff.config import train_config
 from minidiff.data import MNIST
+from minidiff.generate import initial_noise
 from minidiff.models.classifier import MnistClassifier
 from minidiff.train import train
 
@@ -71,6 +72,24 @@ def test_teacher_consistency_with_itself_is_perfect(tiny_run):
     assert tc["ssim"]["mean"] == pytest.approx(1.0, abs=1e-5) and tc["label_agreement"] == 1.0
 
 
+def test_teacher_consistency_on_a_prefix_of_the_samples(tiny_run):
+    path = tiny_run[0]
+    full = _evaluate(tiny_run, n=8, teacher=path)
+    part = _evaluate(tiny_run, n=8, teacher=path, teacher_n=3)
+    assert part["teacher_consistency"]["n"] == 3 and full["teacher_consistency"]["n"] == 8
+    assert part["teacher_consistency"]["ssim"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert part["quality"] == full["quality"]  # only the SSIM comparison shrinks
+    with pytest.raises(ValueError, match="teacher_n"):
+        _evaluate(tiny_run, n=8, teacher=path, teacher_n=0)
+
+
+def test_initial_noise_prefixes_are_the_same_draw():
+    # teacher_n relies on it: the first k of n samples start from the same x_T as k samples
+    x = initial_noise(300, 5)
+    for k in (1, 17, 256, 299):
+        assert torch.equal(initial_noise(k, 5), x[:k])
+
+
 def test_teacher_samples_are_drawn_once_and_give_the_same_answer(tiny_run):
     path = tiny_run[0]
     E._TEACHER_SAMPLES.clear()
@@ -87,7 +106,7 @@ def test_teacher_samples_are_drawn_once_and_give_the_same_answer(tiny_run):
 
 def test_resolve_steps():
     assert E.resolve_steps("ddpm", None, 200) == 200
-    assert E.resolve_steps("ddim", None, 200) == 50
+    assert E.resolve_steps("ddim", None, 200) == 20
     assert E.resolve_steps("dpmpp2m", 20, 200) == 20
     with pytest.raises(ValueError, match="ddpm"):
         E.resolve_steps("ddpm", 20, 200)

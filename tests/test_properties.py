@@ -58,6 +58,7 @@ FIELDS = {
     "ckpt_every_steps": (st.integers(-10, 10**6), lambda v: v >= 1),
     "sampler": (st.sampled_from(SAMPLERS) | words, lambda v: v in SAMPLERS),
     "sample_steps": (st.integers(-5, 400), lambda v: 1 <= v <= 200),  # T = 200 by default
+    "sample_eta": (any_float, lambda v: 0 <= v < float("inf")),
     "seed": (st.integers(0, 2**32 - 1), lambda v: True),
 }
 

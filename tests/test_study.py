@@ -50,6 +50,10 @@ def test_smoke_study_runs_every_stage_and_resumes(smoke):
     assert int(by["reduced"]["params"]) == 634_081 and int(by["shallow"]["params"]) == 2_148_097
     assert by["baseline"]["teacher_ssim"] == "" and by["reduced"]["teacher_ssim"] != ""
     assert "| model | params |" in (out / "table.md").read_text()
+    for r in rows:  # the stated rule, applied to the stated numbers
+        ok = float(r["mean_confidence"]) >= 0.9 and float(r["min_class_share"]) >= 0.05
+        assert r["recognisable"] == ("yes" if ok else "no")
+    assert any(line.startswith("recognisable digits") for line in logs)
     timings = json.loads((out / "timings.json").read_text())
     assert {"baseline", "paper_pruned", "structural", "reduced", "shallow", "evaluate",
             "report"} <= set(timings)
@@ -95,8 +99,8 @@ def test_report_renders_in_headless_chromium(smoke, tmp_path):
 
 def test_paper_study_preset_is_the_papers_recipe():
     sc = study_config("paper")
-    assert (sc.variant_epochs, sc.prune_ft_epochs, sc.prune_ft_lr) == (50, 20, 1e-4)
+    assert (sc.reduced_epochs, sc.shallow_epochs, sc.prune_ft_epochs, sc.prune_ft_lr) == (50, 50, 20, 1e-4)
     assert (sc.reduced_ft_epochs, sc.reduced_ft_lr) == (10, 1e-5)
     assert (sc.shallow_ft_epochs, sc.shallow_ft_lr) == (20, 1e-4)
-    assert (sc.eval_n, sc.eval_sampler, sc.eval_steps) == (10_000, "ddpm", 200)
+    assert (sc.eval_n, sc.eval_sampler, sc.eval_steps, sc.eval_teacher_n) == (10_000, "ddpm", 200, 0)
     assert set(STUDY_PRESETS) == {"smoke", "quick", "paper"}

@@ -10,11 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (ARCHS, DEFAULT_SPACING, PRECISIONS, PRESETS, SAMPLERS, SPACINGS, ConfigError,
-                     train_config)
+from .config import (ARCHS, DEFAULT_DDIM_ETA, DEFAULT_SPACING, DEFAULT_STEPS, PRECISIONS, PRESETS,
+                     SAMPLERS, SPACINGS, ConfigError, train_config)
 
 EPILOG_MAIN = """examples:
-  minidiff run                                  # quick baseline: train, then a sample grid
+  minidiff run                                  # the quick study: every model, Table 1, report.html
   minidiff train --arch reduced --preset quick --out runs/reduced
   minidiff train --out runs/reduced --resume    # continue an interrupted run
   minidiff sample runs/reduced/model.safetensors -n 64 --out digits.png
@@ -51,14 +51,17 @@ def _add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", default=DEFAULT_SPACING, choices=SPACINGS,
                    help=f"timesteps of ddim/dpmpp2m, as diffusers' DDIMScheduler spaces them "
                         f"(default {DEFAULT_SPACING}; see minidiff.samplers.timestep_grid)")
-    p.add_argument("--eta", type=float, default=0.0,
-                   help="ddim only: 0 = deterministic (default), 1 = ancestral-like noise")
+    p.add_argument("--eta", type=float, default=None,
+                   help=f"ddim only: 0 = deterministic, 1 = ancestral-like noise (default "
+                        f"{DEFAULT_DDIM_ETA:g}: at {DEFAULT_STEPS} steps it came within 3 %% of "
+                        f"ddpm's 200-step pseudo-FID, η = 0 was 32 %% worse)")
 
 
 def _sampler_options(a: argparse.Namespace) -> dict:
     from .evaluate import sampler_options
+    eta = a.eta if a.eta is not None else DEFAULT_DDIM_ETA if a.sampler == "ddim" else 0.0
     try:
-        return sampler_options(a.sampler, a.spacing, a.eta)
+        return sampler_options(a.sampler, a.spacing, eta)
     except ValueError as e:
         raise UserError(f"--eta: {e}") from None
 
@@ -88,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output file, .png or .npz")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
     p.add_argument("--steps", type=int, default=None,
-                   help="network evaluations per sample (default 50; ddpm always uses T)")
+                   help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T)")
     _add_sampler_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -139,9 +142,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="default runs/study-PRESET")
     _add_data_dir(p)
 
-    p = sub.add_parser("run", help="the main job: train the preset's baseline, then a sample grid",
-                       description="Train the baseline of a preset into OUT/baseline, resuming if it "
-                                   "was interrupted, then write OUT/baseline/samples.png.")
+    p = sub.add_parser("run", help="the main job: the preset's whole study (as `study`) into runs/PRESET",
+                       description="Run the preset's whole study, exactly as `minidiff study`, into "
+                                   "OUT (default runs/PRESET): every model, Table 1, figures and "
+                                   "OUT/report.html. The quick preset takes about 40 minutes on a "
+                                   "2-core CPU. Rerun the same command to resume after an interruption.")
     p.add_argument("--preset", default="quick", choices=PRESETS)
     p.add_argument("--out", type=Path, default=None, help="default runs/PRESET")
     _add_data_dir(p)
@@ -170,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
                         "Fréchet distances depend on N, so compare values at the same N only")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
     p.add_argument("--steps", type=int, default=None,
-                   help="network evaluations per sample (default 50; ddpm always uses T)")
+                   help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T)")
     p.add_argument("--teacher", type=Path, default=None,
                    help="uncompressed model: add SSIM between its samples and CKPT's from the "
                         "same noise (deterministic sampler)")
@@ -331,25 +336,13 @@ def cmd_figures(a: argparse.Namespace) -> None:
         print(p)
 
 
-def cmd_run(a: argparse.Namespace) -> None:
-    from .data import load_split
-    from .train import train
-    out = (a.out or Path("runs") / a.preset) / "baseline"
-    cfg = train_config(a.preset, "baseline")
-    _writable_dir(out)
-    if (out / "model.safetensors").exists():
-        print(f"{out / 'model.safetensors'} exists; nothing to do (delete it to train again)")
-        return
-    train(_resume_config(out, cfg), load_split("train", a.data_dir), out, resume=True)
-    print(f"model: {out / 'model.safetensors'}\nsamples: {out / 'samples.png'}")
-
-
 def cmd_study(a: argparse.Namespace) -> None:
     from .data import load_split
     from .study import run_study
-    out = _writable_dir(a.out or Path("runs") / f"study-{a.preset}")
+    default = f"study-{a.preset}" if a.cmd == "study" else a.preset
+    out = _writable_dir(a.out or Path("runs") / default)
     run_study(a.preset, out, load_split("train", a.data_dir), load_split("test", a.data_dir))
-    print(f"results: {out / 'results.json'}\ntable: {out / 'table.md'}")
+    print(f"results: {out / 'results.json'}\ntable: {out / 'table.md'}\nreport: {out / 'report.html'}")
 
 
 def cmd_classifier(a: argparse.Namespace) -> None:
@@ -413,7 +406,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prune": cmd_prune, "data": cmd_data,
-            "run": cmd_run, "figures": cmd_figures, "classifier": cmd_classifier,
+            "run": cmd_study, "figures": cmd_figures, "classifier": cmd_classifier,
             "evaluate": cmd_evaluate, "study": cmd_study}
 
 

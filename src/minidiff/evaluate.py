@@ -87,9 +87,11 @@ _TEACHER_SAMPLES: dict[tuple, tuple] = {}  # the last teacher's samples, keyed b
 
 def _teacher_consistency(ckpt_path, teacher, student_images, device, n, sampler, steps, seed,
                          batch_size, precision, classifier, progress, options) -> tuple[dict, dict]:
-    """SSIM between student and teacher samples from the same x_T with a deterministic sampler."""
+    """SSIM between student and teacher samples from the same x_T with a deterministic sampler,
+    on the first ``n`` of the student's x_T (initial_noise draws every prefix identically)."""
     if _deterministic(sampler, options):
         det, det_steps, det_opts = sampler, steps, options
+        student_images = student_images[:n]
     else:  # the student's own samples were stochastic: draw deterministic ones (DDIM η = 0)
         det, det_opts = "ddim", sampler_options("ddim", options.get("spacing", DEFAULT_SPACING))
         det_steps = steps if sampler == "ddim" else None
@@ -148,16 +150,21 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
                         precision: str = "auto", teacher: Path | str | None = None,
                         device: torch.device | None = None, progress: bool = True,
                         samples_png: Path | str | None = None,
-                        spacing: str = DEFAULT_SPACING, eta: float = 0.0) -> dict[str, Any]:
+                        spacing: str = DEFAULT_SPACING, eta: float = 0.0,
+                        teacher_n: int | None = None) -> dict[str, Any]:
     """Generate ``n`` samples from a checkpoint and measure efficiency and quality.
 
     ``classifier`` / ``test_data`` default to the cached classifier and the MNIST test set.
     With ``teacher`` (the uncompressed model's checkpoint), also report SSIM between this model's
-    and the teacher's samples from the same initial noise (deterministic sampler).
+    and the teacher's samples from the same initial noise (deterministic sampler), on the first
+    ``teacher_n`` samples (default all ``n``: with a stochastic sampler that samples both models
+    again deterministically, which a smaller ``teacher_n`` makes cheaper).
     With ``samples_png``, the first 64 samples are also saved there as a grid.
     """
     if n < 2:
         raise ValueError(f"n must be >= 2 (a covariance needs two samples), got {n}")
+    if teacher_n is not None and teacher_n < 1:
+        raise ValueError(f"teacher_n must be >= 1, got {teacher_n}")
     if classifier is None:
         from .models.classifier import load_or_train_classifier
         classifier, _ = load_or_train_classifier(progress=progress)
@@ -197,8 +204,8 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
     }
     if teacher is not None:
         result["teacher_consistency"], extra = _teacher_consistency(
-            ckpt_path, teacher, images, device, n, sampler, result["sampling"]["steps"], seed,
-            batch_size, precision, classifier, progress, options)
+            ckpt_path, teacher, images, device, min(n, teacher_n or n), sampler,
+            result["sampling"]["steps"], seed, batch_size, precision, classifier, progress, options)
         timing.update(extra)
     result["timing"] = dict(timing, device=describe_device(device), threads=torch.get_num_threads(),
                             batch_size=batch_size, warmup="2 untimed network evaluations on one "

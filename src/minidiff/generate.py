@@ -44,7 +44,7 @@ def initial_noise(n: int, seed: int, device: torch.device | str = "cpu") -> torc
 
 
 def generate(model: torch.nn.Module, sched: Schedule, n: int, *, sampler: str = "ddim",
-             steps: int | None = 50, seed: int = 0, batch_size: int = 256, precision: str = "fp32",
+             steps: int | None = None, seed: int = 0, batch_size: int = 256, precision: str = "fp32",
              progress: bool = True, x_T: torch.Tensor | None = None, fold_bn: bool = True,
              channels_last: bool = True, distributed: bool = False, **sampler_kw) -> torch.Tensor:
     """Sample ``n`` images in batches; returns float (n, 1, 28, 28) in the model's range.

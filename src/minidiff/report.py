@@ -27,6 +27,7 @@ COLUMNS = {  # results column → header in the report
     "fid_floor": "real-vs-real floor", "precision": "precision", "recall": "recall",
     "inception_score": "IS", "ssim_paper": "SSIM (paper)", "teacher_ssim": "SSIM vs baseline",
     "mean_confidence": "mean confidence", "min_class_share": "smallest class share",
+    "recognisable": "recognisable digits",
 }
 
 
@@ -137,7 +138,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], paper_rows: list[dict[st
 <p>Every model evaluated the same way: N = {rows[0]['n']} samples, {html.escape(str(rows[0]['sampler']))}
 with {rows[0]['steps']} steps, the same seed; pseudo-FID is a Fréchet distance on minidiff's MNIST
 classifier features against the MNIST test set, next to the floor of two disjoint real subsets of
-the same N. Sampling time is measured on {html.escape(str(study.get('device', 'this machine')))}.</p>
+the same N. Sampling time is measured on {html.escape(str(study.get('device', 'this machine')))}.
+"Recognisable digits": the classifier's mean confidence is at least
+{study['recognisable']['mean_confidence']} and every digit is at least
+{study['recognisable']['min_class_share']:.0%} of the samples.</p>
 {_table(rows, COLUMNS)}
 <h2>The paper's Table 1, for reference</h2>
 <p>Its pseudo-FID is not a Fréchet distance and its SSIM compares unrelated images, so its numbers

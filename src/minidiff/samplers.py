@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .config import DEFAULT_SPACING, SPACINGS
+from .config import DEFAULT_SPACING, DEFAULT_STEPS, SPACINGS
 from .diffusion import Schedule, predict_x0
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -157,12 +157,13 @@ def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
 
 
 def resolve_steps(sampler: str, steps: int | None, T: int) -> int:
-    """Network evaluations per sample: T for ddpm (which cannot skip steps), else ``steps`` or 50."""
+    """Network evaluations per sample: T for ddpm (which cannot skip steps), else ``steps`` or
+    DEFAULT_STEPS."""
     if sampler == "ddpm":
         if steps not in (None, T):
             raise ValueError(f"the ddpm sampler always runs all {T} steps; use ddim or dpmpp2m")
         return T
-    steps = 50 if steps is None else steps
+    steps = DEFAULT_STEPS if steps is None else steps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
     return steps

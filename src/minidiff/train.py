@@ -270,8 +270,9 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
 
 def _grid(model, ema, cfg, data, sched, path: Path, precision: str, final=None, n: int = 64) -> None:
     m = final if final is not None else _sampling_model(model, ema, cfg, data, sched)
+    eta = {"eta": cfg.sample_eta} if cfg.sampler == "ddim" else {}
     x = generate(m, sched, n, sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed,
-                 precision=precision, progress=False)
+                 precision=precision, progress=False, **eta)
     save_images(x, path)
 
 

@@ -20,8 +20,14 @@ One run on one checkpoint, three parts:
    the same N; samples are quantised to uint8 first, as minidiff.evaluate does. Every sampler
    runs with minidiff's defaults (x̂_0 clipped to [-1, 1], DDIM η = 0), ddpm-200 included: the
    reference is minidiff's DDPM, not the unclipped paper loop.
+   Each pseudo-FID is stored in OUT/quality_cache.json under everything it depends on
+   (checkpoint and classifier sha256, sampler and options, steps, N, seed, torch version); a
+   later run reuses it instead of sampling again and says so in the table (--no-cache: sample
+   everything). Sampling is seeded, so a reused value is the value sampling would give.
 3. Verdict: the fastest configuration whose pseudo-FID is within --tolerance (10 %) of
    ddpm-200's at the same N, and its speed-up over the naive loop (target: >= 25x).
+
+Samplers are named like ``ddim``, ``ddim:eta=1`` or ``ddim:eta=1:spacing=trailing``.
 
 Reproduce (on an otherwise idle machine: two PyTorch processes on two cores slow each other
 down several-fold):

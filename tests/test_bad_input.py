@@ -127,7 +127,7 @@ def test_output_paths_that_cannot_be_written(tmp_path, capsys, fake_data):
         (["train", "--preset", "smoke", "--out", blocker], f"cannot write to {blocker}: File exists"),
         (["sample", model, "--out", blocker / "x.png"], f"cannot write to {blocker}: File exists"),
         (["run", "--preset", "smoke", "--out", blocker / "r"],
-         f"cannot write to {blocker / 'r' / 'baseline'}: Not a directory"),
+         f"cannot write to {blocker / 'r'}: Not a directory"),
         (["data", "--data-dir", blocker], f"cannot create the data cache {blocker}: [Errno 17] File exists"),
     ]
     for argv, fragment in cases:

@@ -194,5 +194,6 @@ def test_idx_like_bytes_parse_or_raise_data_error(raw):
 @settings(FAST, max_examples=50, phases=[Phase.explicit, Phase.generate])
 @given(idx_like(max_ndim=4, dims=st.sampled_from([0, 1, 4, 2**16, 2**31, 2**32 - 1])))
 @example(b"\x00\x00\x08\x03" + struct.pack(">3I", 2**31, 2**31, 4))
+@example(b"\x00\x00\x08\x04" + struct.pack(">4I", 2**32 - 1, 2**31, 0, 2**32 - 1))  # empty, yet too big
 def test_idx_dims_whose_product_overflows_int64(raw):
     _check_parse(raw)

@@ -72,7 +72,10 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     if len(payload) != expected:
         raise DataError(f"{name}: IDX header promises {expected} bytes of data for shape "
                         f"{dims}, file holds {len(payload)} (truncated or corrupt)")
-    return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
+    try:
+        return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
+    except ValueError as e:  # e.g. (2**32-1, 2**31, 0, 2**32-1): empty, but numpy refuses the shape
+        raise DataError(f"{name}: IDX shape {dims} cannot be an array ({e})") from None
 
 
 def encode_idx(array: np.ndarray) -> bytes:

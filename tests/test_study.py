@@ -50,6 +50,7 @@ def test_smoke_study_runs_every_stage_and_resumes(smoke):
     assert int(by["reduced"]["params"]) == 634_081 and int(by["shallow"]["params"]) == 2_148_097
     assert by["baseline"]["teacher_ssim"] == "" and by["reduced"]["teacher_ssim"] != ""
     assert "| model | params |" in (out / "table.md").read_text()
+    assert ", report " in (out / "table.md").read_text()  # every stage's time, the report's too
     for r in rows:  # the stated rule, applied to the stated numbers
         ok = float(r["mean_confidence"]) >= 0.9 and float(r["min_class_share"]) >= 0.05
         assert r["recognisable"] == ("yes" if ok else "no")

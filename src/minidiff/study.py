@@ -111,6 +111,8 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     if results is not None:
         _write_results(out, results, timings)
         stage("report", lambda: write_study_report(out, preset, sc, results, models, timings))
+        if stages is None or "report" in stages:
+            _write_results(out, results, timings)  # again, now that the report's time is known
         log("recognisable digits (mean confidence, smallest class share): " + "; ".join(
             f"{r['model']} {r['recognisable']} ({r['mean_confidence']:.3f}, {r['min_class_share']:.1%})"
             for r in table_rows(results)))

@@ -111,8 +111,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     if results is not None:
         _write_results(out, results, timings)
         stage("report", lambda: write_study_report(out, preset, sc, results, models, timings))
-        if stages is None or "report" in stages:
-            _write_results(out, results, timings)  # again, now that the report's time is known
+        _write_results(out, results, timings)  # again, with the report stage's time
         log("recognisable digits (mean confidence, smallest class share): " + "; ".join(
             f"{r['model']} {r['recognisable']} ({r['mean_confidence']:.3f}, {r['min_class_share']:.1%})"
             for r in table_rows(results)))
@@ -131,9 +130,9 @@ def _evaluate_all(out: Path, models: dict[str, Path], sc: StudyConfig, classifie
             results[name] = json.loads(dest.read_text())
             continue
         teacher = models["baseline"] if name != "baseline" else None
-        eta = {"eta": sc.eval_eta} if sc.eval_sampler == "ddim" else {}
-        r = evaluate_checkpoint(path, n=sc.eval_n, sampler=sc.eval_sampler, steps=sc.eval_steps, **eta,
-                                classifier=classifier, test_data=test_data, teacher=teacher,
+        # StudyConfig keeps eval_eta at 0 unless the sampler is ddim, as evaluate_checkpoint wants
+        r = evaluate_checkpoint(path, n=sc.eval_n, sampler=sc.eval_sampler, steps=sc.eval_steps,
+                                eta=sc.eval_eta, classifier=classifier, test_data=test_data, teacher=teacher,
                                 teacher_n=sc.eval_teacher_n or None,
                                 progress=progress, samples_png=out / name / "samples.png")
         model, _ = load_model(path)

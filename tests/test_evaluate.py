@@ -6,7 +6,7 @@ import torch
 from minidiff import evaluate as E
 from minidiff.checkpoint import tensors_digest
 from minidiff.config import train_config
-from minidiff.data import MNIST
+from minidiff.data import MNIST, to_model_range
 from minidiff.generate import initial_noise
 from minidiff.models.classifier import MnistClassifier
 from minidiff.train import train
@@ -59,6 +59,8 @@ def test_result_records_everything(tiny_run):
     assert "random real" in q["ssim_paper"]["definition"]
     assert 0 <= q["precision_recall"]["precision"] <= 1 and 1 <= q["inception_score"]["value"] <= 10
     assert r["classifier"]["sha256"] == tensors_digest(clf.state_dict())
+    real_p = torch.softmax(clf(to_model_range(data.images)), 1)
+    assert r["classifier"]["test_mean_confidence"] == pytest.approx(real_p.max(1).values.mean().item(), rel=1e-5)
     assert r["checkpoint"]["sha256"] and r["teacher_consistency"] is None
     t = r["timing"]
     assert t["generate_s"] > 0 and t["batch_size"] == 16 and t["device"]["type"] == "cpu"

@@ -13,7 +13,7 @@ import torch
 from minidiff.config import STUDY_PRESETS, study_config
 from minidiff.data import MNIST
 from minidiff.models.classifier import MnistClassifier
-from minidiff.study import MODELS, run_study
+from minidiff.study import MODELS, real_confidence, run_study
 
 FIGURES = ("samples", "denoising", "loss", "digits", "efficiency")
 
@@ -55,6 +55,9 @@ def test_smoke_study_runs_every_stage_and_resumes(smoke):
         ok = float(r["mean_confidence"]) >= 0.9 and float(r["min_class_share"]) >= 0.05
         assert r["recognisable"] == ("yes" if ok else "no")
     assert any(line.startswith("recognisable digits") for line in logs)
+    real = res["results"]["baseline"]["classifier"]["test_mean_confidence"]
+    assert f"(the real test digits: {real:.3f})" in (out / "table.md").read_text()
+    assert f"confidence of {real:.3f}" in (out / "report.html").read_text()
     timings = json.loads((out / "timings.json").read_text())
     assert {"baseline", "paper_pruned", "structural", "reduced", "shallow", "evaluate",
             "report"} <= set(timings)
@@ -105,3 +108,9 @@ def test_paper_study_preset_is_the_papers_recipe():
     assert (sc.shallow_ft_epochs, sc.shallow_ft_lr) == (20, 1e-4)
     assert (sc.eval_n, sc.eval_sampler, sc.eval_steps, sc.eval_teacher_n) == (10_000, "ddpm", 200, 0)
     assert set(STUDY_PRESETS) == {"smoke", "quick", "paper"}
+
+
+def test_real_confidence_of_evaluations_written_before_it_was_recorded():
+    old = {"baseline": {"classifier": {"sha256": "x", "test_accuracy": 0.99}}}
+    assert real_confidence(old) == "not recorded"
+    assert real_confidence({"baseline": {"classifier": {"test_mean_confidence": 0.99321}}}) == "0.993"

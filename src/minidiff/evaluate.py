@@ -140,7 +140,9 @@ def _quality(classifier: MnistClassifier, images: torch.Tensor, test_data: MNIST
     }
     accuracy = (real_p.argmax(1) == test_data.labels.long()).double().mean()
     record = {"sha256": ckpt.tensors_digest(classifier.state_dict()), **classifier.arch(),
-              "test_accuracy": float(accuracy), "test_images": real.shape[0]}
+              "test_accuracy": float(accuracy), "test_images": real.shape[0],
+              # what real digits score on "mean_confidence": the yardstick for samples
+              "test_mean_confidence": float(real_p.max(1).values.mean())}
     return quality, record
 
 

@@ -285,9 +285,10 @@ def test_bad_checkpoints_for_sample(make, fragment, tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "x.png.tmp").exists()
 
 
-def test_checkpoint_path_is_a_directory(tmp_path, capsys):
+def test_checkpoint_path_is_a_directory_without_a_model(tmp_path, capsys):
     line = _one_error_line(*_run(["sample", tmp_path, "--out", tmp_path / "x.png"], capsys))
-    assert line == f"minidiff: error: {tmp_path}: no such checkpoint file"
+    assert line == (f"minidiff: error: {tmp_path}: a directory without model.safetensors (is the run "
+                    "finished? `minidiff train --out DIR --resume` continues it)")
 
 
 # ---------------------------------------------------------------- resuming a run

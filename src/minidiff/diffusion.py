@@ -94,8 +94,11 @@ def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generato
     are still drawn for the whole batch, so the slice sees exactly what a single process would.
     """
     B = x0.shape[0]
-    t = torch.randint(0, sched.T, (B,), generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    # drawn where the generator lives (a CPU generator on a GPU run), so a run resumed on
+    # another device continues with the very t and ε it would have drawn
+    gdev = generator.device if generator is not None else x0.device
+    t = torch.randint(0, sched.T, (B,), generator=generator, device=gdev).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
     if part is not None:
         x0, t, noise = x0[part], t[part], noise[part]
     xt = q_sample(sched, x0, t, noise)

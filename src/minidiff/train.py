@@ -51,10 +51,9 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
     """θ_ema ← d·θ_ema + (1 − d)·θ, with d warmed up as min(decay, (1 + step)/(10 + step)).
     Buffers (BN statistics) are copied; ``recalibrate_bn`` re-estimates them for the EMA weights."""
     d = min(decay, (1 + step) / (10 + step))
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p.detach(), 1 - d)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
+    # one fused call per list, not one per tensor: on a GPU the per-tensor loop is launch-bound
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - d)
+    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
 
 
 @torch.no_grad()
@@ -98,8 +97,10 @@ def _sampling_model(model, ema, cfg: TrainConfig, data: MNIST, sched) -> torch.n
 
 
 def _save_training(path: Path, model, ema, opt, cfg, step, g_noise, total_steps) -> None:
+    """The resumable state; the EMA copy only when EMA is on (it is never read otherwise)."""
     opt_t, groups = ckpt.optimizer_to_tensors(opt)
-    tensors = {**ckpt.with_prefix(model.state_dict(), "model"), **ckpt.with_prefix(ema.state_dict(), "ema"),
+    tensors = {**ckpt.with_prefix(model.state_dict(), "model"),
+               **(ckpt.with_prefix(ema.state_dict(), "ema") if cfg.ema_decay > 0 else {}),
                **ckpt.with_prefix(opt_t, "optim"), "rng.noise": g_noise.get_state(),
                "rng.torch": torch.get_rng_state()}
     meta = dict(kind="training", arch=cfg.arch, model=cfg.to_dict()["model"], config=cfg.to_dict(),
@@ -152,7 +153,8 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     g_noise = torch.Generator().manual_seed(cfg.seed)
     if state is not None:
-        ema.load_state_dict(ckpt.split_prefix(state, "ema"))
+        if cfg.ema_decay > 0:
+            ema.load_state_dict(ckpt.split_prefix(state, "ema"))
         ckpt.optimizer_from_tensors(opt, ckpt.split_prefix(state, "optim"), meta["optim_groups"])
         g_noise.set_state(state["rng.noise"])
         torch.set_rng_state(state["rng.torch"])
@@ -162,8 +164,13 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
 def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = False,
           init_state: dict[str, torch.Tensor] | None = None,
           masks: dict[str, torch.Tensor] | None = None, progress: bool = True,
-          device: torch.device | None = None, log=print) -> Path:
+          device: torch.device | None = None, minutes: float | None = None, log=print) -> Path | None:
     """Train (or resume) one model into run directory ``out``; returns the model file's path.
+
+    ``minutes`` bounds this call's wall time: when it has passed, the resumable checkpoint is
+    written and ``None`` is returned; ``resume=True`` continues exactly where it stopped. The
+    learning-rate schedule depends only on the step, so how a run is cut into pieces changes
+    nothing.
 
     ``init_state`` starts from given weights (fine-tuning, possibly of a pruned architecture).
     ``masks`` ({parameter name: bool tensor}, from ``prune.paper_prune`` or
@@ -181,6 +188,8 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     if main:
         out.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convs
     precision = resolve_precision(cfg.precision, device)
     data = data.subset(cfg.train_subset)
     sched = make_schedule(cfg.diffusion)
@@ -211,9 +220,11 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.arch}", unit="step",
                disable=not (progress and main))
     t_start, seen, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+    deadline = None if minutes is None else t_start + 60 * minutes
+    out_of_time = False
     model.train()
     try:
-        while step < total_steps:
+        while step < total_steps and not out_of_time:
             epoch, first_batch = divmod(step, bpe)
             g_data = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             for _, u8 in iterate_batches(data, cfg.batch_size, g_data, start=first_batch):
@@ -249,31 +260,63 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
                             f.write(f"{step},{step / bpe:.4f},{window_loss / window_n:.6f},{lr:.6g},"
                                     f"{seen / elapsed:.1f},{elapsed:.1f}\n")
                     window_loss, window_n = 0.0, 0
-                if main and (step % cfg.ckpt_every_steps == 0 or step % bpe == 0 or step == total_steps):
-                    _save_training(ckpt_path, model, ema if cfg.ema_decay > 0 else model, opt, cfg, step,
-                                   g_noise, total_steps)
+                out_of_time = deadline is not None and time.perf_counter() >= deadline and step < total_steps
+                if main and (step % cfg.ckpt_every_steps == 0 or step % bpe == 0 or step == total_steps
+                             or out_of_time):
+                    _save_training(ckpt_path, model, ema, opt, cfg, step, g_noise, total_steps)
                 if main and sample_every and step % sample_every == 0 and total_steps - step >= sample_every // 2:
-                    _grid(model, ema, cfg, data, sched, out / "samples" / f"step_{step:06d}.png", precision, n=36)
+                    snap = _grid(model, ema, cfg, data, sched, out / "samples" / f"step_{step:06d}.png",
+                                 precision, n=36)
+                    # the weights behind the grid, so quality can be measured against images seen
+                    (out / "snapshots").mkdir(exist_ok=True)
+                    save_model(out / "snapshots" / f"step_{step:06d}.safetensors", snap, cfg, step,
+                               weights="ema" if cfg.ema_decay > 0 else "raw")
                     model.train()
-                if step >= total_steps:
+                if step >= total_steps or out_of_time:
                     break
     finally:
         bar.close()
+    if out_of_time:
+        if main:
+            log(f"stopped after {minutes:g} min at step {step}/{total_steps} "
+                f"(epoch {step / bpe:.2f} of {cfg.epochs:g}, {step * cfg.batch_size:,} images); "
+                f"the checkpoint {ckpt_path} resumes it exactly (--resume)")
+        barrier()
+        return None
     path = out / "model.safetensors"
     if main:
         final = _sampling_model(model, ema, cfg, data, sched)
         save_model(path, final, cfg, step, weights="ema" if cfg.ema_decay > 0 else "raw")
+        if cfg.ema_decay > 0:  # the raw weights too, to compare with the EMA's
+            save_model(out / "model_raw.safetensors", copy.deepcopy(model).eval(), cfg, step, weights="raw")
         _grid(model, ema, cfg, data, sched, out / "samples.png", precision, final=final)
     barrier()  # no rank returns before the model file exists
     return path
 
 
-def _grid(model, ema, cfg, data, sched, path: Path, precision: str, final=None, n: int = 64) -> None:
+def _grid(model, ema, cfg, data, sched, path: Path, precision: str, final=None, n: int = 64) -> torch.nn.Module:
+    """Sample a grid into ``path``; returns the sampling model it used."""
     m = final if final is not None else _sampling_model(model, ema, cfg, data, sched)
     eta = {"eta": cfg.sample_eta} if cfg.sampler == "ddim" else {}
     x = generate(m, sched, n, sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed,
                  precision=precision, progress=False, **eta)
     save_images(x, path)
+    return m
+
+
+def export_model(run: Path | str, data: MNIST, path: Path | str | None = None) -> Path:
+    """Write the sampling model (EMA with BN re-estimated, or raw) of a run's current training
+    checkpoint — e.g. of a run that ``--minutes`` stopped — to ``path`` (default
+    ``RUN/model.safetensors``); the file records the step it was taken at."""
+    run = Path(run)
+    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    model, ema, _, _, step = _initial_state(cfg, run / "checkpoint.safetensors", torch.device("cpu"),
+                                            None, None)
+    if step == 0:
+        raise ckpt.CheckpointError(f"{run}: no training checkpoint to export")
+    final = _sampling_model(model, ema, cfg, data.subset(cfg.train_subset), make_schedule(cfg.diffusion))
+    return save_model(Path(path) if path else run / "model.safetensors", final, cfg, step,
+                      weights="ema" if cfg.ema_decay > 0 else "raw")
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu"):

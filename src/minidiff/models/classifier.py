@@ -173,12 +173,29 @@ def save_classifier(path: Path | str, model: MnistClassifier, info: dict[str, An
     return ckpt.tensors_digest(model.state_dict())
 
 
+def _shipped_for(recipe: str, log=print) -> tuple[MnistClassifier, dict[str, Any]] | None:
+    """The classifier shipped inside the package, if it was trained with this recipe."""
+    from ..shipped import CLASSIFIER, shipped_path
+    path = shipped_path(CLASSIFIER)
+    if not path.is_file():
+        return None
+    try:
+        model, meta = _from_file(path)
+    except ckpt.CheckpointError as e:
+        log(f"warning: {e}; not using the shipped classifier")
+        return None
+    if meta.get("recipe") != recipe:
+        return None
+    return model, dict(meta["train"], sha256=meta["sha256"], path=str(path), cached=True, shipped=True)
+
+
 def load_or_train_classifier(cache_dir: Path | str | None = None, *, epochs: float = 3.0,
                              seed: int = 0, batch_size: int = 128, train: MNIST | None = None,
                              test: MNIST | None = None, data_dir: Path | None = None,
                              progress: bool = True, log=print
                              ) -> tuple[MnistClassifier, dict[str, Any]]:
-    """The cached classifier for this recipe, training (and caching) it on first use.
+    """The classifier of this recipe: the one shipped with the package when it was trained with
+    the same recipe, else the cached one, training (and caching) it on first use.
 
     The cache file is named by the recipe; the weights are identified by their content hash,
     returned as ``info["sha256"]``. A corrupt cache file is reported and replaced. ``train`` /
@@ -186,6 +203,9 @@ def load_or_train_classifier(cache_dir: Path | str | None = None, *, epochs: flo
     """
     path = cache_path(cache_dir, epochs=epochs, seed=seed, batch_size=batch_size,
                       n_train=len(train) if train is not None else 60_000)
+    shipped = _shipped_for(path.stem.removeprefix("classifier_"), log)
+    if shipped is not None:
+        return shipped
     if path.exists():
         try:
             model, meta = _from_file(path)

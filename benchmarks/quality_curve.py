@@ -1,0 +1,98 @@
+"""Sample quality against images seen: evaluate a series of model files of one or more runs.
+
+Each model file records its optimiser step and its config (batch size), so images seen =
+step × batch. Every file is evaluated the same way (minidiff's classifier, N samples from the
+same seed, one sampler) and the rows are appended to OUT/curve.json, which is reused: a file
+already evaluated with the same settings (same weights sha256) is not evaluated again.
+The figure OUT/quality_curve.png plots mean confidence and pseudo-FID against images seen.
+
+  python benchmarks/quality_curve.py runs/gpu/reduced/snapshots/*.safetensors \
+      runs/gpu/reduced/model.safetensors --out docs/curves --label reduced
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from minidiff import checkpoint as ckpt
+from minidiff.data import load_split
+from minidiff.evaluate import evaluate_checkpoint
+from minidiff.models.classifier import load_or_train_classifier
+from minidiff.runtime import cpu_name, tune_allocator
+
+
+def row_of(path: Path, label: str, result: dict) -> dict:
+    meta = ckpt.load(path)[1]
+    q = result["quality"]
+    row = {"label": label, "file": str(path), "sha256": meta["sha256"], "step": meta["step"],
+            "images_seen": meta["step"] * meta["config"]["batch_size"],
+            "epochs": meta["step"] * meta["config"]["batch_size"] / 60_000,
+            "mean_confidence": q["digit_distribution"]["mean_confidence"],
+            "shares": [c / q["digit_distribution"]["n"] for c in q["digit_distribution"]["counts"]],
+            "pseudo_fid": q["pseudo_fid"]["value"], "floor": q["pseudo_fid"]["floor"]["value"],
+            "precision": q["precision_recall"]["precision"], "recall": q["precision_recall"]["recall"],
+            "sampling": result["sampling"], "device": result["timing"]["device"]}
+    return dict(row, smallest_share=min(row["shares"]), largest_share=max(row["shares"]))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for label in sorted({r["label"] for r in rows}):
+        rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["images_seen"])
+        x = [r["images_seen"] / 1e6 for r in rs]
+        a.plot(x, [r["mean_confidence"] for r in rs], "o-", label=label)
+        b.plot(x, [r["pseudo_fid"] for r in rs], "o-", label=label)
+    a.axhline(0.95, color="grey", ls="--", lw=1)
+    a.set(xlabel="training images seen (millions)", ylabel="mean classifier confidence")
+    b.set(xlabel="training images seen (millions)", ylabel="pseudo-FID", yscale="log")
+    a.legend()
+    s = rows[0]["sampling"]
+    fig.suptitle(f"{s['sampler']} {s['steps']} steps, N = {s['n']}, seed {s['seed']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--label", required=True, help="the run's name in the figure")
+    ap.add_argument("-n", type=int, default=1000)
+    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--eta", type=float, default=1.0)
+    ap.add_argument("--precision", default="fp32")
+    a = ap.parse_args(argv)
+    tune_allocator()
+    a.out.mkdir(parents=True, exist_ok=True)
+    store = a.out / "curve.json"
+    rows = json.loads(store.read_text()) if store.exists() else []
+    clf, _ = load_or_train_classifier()
+    test = load_split("test")
+    opts = {"eta": a.eta} if a.sampler == "ddim" else {}
+    for path in a.models:
+        sha = ckpt.load(path)[1]["sha256"]
+        if any(r["sha256"] == sha and r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps
+               and r["sampling"]["n"] == a.n for r in rows):
+            continue
+        r = evaluate_checkpoint(path, n=a.n, sampler=a.sampler, steps=a.steps, seed=0, classifier=clf,
+                                test_data=test, precision=a.precision, progress=False, **opts)
+        rows.append(row_of(path, a.label, r))
+        print(json.dumps({k: rows[-1][k] for k in ("label", "epochs", "mean_confidence", "smallest_share",
+                                                     "largest_share", "pseudo_fid", "floor")}), flush=True)
+        ckpt.atomic_write_bytes(store, json.dumps(rows, indent=1).encode())
+    plot([r for r in rows if r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps],
+         a.out / "quality_curve.png")
+    print(f"{store}\n{a.out / 'quality_curve.png'}  (CPU: {cpu_name()}, threads {torch.get_num_threads()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Long training in pieces: --minutes stops cleanly, --resume continues exactly, snapshots and
+exports of a run that has not finished."""
+import pytest
+import torch
+
+from minidiff import cli
+from minidiff import train as T
+from minidiff.checkpoint import load
+from minidiff.config import train_config
+
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def _same_tensors(a, b):
+    ta, _ = load(a)
+    tb, _ = load(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_a_run_cut_into_one_step_pieces_equals_an_uninterrupted_run(tmp_path, tiny_mnist):
+    # cosine schedule with warm-up: the learning rate must depend on the step alone
+    cfg = train_config("smoke", "reduced", sample_every=0, lr_schedule="cosine", warmup_steps=3,
+                       ckpt_every_steps=100)
+    T.train(cfg, tiny_mnist, tmp_path / "whole", **QUIET)
+    assert T.train(cfg, tiny_mnist, tmp_path / "cut", minutes=1e-9, **QUIET) is None
+    steps = [load(tmp_path / "cut" / "checkpoint.safetensors")[1]["step"]]
+    assert steps == [1] and not (tmp_path / "cut" / "model.safetensors").exists()
+    while T.train(cfg, tiny_mnist, tmp_path / "cut", resume=True, minutes=1e-9, **QUIET) is None:
+        steps.append(load(tmp_path / "cut" / "checkpoint.safetensors")[1]["step"])
+    assert steps == list(range(1, 8))  # one step per call, the last call finishes
+    for f in ("checkpoint.safetensors", "model.safetensors", "model_raw.safetensors"):
+        _same_tensors(tmp_path / "whole" / f, tmp_path / "cut" / f)
+    lrs = [float(r.split(",")[3]) for r in (tmp_path / "whole" / "loss.csv").read_text().splitlines()[1:]]
+    assert lrs and lrs == [float(r.split(",")[3])
+                           for r in (tmp_path / "cut" / "loss.csv").read_text().splitlines()[1:]]
+
+
+def test_minutes_stop_says_how_far_it_got(tmp_path, tiny_mnist):
+    lines = []
+    cfg = train_config("smoke", "reduced", sample_every=0)
+    T.train(cfg, tiny_mnist, tmp_path, minutes=1e-9, progress=False, log=lines.append)
+    assert lines[-1].startswith("stopped after 1e-09 min at step 1/8 (epoch 0.25 of 2, 16 images)")
+    assert "--resume" in lines[-1]
+
+
+def test_no_ema_copy_is_saved_when_ema_is_off(tmp_path, tiny_mnist):
+    cfg = train_config("smoke", "reduced", sample_every=0, ema_decay=0.0)
+    T.train(cfg, tiny_mnist, tmp_path / "a", **QUIET)
+    tensors, _ = load(tmp_path / "a" / "checkpoint.safetensors")
+    assert any(k.startswith("model.") for k in tensors) and not any(k.startswith("ema.") for k in tensors)
+    T.train(cfg, tiny_mnist, tmp_path / "b", minutes=1e-9, **QUIET)
+    T.train(cfg, tiny_mnist, tmp_path / "b", resume=True, **QUIET)
+    _same_tensors(tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors")
+    assert load(tmp_path / "a" / "model.safetensors")[1]["weights"] == "raw"
+    assert not (tmp_path / "a" / "model_raw.safetensors").exists()
+
+
+def test_snapshots_are_the_weights_behind_each_grid(tmp_path, tiny_mnist):
+    T.train(train_config("smoke", "reduced"), tiny_mnist, tmp_path, **QUIET)
+    snaps = sorted((tmp_path / "snapshots").glob("step_*.safetensors"))
+    grids = sorted((tmp_path / "samples").glob("step_*.png"))
+    assert [s.stem for s in snaps] == [g.stem for g in grids] == ["step_000004"]
+    model, meta = T.load_model(snaps[0])
+    assert meta["step"] == 4 and meta["weights"] == "ema"
+
+
+def test_export_of_a_stopped_run_is_what_finishing_at_that_step_would_give(tmp_path, tiny_mnist):
+    cfg = train_config("smoke", "reduced", sample_every=0, epochs=0.5)  # 2 steps
+    T.train(cfg, tiny_mnist, tmp_path / "done", **QUIET)
+    cut = train_config("smoke", "reduced", sample_every=0, epochs=0.5)
+    T.train(cut, tiny_mnist, tmp_path / "cut", minutes=1e-9, **QUIET)
+    T.train(cut, tiny_mnist, tmp_path / "cut", resume=True, minutes=1e-9, **QUIET)  # finishes: step 2
+    (tmp_path / "cut" / "model.safetensors").unlink()
+    path = T.export_model(tmp_path / "cut", tiny_mnist, tmp_path / "exported.safetensors")
+    _same_tensors(tmp_path / "done" / "model.safetensors", path)
+    assert load(path)[1]["step"] == 2
+    with pytest.raises(Exception, match="no training checkpoint"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "config.json").write_text((tmp_path / "cut" / "config.json").read_text())
+        T.export_model(tmp_path / "empty", tiny_mnist)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "inf", "ten"])
+def test_minutes_must_be_a_positive_number(value, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--preset", "smoke", "--out", str(tmp_path / "x"), "--minutes", value])
+    assert e.value.code == 2
+    assert "--minutes: must be a positive number of minutes" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,73 @@
+"""Write docs/models.md from the cards of the shipped weights, with a sample grid per model.
+
+  python tools/models_doc.py            # after tools/ship_model.py
+Every number in the page comes from a card (src/minidiff/weights/*.safetensors); the grids are
+drawn here: 64 samples, DDIM η = 1, 20 steps, seed 0, fp32.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from minidiff.diffusion import make_schedule
+from minidiff.generate import generate, save_images
+from minidiff.shipped import MODEL_NAMES, available, card
+from minidiff.train import load_model
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _ev(c: dict, key: str) -> str:
+    e = (c.get("evaluation") or {}).get(key)
+    if not e:
+        return "—"
+    return (f"{e['mean_confidence']:.3f} / {100 * e['smallest_share']:.1f}–{100 * e['largest_share']:.1f} % / "
+            f"{e['pseudo_fid']:.2f} ({e['floor']:.2f}) / {e['precision']:.3f}, {e['recall']:.3f}")
+
+
+def main() -> int:
+    files = available()
+    rows, sections = [], []
+    for name in MODEL_NAMES:
+        if name not in files:
+            rows.append(f"| {name} | not shipped yet | | | | | | | |")
+            continue
+        c = card(files[name])
+        model, meta = load_model(files[name])
+        grid = DOCS / "figures" / f"model_{name}.png"
+        save_images(generate(model, make_schedule(), 64, sampler="ddim", steps=20, eta=1.0, seed=0,
+                             progress=False), grid)
+        state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned, in progress"
+        rows.append(f"| {name} | {c['params']:,} | {c['file_bytes']:,} | {c['epochs']:.2f} ({state}); "
+                    f"{c['images_seen']:,} images, {c['optimizer_steps']:,} steps | "
+                    f"{c['wall_time_s'] / 60:.1f} min | {'; '.join(c['hardware'])} | {_ev(c, 'ddim20')} | "
+                    f"{_ev(c, 'ddpm200')} | `{c['file_sha256'][:16]}…` |")
+        cmds = "\n".join(f"{i + 1}. {s['hardware']}, {s['wall_s'] / 60:.1f} min, steps {s['steps'][0]:,} → "
+                         f"{s['steps'][1]:,}: `{s['command']}`" + (f" — {s['note']}" if s.get("note") else "")
+                         for i, s in enumerate(c["segments"]))
+        r = c["recipe"]
+        curve = f"![quality against images seen](figures/curve_{name}.png)\n\n" \
+            if (DOCS / "figures" / f"curve_{name}.png").exists() else ""
+        sections.append(
+            f"## {name}\n\n![64 samples of the shipped {name} model](figures/model_{name}.png)\n\n"
+            f"{curve}Recipe: batch {r['batch_size']}, Adam lr {r['lr']:g} ({r['lr_schedule']}), grad clip "
+            f"{r['grad_clip'] or 'none'}, {r['precision']}, seed {c['seed']}; weights: {c['weights']} "
+            f"(EMA decay {r['ema_decay']:g}, BatchNorm statistics re-estimated on {r['bn_recalib_batches']} "
+            f"training batches). Weights sha256 `{c['weights_sha256']}`, file sha256 `{c['file_sha256']}`.\n\n"
+            f"How it was trained, segment by segment (each resumed the previous one exactly):\n\n{cmds}\n\n"
+            + (f"{c['notes']}\n\n" if c.get("notes") else ""))
+    clf = card(files["classifier"]) if "classifier" in files else None
+    head = (DOCS / "models.head.md").read_text()
+    table = ("| model | parameters | bytes | trained for | wall time | hardware | DDIM η=1, 20 steps: "
+             "confidence / digit shares / pseudo-FID (floor) / precision, recall | the same, DDPM 200 steps "
+             "| file sha256 |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    clf_line = (f"\n\nThe evaluation classifier (`classifier.safetensors`, {clf['file_bytes']:,} bytes, file sha256 "
+                f"`{clf['file_sha256'][:16]}…`) reaches {clf['test_accuracy']:.2%} on the 10,000 test digits; "
+                f"{clf.get('notes', '')}") if clf else ""
+    (DOCS / "models.md").write_text(head + "\n" + table + clf_line + "\n\n" + "\n".join(sections))
+    print(DOCS / "models.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

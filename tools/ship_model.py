@@ -1,0 +1,78 @@
+"""Copy a trained model into the package (src/minidiff/weights/NAME.safetensors) with its card.
+
+The card is the file's own metadata: how the weights were made (every training segment's
+command, hardware and wall time, from a provenance JSON the maintainer writes from the run
+logs), what they saw (optimiser steps, images, epochs, from the model file), and how they
+score (rows of benchmarks/quality_curve.py's curve.json for these exact weights).
+
+  python tools/ship_model.py runs/gpu/reduced/model.safetensors --name reduced \
+      --provenance docs/provenance/reduced.json --eval docs/curves/reduced/curve.json
+  python tools/ship_model.py ~/.cache/minidiff/classifier/classifier_v1_n60000_e3_s0_b128.safetensors \
+      --name classifier --provenance docs/provenance/classifier.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from minidiff import checkpoint as ckpt
+from minidiff.metrics import count_params
+from minidiff.shipped import card, shipped_path
+
+N_TRAIN = 60_000
+
+
+def _eval_rows(curve: Path, sha: str) -> dict:
+    rows = [r for r in json.loads(curve.read_text()) if r["sha256"] == sha]
+    out = {}
+    for r in rows:
+        s = r["sampling"]
+        key = f"{s['sampler']}{s['steps']}"
+        out[key] = {k: r[k] for k in ("mean_confidence", "smallest_share", "largest_share", "pseudo_fid",
+                                      "floor", "precision", "recall")}
+        out[key].update(n=s["n"], seed=s["seed"], eta=s.get("eta"), spacing=s.get("spacing"),
+                        precision_mode=s["precision"], device=r["device"].get("device"))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--provenance", type=Path, required=True)
+    ap.add_argument("--eval", type=Path, default=None, help="curve.json of benchmarks/quality_curve.py")
+    a = ap.parse_args(argv)
+    tensors, meta = ckpt.load(a.model)
+    prov = json.loads(a.provenance.read_text())
+    c = dict(prov)
+    if meta.get("kind") == "classifier":
+        c.update(test_accuracy=meta["train"]["test_accuracy"])
+        meta = dict(meta, recipe=prov["recipe"])
+    else:
+        cfg = meta["config"]
+        steps, batch = meta["step"], cfg["batch_size"]
+        total = -(-cfg["epochs"] * (N_TRAIN // batch) // 1)
+        c.update(seed=cfg["seed"], optimizer_steps=steps, images_seen=steps * batch,
+                 epochs=steps * batch / N_TRAIN, planned_epochs=cfg["epochs"], complete=steps >= total,
+                 weights=meta.get("weights"),
+                 recipe={k: cfg[k] for k in ("batch_size", "lr", "lr_schedule", "warmup_steps", "grad_clip",
+                                             "ema_decay", "precision", "bn_recalib_batches")})
+        if a.eval is not None:
+            c["evaluation"] = _eval_rows(a.eval, meta["sha256"])
+    from minidiff.train import load_model
+    if meta.get("kind") != "classifier":
+        c["params"] = count_params(load_model(a.model)[0])["total"]
+    c["wall_time_s"] = sum(s.get("wall_s", 0) for s in prov.get("segments", []))
+    c["hardware"] = sorted({s["hardware"] for s in prov.get("segments", [])})
+    dest = shipped_path(a.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    keep = {k: v for k, v in meta.items() if k not in ("format", "versions", "saved_at", "sha256")}
+    ckpt.save(dest, tensors, dict(keep, card=c))
+    print(json.dumps(card(dest), indent=1)[:2000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

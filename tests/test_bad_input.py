@@ -158,9 +158,10 @@ def _model_file(tmp_path, name="model.safetensors"):
     pytest.param(["--seed", str(2**64)], "seed"),
     pytest.param(["--seed", str(2**64 - 1)], "seed"),
     pytest.param(["-n", str(10**14)], "-n"),
-    (["--eta", "-1"], "eta applies to ddim only and must be >= 0, got -1.0"),
-    (["--sampler", "dpmpp2m", "--eta", "1"], "eta applies to ddim only and must be >= 0, got 1.0 for dpmpp2m"),
-    (["--eta", "nan"], "eta applies to ddim only and must be >= 0, got nan"),
+    (["--eta", "-1"], "eta applies to ddim only and must be >= 0 and finite, got -1.0"),
+    (["--sampler", "dpmpp2m", "--eta", "1"], "eta applies to ddim only and must be >= 0 and finite, got 1.0 for dpmpp2m"),
+    (["--eta", "nan"], "eta applies to ddim only and must be >= 0 and finite, got nan"),
+    (["--eta", "inf"], "eta applies to ddim only and must be >= 0 and finite, got inf"),
 ], ids=_argv_id)
 def test_bad_sampling_numbers(extra, message, tmp_path, capsys):
     out = tmp_path / "x.png"
@@ -464,6 +465,9 @@ def test_mirror_sends_garbage(body, fragment, tmp_path, capsys, monkeypatch):
     (["classifier", "--epochs", "0"], "--epochs must be > 0 and --batch-size >= 1, got 0.0, 128"),
     (["classifier", "--batch-size", "0"], "--epochs must be > 0 and --batch-size >= 1, got 3.0, 0"),
     (["evaluate", "MODEL", "-n", "1", "--json", "OUT/e.json"], "-n must be >= 2, got 1"),
+    (["evaluate", "MODEL", "--seed", "-1", "--json", "OUT/e.json"], "--seed must be in [0, 2**32), got -1"),
+    (["evaluate", "MODEL", "--seed", str(2**32), "--json", "OUT/e.json"], "--seed must be in [0, 2**32)"),
+    (["evaluate", "MODEL", "--eta", "inf", "--json", "OUT/e.json"], "must be >= 0 and finite, got inf"),
     (["evaluate", "MODEL", "--json", "OUT/e.txt"], "--json must end in .json, got 'e.txt'"),
     (["evaluate", "MODEL", "--steps", "500", "--json", "OUT/e.json"], "steps must be in [1, 200], got 500"),
     (["evaluate", "MODEL", "--sampler", "ddpm", "--steps", "20", "--json", "OUT/e.json"], "always runs all 200"),
@@ -505,3 +509,13 @@ def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path, capsys, monk
     line = _one_error_line(*_run(["study", "--preset", "smoke", "--out", tmp_path / "s"], capsys))
     assert line == "minidiff: error: `minidiff study` runs in one process; under torchrun use train or evaluate"
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("err", [OSError(5, "Input/output error", "/mnt/x/model.safetensors"),
+                                 OSError(24, "Too many open files")])
+def test_any_os_error_is_one_line_and_exit_2(err, capsys, monkeypatch):
+    def fail(a):
+        raise err
+    monkeypatch.setitem(cli.COMMANDS, "data", fail)
+    line = _one_error_line(*_run(["data"], capsys))
+    assert line == f"minidiff: error: {err.strerror}" + (f" ({err.filename})" if err.filename else "")

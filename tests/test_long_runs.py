@@ -89,3 +89,21 @@ def test_minutes_must_be_a_positive_number(value, capsys, tmp_path):
     assert e.value.code == 2
     assert "--minutes: must be a positive number of minutes" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_gpu_training_caps_the_host_threads_unless_told(monkeypatch):
+    from minidiff.runtime import GPU_HOST_THREADS, limit_host_threads_for_gpu
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(GPU_HOST_THREADS + 3)
+        limit_host_threads_for_gpu(torch.device("cpu"))
+        assert torch.get_num_threads() == GPU_HOST_THREADS + 3   # a CPU run keeps every core
+        limit_host_threads_for_gpu(torch.device("cuda"))
+        assert torch.get_num_threads() == GPU_HOST_THREADS
+        torch.set_num_threads(GPU_HOST_THREADS + 3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "7")
+        limit_host_threads_for_gpu(torch.device("cuda"))
+        assert torch.get_num_threads() == GPU_HOST_THREADS + 3   # the user's setting wins
+    finally:
+        torch.set_num_threads(before)

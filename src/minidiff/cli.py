@@ -272,6 +272,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     _writable_dir(a.out)
     from .distributed import init_from_env
     device = init_from_env()  # torchrun: join the process group, one device per rank
+    from .runtime import default_device, limit_host_threads_for_gpu
+    limit_host_threads_for_gpu(device or default_device())
     path = train(cfg, load_split("train", a.data_dir), a.out, resume=a.resume, init_state=init_state,
                  masks=masks, device=device, minutes=a.minutes, log=_say)
     if path is None:
@@ -438,6 +440,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         a.n = 10_000 if default_device().type == "cuda" else 1_000
     if a.n < 2:
         raise UserError(f"-n must be >= 2, got {a.n}")
+    if not 0 <= a.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), got {a.seed}")
     if a.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
     if a.json_out.suffix != ".json":
@@ -510,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"minidiff: error: the disk is full while writing {e.filename or ''}; nothing was "
                   "replaced, the previous files are intact", file=sys.stderr)
             return 2
-        raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"minidiff: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("minidiff: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130

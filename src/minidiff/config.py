@@ -235,8 +235,8 @@ class StudyConfig:
         _check(0 < self.structural_ratio < 1, f"structural_ratio must be in (0, 1), got {self.structural_ratio}")
         _check(self.eval_n >= 2, f"eval_n must be >= 2, got {self.eval_n}")
         _check(self.eval_teacher_n >= 0, f"eval_teacher_n must be >= 0, got {self.eval_teacher_n}")
-        _check(self.eval_eta >= 0 and (self.eval_eta == 0 or self.eval_sampler == "ddim"),
-               f"eval_eta applies to ddim only and must be >= 0, got {self.eval_eta}")
+        _check(0 <= self.eval_eta < float("inf") and (self.eval_eta == 0 or self.eval_sampler == "ddim"),
+               f"eval_eta applies to ddim only and must be >= 0 and finite, got {self.eval_eta}")
         _check(self.eval_sampler in SAMPLERS,
                f"unknown sampler {self.eval_sampler!r}; choose one of {', '.join(SAMPLERS)}")
 

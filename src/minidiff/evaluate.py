@@ -33,8 +33,8 @@ from .train import load_model
 
 def sampler_options(sampler: str, spacing: str = DEFAULT_SPACING, eta: float = 0.0) -> dict[str, Any]:
     """The keyword arguments a sampler takes: spacing for ddim/dpmpp2m, η for ddim."""
-    if not eta >= 0 or (eta > 0 and sampler != "ddim"):  # `not >=` also refuses NaN
-        raise ValueError(f"eta applies to ddim only and must be >= 0, got {eta} for {sampler}")
+    if not 0 <= eta < math.inf or (eta > 0 and sampler != "ddim"):  # `not <=` also refuses NaN
+        raise ValueError(f"eta applies to ddim only and must be >= 0 and finite, got {eta} for {sampler}")
     return {} if sampler == "ddpm" else dict(spacing=spacing, **({"eta": eta} if sampler == "ddim" else {}))
 
 

@@ -77,6 +77,19 @@ def autocast(precision: str, device: torch.device):
     return nullcontext()
 
 
+GPU_HOST_THREADS = 4
+
+
+def limit_host_threads_for_gpu(device: torch.device) -> None:
+    """On a GPU the host only draws t and ε and indexes batches; torch's default of one thread
+    per core makes several training processes on one machine spin against each other. Measured
+    on an H200 host with 16 cores (paper recipe, batch 128): 3 processes at the default took
+    1,165–1,400 images/s each with the GPU 25–30 % busy; 2 processes with 4 threads each took
+    4,450 images/s each with it 85 % busy. ``OMP_NUM_THREADS``, when set, is respected."""
+    if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(GPU_HOST_THREADS, torch.get_num_threads()))
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -114,3 +114,22 @@ def test_real_confidence_of_evaluations_written_before_it_was_recorded():
     old = {"baseline": {"classifier": {"sha256": "x", "test_accuracy": 0.99}}}
     assert real_confidence(old) == "not recorded"
     assert real_confidence({"baseline": {"classifier": {"test_mean_confidence": 0.99321}}}) == "0.993"
+
+
+def test_a_truncated_study_file_is_recovered_not_a_traceback(smoke, tmp_path):
+    # a kill before writes were atomic could leave these empty or cut short
+    src, _, (train, test, clf), _ = smoke
+    out = tmp_path / "study"
+    shutil.copytree(src, out)
+    (out / "timings.json").write_text("")
+    (out / "reduced" / "eval.json").write_text('{"kind": "evalu')
+    before = (out / "reduced" / "model.safetensors").stat().st_mtime_ns
+    logs = []
+    res = run_study("smoke", out, train, test, classifier=clf, progress=False, log=logs.append)
+    assert any(f"{out / 'timings.json'} is unreadable" in line for line in logs)
+    assert any(f"{out / 'reduced' / 'eval.json'} is unreadable" in line for line in logs)
+    assert json.loads((out / "reduced" / "eval.json").read_text())["kind"] == "evaluation"
+    assert res["results"]["reduced"]["kind"] == "evaluation"
+    assert (out / "reduced" / "model.safetensors").stat().st_mtime_ns == before  # nothing retrained
+    assert "evaluate" in json.loads((out / "timings.json").read_text())
+    assert not list(out.rglob("*.tmp"))

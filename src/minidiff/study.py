@@ -11,12 +11,14 @@ one process, so the efficiency columns compare like with like.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from .checkpoint import atomic_write_bytes
 from .config import StudyConfig, TrainConfig, study_config, train_config
 from .data import MNIST
 from .evaluate import evaluate_checkpoint, write_json
@@ -33,6 +35,24 @@ PAPER_TABLE = {
     "reduced": dict(params=634_081, size_mib=2.5, latency_s=31.2825, ssim=0.3688, pseudo_fid=1.76),
     "shallow": dict(params=2_148_097, size_mib=8.2, latency_s=81.5870, ssim=0.3659, pseudo_fid=2.39),
 }
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Every file of the study goes through the one atomic writer: a kill leaves the old file or
+    the new one, never a truncated file that blocks the next resume."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _read_json(path: Path, default: Any, log=print) -> Any:
+    """A study file written before writes were atomic may be truncated: say so and start that
+    record again (``default``) instead of failing the resume."""
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        log(f"warning: {path} is unreadable ({e}); recomputing it")
+        return default
 
 
 def _finetune(preset: str, arch: str, epochs: float, lr: float) -> TrainConfig:
@@ -65,9 +85,8 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sc: StudyConfig = study_config(preset)
-    (out / "study.json").write_text(json.dumps({"preset": preset, "study": asdict(sc)}, indent=2))
-    timings: dict[str, float] = json.loads((out / "timings.json").read_text()) \
-        if (out / "timings.json").exists() else {}
+    _write_text(out / "study.json", json.dumps({"preset": preset, "study": asdict(sc)}, indent=2))
+    timings: dict[str, float] = _read_json(out / "timings.json", {}, log)
 
     t_study = time.perf_counter()
 
@@ -80,7 +99,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
         t0 = time.perf_counter()
         result = fn()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        _write_text(out / "timings.json", json.dumps(timings, indent=2))
         return result
 
     if classifier is None:
@@ -107,7 +126,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
             return _train_stage(out / arch, _finetune(preset, arch, ft_epochs, ft_lr), train_data, progress,
                                 log, init_state=state)
         models[arch] = stage(arch, variant)
-    results = stage("evaluate", lambda: _evaluate_all(out, models, sc, classifier, test_data, progress))
+    results = stage("evaluate", lambda: _evaluate_all(out, models, sc, classifier, test_data, progress, log))
     if results is not None:
         _write_results(out, results, timings)
         stage("report", lambda: write_study_report(out, preset, sc, results, models, timings))
@@ -119,15 +138,15 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
 
 
 def _evaluate_all(out: Path, models: dict[str, Path], sc: StudyConfig, classifier, test_data: MNIST,
-                  progress: bool) -> dict[str, Any]:
+                  progress: bool, log=print) -> dict[str, Any]:
     results = {}
     for name in MODELS:
         path = models.get(name)
         if path is None:
             continue
         dest = out / name / "eval.json"
-        if dest.exists():
-            results[name] = json.loads(dest.read_text())
+        if dest.exists() and (done := _read_json(dest, None, log)) is not None:
+            results[name] = done
             continue
         teacher = models["baseline"] if name != "baseline" else None
         # StudyConfig keeps eval_eta at 0 unless the sampler is ddim, as evaluate_checkpoint wants
@@ -238,11 +257,12 @@ def write_study_report(out: Path, preset: str, sc: StudyConfig, results: dict[st
 
 def _write_results(out: Path, results: dict[str, Any], timings: dict[str, float]) -> None:
     rows = table_rows(results)
-    (out / "results.json").write_text(json.dumps({"models": results, "timings": timings}, indent=2))
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    _write_text(out / "results.json", json.dumps({"models": results, "timings": timings}, indent=2))
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    _write_text(out / "results.csv", buf.getvalue())
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
@@ -255,4 +275,4 @@ def _write_results(out: Path, results: dict[str, Any], timings: dict[str, float]
     lines += [f"| {k} | {v['params']:,} | {v['size_mib']} | {v['latency_s']} | {v['ssim']} | {v['pseudo_fid']} |"
               for k, v in PAPER_TABLE.items()]
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _write_text(out / "table.md", "\n".join(lines) + "\n")

@@ -57,7 +57,7 @@ def main() -> int:
             f"How it was trained, segment by segment (each resumed the previous one exactly):\n\n{cmds}\n\n"
             + (f"{c['notes']}\n\n" if c.get("notes") else ""))
     clf = card(files["classifier"]) if "classifier" in files else None
-    head = (DOCS / "models.head.md").read_text()
+    head = (Path(__file__).with_name("models.head.md")).read_text()
     table = ("| model | parameters | bytes | trained for | wall time | hardware | DDIM η=1, 20 steps: "
              "confidence / digit shares / pseudo-FID (floor) / precision, recall | the same, DDPM 200 steps "
              "| file sha256 |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))

@@ -55,8 +55,9 @@ def main(argv=None) -> int:
         cfg = meta["config"]
         steps, batch = meta["step"], cfg["batch_size"]
         total = math.ceil(cfg["epochs"] * (N_TRAIN // batch))  # as train() counts its steps
+        # an epoch is N_TRAIN // batch full batches (the last partial batch is dropped)
         c.update(seed=cfg["seed"], optimizer_steps=steps, images_seen=steps * batch,
-                 epochs=steps * batch / N_TRAIN, planned_epochs=cfg["epochs"], complete=steps >= total,
+                 epochs=steps / (N_TRAIN // batch), planned_epochs=cfg["epochs"], complete=steps >= total,
                  weights=meta.get("weights"),
                  recipe={k: cfg[k] for k in ("batch_size", "lr", "lr_schedule", "warmup_steps", "grad_clip",
                                              "ema_decay", "precision", "bn_recalib_batches")})

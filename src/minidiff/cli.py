@@ -368,17 +368,20 @@ def cmd_models(a: argparse.Namespace) -> None:
     if not cards:
         print("no trained weights ship with this installation")
         return
-    print(f"{'name':<11}{'arch':<10}{'params':>11}{'bytes':>12}  {'epochs':>7}  {'trained on':<34}"
-          f"{'confidence':>10}  {'pseudo-FID':>10}")
+    print(f"{'name':<11}{'arch':<10}{'params':>11}{'bytes':>12}  {'epochs':>7}  {'trained on':<40}"
+          f"{'confidence':>11}  {'pseudo-FID':>10}")
     for c in cards:
         ev = (c.get("evaluation") or {}).get("ddim20") or {}
         conf = f"{ev['mean_confidence']:.3f}" if "mean_confidence" in ev else "—"
         fid = f"{ev['pseudo_fid']:.2f}" if "pseudo_fid" in ev else "—"
-        acc = c.get("test_accuracy")
-        if acc is not None:
-            conf, fid = f"acc {acc:.2%}", "—"
-        print(f"{c['name']:<11}{c.get('arch') or '':<10}{c.get('params', 0):>11,}{c['file_bytes']:>12,}  "
-              f"{c.get('epochs', 0):>7.2f}  {', '.join(c.get('hardware', []))[:33]:<34}{conf:>10}  {fid:>10}")
+        arch = c.get("arch") if isinstance(c.get("arch"), str) else "cnn"
+        if c.get("test_accuracy") is not None:  # the classifier
+            conf = f"acc {c['test_accuracy']:.2%}"
+        params = f"{c['params']:,}" if "params" in c else "—"
+        epochs = f"{c['epochs']:.2f}" if "epochs" in c else "—"
+        where = ", ".join(h.split(" (")[0] for h in c.get("hardware", []))
+        print(f"{c['name']:<11}{arch:<10}{params:>11}{c['file_bytes']:>12,}  {epochs:>7}  {where[:39]:<40}"
+              f"{conf:>11}  {fid:>10}")
     print("use a name wherever a model file goes, e.g. `minidiff sample reduced -n 64 --out digits.png`; "
           "--json for the full cards")
 

@@ -53,7 +53,9 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
     d = min(decay, (1 + step) / (10 + step))
     # one fused call per list, not one per tensor: on a GPU the per-tensor loop is launch-bound
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - d)
-    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+    buffers = list(ema.buffers())
+    if buffers:  # a network without BatchNorm has none, and foreach refuses empty lists
+        torch._foreach_copy_(buffers, list(model.buffers()))
 
 
 @torch.no_grad()

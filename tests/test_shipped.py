@@ -1,0 +1,124 @@
+"""Shipped weights: a name finds the file, every file carries its card, and the trained models
+draw digits the classifier recognises, seconds after installation."""
+import json
+
+import pytest
+import torch
+
+from minidiff import checkpoint as C
+from minidiff import cli, shipped
+from minidiff.config import train_config
+from minidiff.train import load_model, train
+
+SPEC_PARAMS = {"baseline": 2_529_217, "reduced": 634_081, "shallow": 2_148_097}
+CARD_KEYS = {"commands", "seed", "optimizer_steps", "images_seen", "epochs", "wall_time_s", "hardware",
+             "segments", "evaluation", "recipe", "params"}
+
+
+@pytest.fixture
+def fake_weights(tmp_path, monkeypatch, tiny_mnist):
+    """A weights directory holding a smoke-trained 'reduced' with a card."""
+    run = train(train_config("smoke", "reduced", sample_every=0), tiny_mnist, tmp_path / "run",
+                progress=False, log=lambda *_: None)
+    tensors, meta = C.load(run)
+    d = tmp_path / "weights"
+    d.mkdir()
+    keep = {k: v for k, v in meta.items() if k not in ("format", "versions", "saved_at", "sha256")}
+    C.save(d / "reduced.safetensors", tensors, dict(keep, card={"epochs": 2.0, "params": 634_081,
+                                                                  "hardware": ["test CPU"]}))
+    monkeypatch.setattr(shipped, "WEIGHTS_DIR", d)
+    return d
+
+
+def test_a_name_a_file_and_a_run_directory_all_resolve(fake_weights, tmp_path):
+    assert shipped.resolve_model("reduced") == fake_weights / "reduced.safetensors"
+    assert shipped.resolve_model(tmp_path / "run") == tmp_path / "run" / "model.safetensors"
+    f = tmp_path / "run" / "model_raw.safetensors"
+    assert shipped.resolve_model(f) == f
+
+
+def test_an_existing_directory_wins_over_a_name(fake_weights, tmp_path, monkeypatch):
+    (tmp_path / "reduced").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(C.CheckpointError, match="a directory without model.safetensors"):
+        shipped.resolve_model("reduced")
+
+
+@pytest.mark.parametrize("arg, fragment", [
+    ("nosuch", "nosuch: no such checkpoint file, run directory or shipped model (shipped: reduced)"),
+    ("baseline", "baseline: this installation ships no baseline weights yet"),
+])
+def test_unknown_or_absent_names_are_one_line_errors(fake_weights, arg, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["sample", arg, "-n", "2", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"minidiff: error: {err.split('error: ', 1)[1].strip()}"
+    assert fragment in err and not (tmp_path / "x.png").exists()
+
+
+def test_sample_by_name_uses_the_shipped_file(fake_weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sample", "reduced", "-n", "4", "--steps", "2", "--out", "d.npz"]) == 0
+    assert __import__("numpy").load(tmp_path / "d.npz")["images"].shape == (4, 28, 28)
+
+
+def test_models_lists_the_cards(fake_weights, capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["name", "arch", "params", "bytes"]
+    row = out[1].split()
+    size = (fake_weights / "reduced.safetensors").stat().st_size
+    assert row[:5] == ["reduced", "reduced", "634,081", f"{size:,}", "2.00"]
+    assert cli.main(["models", "--json"]) == 0
+    cards = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in cards] == ["reduced"]
+    assert cards[0]["file_bytes"] == size and len(cards[0]["file_sha256"]) == 64
+
+
+# ---------------------------------------------------------------- the files that really ship
+SHIPPED = shipped.available()
+
+
+def test_the_trained_models_and_the_classifier_ship():
+    assert {"baseline", "reduced", "classifier"} <= set(SHIPPED)
+    assert sum(p.stat().st_size for p in SHIPPED.values()) <= 25_000_000  # the repository stays small
+
+
+@pytest.mark.parametrize("name", [n for n in shipped.MODEL_NAMES if n in SHIPPED])
+def test_every_shipped_model_carries_its_card(name):
+    model, meta = load_model(SHIPPED[name])  # verifies the weights' sha256
+    card = shipped.card(SHIPPED[name])
+    assert CARD_KEYS <= set(card), CARD_KEYS - set(card)
+    assert meta["arch"] == name and card["params"] == SPEC_PARAMS[name]
+    assert sum(p.numel() for p in model.parameters()) == SPEC_PARAMS[name]
+    assert card["optimizer_steps"] == meta["step"]
+    assert card["images_seen"] == meta["step"] * meta["config"]["batch_size"]
+    assert card["weights_sha256"] == meta["sha256"]
+    ev = card["evaluation"]["ddim20"]
+    assert ev["n"] == 1000 and ev["seed"] == 0 and 0 < ev["floor"] < ev["pseudo_fid"]
+    assert all(seg["command"] and seg["hardware"] and seg["wall_s"] > 0 for seg in card["segments"])
+
+
+def test_the_shipped_classifier_is_used_without_training(tmp_path, monkeypatch):
+    from minidiff.models import classifier as K
+    monkeypatch.setattr(K, "train_classifier", lambda *a, **k: pytest.fail("trained instead of loading"))
+    model, info = K.load_or_train_classifier(tmp_path / "cache")
+    assert info["shipped"] and info["sha256"] == C.load(SHIPPED["classifier"])[1]["sha256"]
+    assert info["test_accuracy"] >= 0.99
+    assert not (tmp_path / "cache").exists()
+    # another recipe is not the shipped one: it trains (here: refuses to, through the patch)
+    with pytest.raises(pytest.fail.Exception):
+        K.load_or_train_classifier(tmp_path / "cache", epochs=1.0)
+
+
+def test_the_shipped_reduced_model_draws_digits_the_classifier_recognises():
+    from minidiff.diffusion import make_schedule
+    from minidiff.generate import generate
+    from minidiff.models.classifier import load_or_train_classifier, predict
+    from minidiff.data import to_model_range, to_uint8
+    model, _ = load_model(SHIPPED["reduced"])
+    x = generate(model, make_schedule(), 32, sampler="ddim", steps=10, eta=1.0, seed=0, progress=False)
+    clf, _ = load_or_train_classifier()
+    _, p = predict(clf, to_model_range(to_uint8(x)))
+    assert p.max(1).values.mean() > 0.85          # noise or a broken file scores far lower
+    assert len(set(p.argmax(1).tolist())) >= 7     # and not one digit over and over

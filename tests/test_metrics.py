@@ -1,5 +1,7 @@
 import math
 
+import time
+
 import pytest
 import torch
 
@@ -224,9 +226,13 @@ def test_checkpoint_bytes_and_latency(tmp_path):
     p.write_bytes(b"x" * 1234)
     assert M.checkpoint_bytes(p) == 1234
     calls = []
-    t = M.measure_latency(lambda: calls.append(1), n=4, warmup=2)
+
+    def ten_ms():  # a known duration: a per-run figure must land near it, not at n× or 0
+        calls.append(1)
+        time.sleep(0.01 if len(calls) > 2 else 0.2)  # the two warm-up runs are slow and not timed
+    t = M.measure_latency(ten_ms, n=4, warmup=2)
     assert len(calls) == 6 and t["runs"] == 4 and t["warmup_runs"] == 2
-    assert 0 <= t["min_s"] <= t["median_s"] <= t["max_s"]
+    assert 0.01 <= t["min_s"] <= t["median_s"] <= t["max_s"] < 0.1
     with pytest.raises(ValueError):
         M.measure_latency(lambda: None, n=0)
 

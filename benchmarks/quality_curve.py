@@ -19,18 +19,21 @@ from pathlib import Path
 import torch
 
 from minidiff import checkpoint as ckpt
-from minidiff.data import load_split
+from minidiff.data import batches_per_epoch, load_split
 from minidiff.evaluate import evaluate_checkpoint
 from minidiff.models.classifier import load_or_train_classifier
 from minidiff.runtime import cpu_name, tune_allocator
 
+N_TRAIN = 60_000
 
-def row_of(path: Path, label: str, result: dict) -> dict:
-    meta = ckpt.load(path)[1]
+
+def row_of(path: Path, meta: dict, label: str, result: dict) -> dict:
     q = result["quality"]
+    batch = meta["config"]["batch_size"]
     row = {"label": label, "file": str(path), "sha256": meta["sha256"], "step": meta["step"],
-            "images_seen": meta["step"] * meta["config"]["batch_size"],
-            "epochs": meta["step"] * meta["config"]["batch_size"] / 60_000,
+            "images_seen": meta["step"] * batch,
+            # epochs as training counts them: full batches of the 60,000 images, the rest dropped
+            "epochs": meta["step"] / batches_per_epoch(meta["config"]["train_subset"] or N_TRAIN, batch),
             "mean_confidence": q["digit_distribution"]["mean_confidence"],
             "shares": [c / q["digit_distribution"]["n"] for c in q["digit_distribution"]["counts"]],
             "pseudo_fid": q["pseudo_fid"]["value"], "floor": q["pseudo_fid"]["floor"]["value"],
@@ -78,13 +81,13 @@ def main(argv=None) -> int:
     test = load_split("test")
     opts = {"eta": a.eta} if a.sampler == "ddim" else {}
     for path in a.models:
-        sha = ckpt.load(path)[1]["sha256"]
-        if any(r["sha256"] == sha and r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps
+        meta = ckpt.load(path)[1]
+        if any(r["sha256"] == meta["sha256"] and r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps
                and r["sampling"]["n"] == a.n for r in rows):
             continue
         r = evaluate_checkpoint(path, n=a.n, sampler=a.sampler, steps=a.steps, seed=0, classifier=clf,
                                 test_data=test, precision=a.precision, progress=False, **opts)
-        rows.append(row_of(path, a.label, r))
+        rows.append(row_of(path, meta, a.label, r))
         print(json.dumps({k: rows[-1][k] for k in ("label", "epochs", "mean_confidence", "smallest_share",
                                                      "largest_share", "pseudo_fid", "floor")}), flush=True)
         ckpt.atomic_write_bytes(store, json.dumps(rows, indent=1).encode())

@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 
 from minidiff import checkpoint as ckpt
+from minidiff.data import batches_per_epoch
 from minidiff.metrics import count_params
 from minidiff.shipped import card, shipped_path
+from minidiff.train import load_model
 
 N_TRAIN = 60_000
 
@@ -54,17 +56,14 @@ def main(argv=None) -> int:
     else:
         cfg = meta["config"]
         steps, batch = meta["step"], cfg["batch_size"]
-        total = math.ceil(cfg["epochs"] * (N_TRAIN // batch))  # as train() counts its steps
-        # an epoch is N_TRAIN // batch full batches (the last partial batch is dropped)
+        bpe = batches_per_epoch(cfg["train_subset"] or N_TRAIN, batch)  # as train() counts epochs and steps
         c.update(seed=cfg["seed"], optimizer_steps=steps, images_seen=steps * batch,
-                 epochs=steps / (N_TRAIN // batch), planned_epochs=cfg["epochs"], complete=steps >= total,
+                 epochs=steps / bpe, planned_epochs=cfg["epochs"], complete=steps >= math.ceil(cfg["epochs"] * bpe),
                  weights=meta.get("weights"),
                  recipe={k: cfg[k] for k in ("batch_size", "lr", "lr_schedule", "warmup_steps", "grad_clip",
                                              "ema_decay", "precision", "bn_recalib_batches")})
         if a.eval is not None:
             c["evaluation"] = _eval_rows(a.eval, meta["sha256"])
-    from minidiff.train import load_model
-    if meta.get("kind") != "classifier":
         c["params"] = count_params(load_model(a.model)[0])["total"]
     c["wall_time_s"] = sum(s.get("wall_s", 0) for s in prov.get("segments", []))
     c["hardware"] = sorted({s["hardware"] for s in prov.get("segments", [])})

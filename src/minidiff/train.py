@@ -90,6 +90,11 @@ def recalibrate_bn(model: torch.nn.Module, data: MNIST, sched, n_batches: int, b
     return model.eval()
 
 
+def _sampling_weights(cfg: TrainConfig) -> str:
+    """Which weights ``_sampling_model`` returns, as recorded in a model file's ``weights``."""
+    return "ema" if cfg.ema_decay > 0 else "raw"
+
+
 def _sampling_model(model, ema, cfg: TrainConfig, data: MNIST, sched) -> torch.nn.Module:
     """The weights to sample from: the EMA (with BN re-estimated) if EMA is on, else the model."""
     if cfg.ema_decay == 0:
@@ -272,7 +277,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
                     # the weights behind the grid, so quality can be measured against images seen
                     (out / "snapshots").mkdir(exist_ok=True)
                     save_model(out / "snapshots" / f"step_{step:06d}.safetensors", snap, cfg, step,
-                               weights="ema" if cfg.ema_decay > 0 else "raw")
+                               weights=_sampling_weights(cfg))
                     model.train()
                 if step >= total_steps or out_of_time:
                     break
@@ -288,7 +293,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     path = out / "model.safetensors"
     if main:
         final = _sampling_model(model, ema, cfg, data, sched)
-        save_model(path, final, cfg, step, weights="ema" if cfg.ema_decay > 0 else "raw")
+        save_model(path, final, cfg, step, weights=_sampling_weights(cfg))
         if cfg.ema_decay > 0:  # the raw weights too, to compare with the EMA's
             save_model(out / "model_raw.safetensors", copy.deepcopy(model).eval(), cfg, step, weights="raw")
         _grid(model, ema, cfg, data, sched, out / "samples.png", precision, final=final)
@@ -318,7 +323,7 @@ def export_model(run: Path | str, data: MNIST, path: Path | str | None = None) -
         raise ckpt.CheckpointError(f"{run}: no training checkpoint to export")
     final = _sampling_model(model, ema, cfg, data.subset(cfg.train_subset), make_schedule(cfg.diffusion))
     return save_model(Path(path) if path else run / "model.safetensors", final, cfg, step,
-                      weights="ema" if cfg.ema_decay > 0 else "raw")
+                      weights=_sampling_weights(cfg))
 
 
 def load_model(path: Path | str, device: torch.device | str = "cpu"):

@@ -20,13 +20,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Debian's chromium renders the study report in a test; installed where we may (root + apt-get).
+# Debian's chromium renders the study report in a test, and chromium-driver lets Selenium drive the
+# page of `minidiff serve` in another; installed where we may (root + apt-get).
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null || \
 	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }; } || \
 	  echo "note: chromium is not installed (needs root and apt-get): the report-rendering test is skipped"
+	@command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium-driver >/dev/null || \
+	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium-driver >/dev/null; }; }; } || \
+	  echo "note: chromedriver is not installed (needs root and apt-get): the serve page's browser test is skipped"
 
 run: $(STAMP)
 	$(BIN)/minidiff run --preset $(PRESET) --out $(OUT)

@@ -58,7 +58,7 @@ def main() -> None:
     for name, path in (("unpruned", a.ckpt), ("pruned, no fine-tuning", pruned),
                        ("pruned + fine-tuned", ft), ("pruned arch from scratch", scratch)):
         r = evaluate_checkpoint(path, n=a.n, sampler=a.sampler, steps=a.steps, classifier=clf,
-                                test_data=test_data, progress=False)
+                                test_data=test_data, train_data=train_data, progress=False)
         rows[name] = dict(params=r["efficiency"]["params_total"], macs=r["efficiency"]["macs_per_eval"],
                           bytes=r["efficiency"]["checkpoint_bytes"], seconds=r["timing"]["generate_s"],
                           fid=r["quality"]["pseudo_fid"]["value"], floor=r["quality"]["pseudo_fid"]["floor"]["value"])

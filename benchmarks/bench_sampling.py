@@ -16,8 +16,8 @@ One run on one checkpoint, three parts:
    --n-speed samples (--no-confirm skips that). GFLOP/s = 2 x MACs per evaluation
    (minidiff.metrics.macs_per_eval, convolutions and matmuls) x evaluations / seconds.
 2. Quality: pseudo-FID (classifier features, MNIST test set) of --n-quality samples per
-   configuration, all from the same seed and initial noise x_T, next to the real-vs-real floor at
-   the same N; samples are quantised to uint8 first, as minidiff.evaluate does. Every sampler
+   configuration, all from the same seed and initial noise x_T, next to the floor (N real
+   training images against the same test set) at the same N; samples are quantised to uint8 first, as minidiff.evaluate does. Every sampler
    runs with minidiff's defaults (x̂_0 clipped to [-1, 1], DDIM η = 0), ddpm-200 included: the
    reference is minidiff's DDPM, not the unclipped paper loop.
    Each pseudo-FID is stored in OUT/quality_cache.json under everything it depends on
@@ -145,7 +145,7 @@ def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: i
     and classifier sha256, sampler, steps, N, seed, spacing, torch version) and a later run
     reuses it instead of sampling again; reused rows say so (``reused``)."""
     from minidiff import metrics as M
-    from minidiff.evaluate import write_json
+    from minidiff.evaluate import METRICS_VERSION, write_json
     from minidiff.config import DEFAULT_SPACING, DiffusionConfig
     from minidiff.data import load_split, to_model_range, to_uint8
     from minidiff.diffusion import make_schedule
@@ -159,12 +159,14 @@ def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: i
     sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
     classifier, info = load_or_train_classifier()
     real_f, _ = predict(classifier, to_model_range(load_split("test").images))  # (10000, D)
+    train = load_split("train")
+    pool_f, _ = predict(classifier, to_model_range(train.images[M.random_subset(len(train), n, seed)]))
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.exists() else {}
     rows = []
     for sampler, steps, options in configs:
         # everything the samples depend on; seeded sampling repeats them exactly
         key = json.dumps([meta.get("sha256"), info.get("sha256"), label(sampler, options), steps, n, seed,
-                          DEFAULT_SPACING, torch.__version__])
+                          DEFAULT_SPACING, torch.__version__, METRICS_VERSION])
         if key in cache:
             print(f"quality: {label(sampler, options)} {steps} steps: reused from {cache_path}",
                   file=sys.stderr, flush=True)
@@ -180,7 +182,7 @@ def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: i
         if cache_path:
             cache[key] = rows[-1]
             write_json(cache, cache_path)
-    return dict(n=n, seed=seed, n_real=real_f.shape[0], floor=M.fid_floor(real_f, n, seed),
+    return dict(n=n, seed=seed, n_real=real_f.shape[0], floor=M.fid_floor(pool_f, real_f, n, seed),
                 classifier_sha256=info.get("sha256"), rows=rows,
                 sampler_settings=f"x0 clipped to [-1, 1]; ddim/dpmpp2m timesteps spaced "
                                  f"'{DEFAULT_SPACING}'; ddim eta = 0 unless named",
@@ -199,7 +201,7 @@ def plot(quality: dict, tol: float, path: Path) -> None:
         ax.plot([r["steps"] for r in rs], [r["pseudo_fid"] for r in rs], "o-", label=sampler)
     ax.plot([quality["T"]], [ref], "k*", markersize=12, label=f"ddpm ({quality['T']} steps)")
     ax.axhline((1 + tol) * ref, color="k", ls="--", lw=1, label=f"ddpm + {tol:.0%}")
-    ax.axhline(quality["floor"]["value"], color="gray", ls=":", lw=1, label="real vs real (floor)")
+    ax.axhline(quality["floor"]["value"], color="gray", ls=":", lw=1, label="N real training images (floor)")
     ax.set(xscale="log", yscale="log", xlabel="sampling steps (network evaluations)",
            ylabel="pseudo-FID", title=f"pseudo-FID vs steps, N = {quality['n']}")
     ax.legend(fontsize=8)
@@ -294,7 +296,7 @@ def main() -> None:
               "than named; use --extrapolate-from >= the largest batch for representative numbers")
     fl = quality["floor"]
     print(f"\n## Quality (pseudo-FID, N = {a.n_quality:,}, seed {a.seed}, same x_T for all; "
-          f"real-vs-real floor {fl['value']:.3f} at N = {fl['n_used']:,})\n")
+          f"floor {fl['value']:.3f}: N = {fl['n_used']:,} real training images)\n")
     print("| sampler | steps | pseudo-FID | vs ddpm | within tolerance | sampled |\n|---|---|---|---|---|---|")
     for r in quality["rows"]:
         rel = r["pseudo_fid"] / ref - 1

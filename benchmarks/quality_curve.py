@@ -3,7 +3,8 @@
 Each model file records its optimiser step and its config (batch size), so images seen =
 step × batch. Every file is evaluated the same way (minidiff's classifier, N samples from the
 same seed, one sampler) and the rows are appended to OUT/curve.json, which is reused: a file
-already evaluated with the same settings (same weights sha256) is not evaluated again.
+already evaluated with the same settings (same weights sha256) and the current metric definitions
+(``evaluate.METRICS_VERSION``; rows without the field are version 1) is not evaluated again.
 The figure OUT/quality_curve.png plots mean confidence and pseudo-FID against images seen.
 
   python benchmarks/quality_curve.py runs/gpu/reduced/snapshots/*.safetensors \
@@ -20,7 +21,8 @@ import torch
 
 from minidiff import checkpoint as ckpt
 from minidiff.data import batches_per_epoch, load_split
-from minidiff.evaluate import evaluate_checkpoint
+from minidiff.files import atomic_write_bytes
+from minidiff.evaluate import METRICS_VERSION, evaluate_checkpoint
 from minidiff.models.classifier import load_or_train_classifier
 from minidiff.runtime import cpu_name, tune_allocator
 
@@ -38,7 +40,8 @@ def row_of(path: Path, meta: dict, label: str, result: dict) -> dict:
             "shares": [c / q["digit_distribution"]["n"] for c in q["digit_distribution"]["counts"]],
             "pseudo_fid": q["pseudo_fid"]["value"], "floor": q["pseudo_fid"]["floor"]["value"],
             "precision": q["precision_recall"]["precision"], "recall": q["precision_recall"]["recall"],
-            "sampling": result["sampling"], "device": result["timing"]["device"]}
+            "sampling": result["sampling"], "device": result["timing"]["device"],
+            "metrics_version": result["metrics_version"]}
     return dict(row, smallest_share=min(row["shares"]), largest_share=max(row["shares"]))
 
 
@@ -47,6 +50,12 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    latest = {}  # one point per weights: the row with the newest metric definitions
+    for r in rows:
+        k = r["sha256"]
+        if k not in latest or r.get("metrics_version", 1) >= latest[k].get("metrics_version", 1):
+            latest[k] = r
+    rows = list(latest.values())
     for label in sorted({r["label"] for r in rows}):
         rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["images_seen"])
         x = [r["images_seen"] / 1e6 for r in rs]
@@ -78,19 +87,19 @@ def main(argv=None) -> int:
     store = a.out / "curve.json"
     rows = json.loads(store.read_text()) if store.exists() else []
     clf, _ = load_or_train_classifier()
-    test = load_split("test")
+    test, train = load_split("test"), load_split("train")
     opts = {"eta": a.eta} if a.sampler == "ddim" else {}
     for path in a.models:
         meta = ckpt.load(path)[1]
         if any(r["sha256"] == meta["sha256"] and r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps
-               and r["sampling"]["n"] == a.n for r in rows):
+               and r["sampling"]["n"] == a.n and r.get("metrics_version", 1) == METRICS_VERSION for r in rows):
             continue
         r = evaluate_checkpoint(path, n=a.n, sampler=a.sampler, steps=a.steps, seed=0, classifier=clf,
-                                test_data=test, precision=a.precision, progress=False, **opts)
+                                test_data=test, train_data=train, precision=a.precision, progress=False, **opts)
         rows.append(row_of(path, meta, a.label, r))
         print(json.dumps({k: rows[-1][k] for k in ("label", "epochs", "mean_confidence", "smallest_share",
                                                      "largest_share", "pseudo_fid", "floor")}), flush=True)
-        ckpt.atomic_write_bytes(store, json.dumps(rows, indent=1).encode())
+        atomic_write_bytes(store, json.dumps(rows, indent=1).encode())
     plot([r for r in rows if r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps],
          a.out / "quality_curve.png")
     print(f"{store}\n{a.out / 'quality_curve.png'}  (CPU: {cpu_name()}, threads {torch.get_num_threads()})")

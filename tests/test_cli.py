@@ -36,13 +36,6 @@ def test_bad_training_flags_are_one_line_exit_2(argv, fragment, capsys, tmp_path
     assert not (tmp_path / "x").exists()  # nothing written half-way
 
 
-def test_unknown_arch_is_rejected_by_the_parser(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["train", "--arch", "tiny", "--out", "x"])
-    assert e.value.code == 2
-    assert "invalid choice: 'tiny'" in capsys.readouterr().err
-
-
 def test_sample_writes_png_and_npz_reproducibly(smoke_model, tmp_path, capsys):
     for name in ("a.npz", "b.npz", "grid.png"):
         code, err = _run(["sample", smoke_model, "-n", "5", "--steps", "3", "--out", tmp_path / name,
@@ -105,6 +98,15 @@ def test_init_must_match_the_arch(smoke_model, tmp_path, capsys):
     code, err = _run(["train", "--preset", "smoke", "--arch", "baseline", "--init", smoke_model,
                       "--out", tmp_path / "ft"], capsys)
     assert code == 2 and "is a reduced model; pass --arch reduced" in err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_init_from_a_missing_file(tmp_path, capsys):
+    code, err = _run(["train", "--preset", "smoke", "--arch", "reduced", "--init", tmp_path / "nope.safetensors",
+                      "--out", tmp_path / "ft"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path / 'nope.safetensors'}: no such checkpoint file" in err
+    assert not (tmp_path / "ft").exists()
 
 
 @pytest.mark.parametrize("argv, out", [

@@ -26,11 +26,31 @@ def test_cosine_schedule_closed_form_and_clipping():
 
 
 def test_posterior_variance_known_values():
+    # β̃_t = β_t (1 − ᾱ_{t−1})/(1 − ᾱ_t) (Ho et al. eq. 7) from two betas of the cosine closed form:
+    # β̃_0 = 0 (ᾱ_{−1} = 1), β̃_1 = β_1 β_0/(β_0 + β_1 − β_0 β_1) since 1 − ᾱ_1 = β_0 + β_1 − β_0 β_1
+    T, c = 200, 0.008
+    f = lambda t: math.cos((t / T + c) / (1 + c) * math.pi / 2) ** 2  # noqa: E731
+    b0, b1 = 1 - f(1) / f(0), 1 - f(2) / f(1)
     s = make_schedule()
-    assert s.posterior_variance[0].item() == 0.0           # β̃_0 = 0
-    assert s.posterior_variance[-1].item() == pytest.approx(s.betas[-1].item(), rel=1e-3)
-    torch.testing.assert_close(s.posterior_variance[1:],
-                               s.betas[1:] * (1 - s.alpha_bars[:-1]) / (1 - s.alpha_bars[1:]))
+    assert s.posterior_variance[0].item() == 0.0
+    assert s.posterior_variance[1].item() == pytest.approx(b1 * b0 / (b0 + b1 - b0 * b1), rel=1e-6)
+    # pinned (float64 products of the clipped cosine betas): t = 1, 2, 100, 198, 199
+    known = {1: 1.5202876e-4, 2: 2.7842412e-4, 100: 1.5537453e-2, 198: 0.74984821, 199: 0.99983929}
+    for t, value in known.items():
+        assert s.posterior_variance[t].item() == pytest.approx(value, rel=1e-6), t
+    assert s.posterior_variance[-1].item() == pytest.approx(s.betas[-1].item(), rel=1e-3)  # β̃_T ≈ β_T
+
+
+def test_posterior_variance_equals_diffusers_ddpm():
+    from diffusers import DDPMScheduler
+    s = make_schedule()
+    ref = DDPMScheduler(num_train_timesteps=200, trained_betas=s.betas.double().numpy(),
+                        variance_type="fixed_small")
+    theirs = torch.stack([ref._get_variance(t) for t in range(200)])
+    # diffusers clamps β̃_0 to 1e-20, and works in float32 (ours: float64, stored in float32),
+    # which puts the two 7·10⁻⁵ apart where 1 − ᾱ_t is small
+    assert theirs[0].item() <= 1e-20
+    torch.testing.assert_close(s.posterior_variance[1:], theirs[1:], rtol=2e-4, atol=0)
 
 
 def test_schedule_equals_diffusers_squaredcos_cap_v2():

@@ -19,7 +19,7 @@ import torch
 from minidiff import checkpoint as C
 from minidiff import cli
 from minidiff import data as D
-from minidiff import generate as G
+from minidiff import files as F
 from minidiff.config import train_config
 from minidiff.models.unet import SimpleUnet
 from minidiff.train import save_model, train
@@ -93,11 +93,11 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
                                                                        fails_in):
     cfg = train_config("smoke", "reduced", epochs=1, sample_every=0, ckpt_every_steps=1)  # 4 steps
     if fails_in == "write":
-        monkeypatch.setattr(C, "open", _open_filling_after(2, "checkpoint.safetensors"), raising=False)
+        monkeypatch.setattr(F, "open", _open_filling_after(2, "checkpoint.safetensors"), raising=False)
     else:
         if not os.path.isdir("/proc/self/fd"):
             pytest.skip("needs /proc/self/fd to tell a checkpoint's fsync from others")
-        monkeypatch.setattr(C.os, "fsync", _fsync_failing_after(2, "checkpoint.safetensors"))
+        monkeypatch.setattr(F.os, "fsync", _fsync_failing_after(2, "checkpoint.safetensors"))
     with pytest.raises(OSError) as e:
         train(cfg, tiny_mnist, tmp_path, progress=False, log=lambda *_: None)
     assert e.value.errno == errno.ENOSPC
@@ -122,7 +122,7 @@ def cli_train_on_a_filling_disk(tmp_path_factory):
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(D, "load_split", lambda *a, **k: data)
-        mp.setattr(C, "open", _open_filling_after(1, "checkpoint.safetensors"), raising=False)
+        mp.setattr(F, "open", _open_filling_after(1, "checkpoint.safetensors"), raising=False)
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = cli.main(["train", "--preset", "smoke", "--arch", "reduced", "--epochs", "1",
                              "--out", str(out)])
@@ -157,7 +157,7 @@ def model_file(tmp_path):
 
 
 def _sample_npz_on_a_full_disk(model_file, out, monkeypatch, capsys):
-    monkeypatch.setattr(G, "open", _open_filling_after(0), raising=False)
+    monkeypatch.setattr(F, "open", _open_filling_after(0), raising=False)
     code = cli.main(["sample", str(model_file), "-n", "2", "--steps", "2", "--precision", "fp32",
                      "--out", str(out)])
     return code, capsys.readouterr().err
@@ -174,4 +174,4 @@ def test_sample_on_a_full_disk_is_one_line_exit_2(model_file, tmp_path, monkeypa
 def test_sample_on_a_full_disk_leaves_no_temporary_file(model_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "x.npz"
     _sample_npz_on_a_full_disk(model_file, out, monkeypatch, capsys)
-    assert not (tmp_path / "x.npz.tmp").exists()
+    assert not list(tmp_path.glob("x.npz*.tmp"))

@@ -1,15 +1,17 @@
 import json
+import math
 
 import pytest
 import torch
 
 from minidiff import evaluate as E
+from minidiff import metrics as M
 from minidiff.checkpoint import tensors_digest
-from minidiff.config import train_config
-from minidiff.data import MNIST, to_model_range
-from minidiff.generate import initial_noise
+from minidiff.config import TrainConfig, train_config
+from minidiff.data import MNIST, to_model_range, to_uint8
+from minidiff.generate import generate, initial_noise
 from minidiff.models.classifier import MnistClassifier
-from minidiff.train import train
+from minidiff.train import load_model, save_model, train
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def tiny_run(tmp_path_factory):
 def _evaluate(tiny_run, **kw):
     path, clf, data = tiny_run
     args = dict(n=24, sampler="ddim", steps=3, seed=5, batch_size=16, classifier=clf, test_data=data,
-                precision="fp32", progress=False)
+                train_data=data, precision="fp32", progress=False)
     return E.evaluate_checkpoint(path, **{**args, **kw})
 
 
@@ -46,25 +48,92 @@ def test_same_seed_gives_the_same_json(tiny_run, tmp_path):
     assert c["quality"]["pseudo_fid"]["value"] != a["quality"]["pseudo_fid"]["value"]
 
 
-def test_result_records_everything(tiny_run):
+def _chi2_sf(x: float, dof: int) -> float:
+    """P(χ²_dof > x) by Q(a + 1, y) = Q(a, y) + yᵃ e⁻ʸ/Γ(a + 1) from Q(1/2, y) = erfc(√y) or Q(1, y) = e⁻ʸ."""
+    k, q = (1, math.erfc(math.sqrt(x / 2))) if dof % 2 else (2, math.exp(-x / 2))
+    for a in (j / 2 for j in range(k, dof, 2)):
+        q += (x / 2) ** a * math.exp(-x / 2) / math.gamma(a + 1)
+    return q
+
+
+def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖μ_a − μ_b‖² + tr Σ_a + tr Σ_b − 2 Σ √λ(Σ_a Σ_b), in float64 (λ ≥ 0 up to rounding)."""
+    a, b = a.double(), b.double()
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    root = torch.linalg.eigvals(ca @ cb).real.clamp(min=0).sqrt().sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + ca.trace() + cb.trace() - 2 * root)
+
+
+def test_result_records_everything(tiny_run, monkeypatch):
     path, clf, data = tiny_run
+    drawn = []  # the samples the evaluation generated, as it quantises them (what save_images writes)
+    monkeypatch.setattr(E, "generate", lambda *a, **k: drawn.append(generate(*a, **k)) or drawn[-1])
     r = _evaluate(tiny_run)
-    s, e, q = r["sampling"], r["efficiency"], r["quality"]
-    assert s["n"] == 24 and s["steps"] == 3 and s["nfe_per_sample"] == 3  # counted, not assumed
-    assert e["params_total"] == 634_081 and 0 < e["params_nonzero"] <= e["params_total"]
-    assert e["checkpoint_bytes"] == path.stat().st_size
-    assert e["macs_per_sample"] == 3 * e["macs_per_eval"] and e["macs_per_eval"] > 9e7
-    assert sum(q["digit_distribution"]["counts"]) == 24
-    assert q["pseudo_fid"]["floor"]["n_used"] == 24 and q["pseudo_fid"]["n_real"] == 64
-    assert "random real" in q["ssim_paper"]["definition"]
-    assert 0 <= q["precision_recall"]["precision"] <= 1 and 1 <= q["inception_score"]["value"] <= 10
-    assert r["classifier"]["sha256"] == tensors_digest(clf.state_dict())
-    real_p = torch.softmax(clf(to_model_range(data.images)), 1)
-    assert r["classifier"]["test_mean_confidence"] == pytest.approx(real_p.max(1).values.mean().item(), rel=1e-5)
-    assert r["checkpoint"]["sha256"] and r["teacher_consistency"] is None
+    s, e, q, c = r["sampling"], r["efficiency"], r["quality"], r["classifier"]
+    images = to_model_range(to_uint8(drawn[0]))  # (24, 1, 28, 28)
+    assert len(drawn) == 1 and images.shape == (24, 1, 28, 28)
+    assert (s["n"], s["sampler"], s["steps"], s["seed"], s["batch_size"], s["precision"]) == \
+        (24, "ddim", 3, 5, 16, "fp32")
+    assert s["nfe_per_sample"] == 3 and (s["eta"], s["spacing"], s["processes"]) == (0.0, "leading", 1)
+    model, meta = load_model(path)
+    assert r["checkpoint"] == {"path": str(path), "sha256": meta["sha256"], "arch": "reduced",
+                               "step": meta["step"], "weights": meta["weights"]}
+    assert e["params_total"] == 634_081 == sum(p.numel() for p in model.parameters())
+    assert e["params_nonzero"] == sum(int((p != 0).sum()) for p in model.parameters())
+    assert e["checkpoint_bytes"] == path.stat().st_size and e["checkpoint_mib"] == e["checkpoint_bytes"] / 2**20
+    assert e["macs_per_sample"] == 3 * e["macs_per_eval"] and e["macs_per_eval"] > 9e7  # counted, not assumed
+
+    # what the classifier says about the samples and about the test images
+    real = to_model_range(data.images)
+    with torch.no_grad():
+        fake_p, real_p = torch.softmax(clf(images), 1).double(), torch.softmax(clf(real), 1).double()
+        fake_f, real_f = clf.features(images), clf.features(real)
+    dd = q["digit_distribution"]
+    counts = torch.bincount(fake_p.argmax(1), minlength=10)
+    assert dd["counts"] == counts.tolist() and dd["n"] == 24 == sum(dd["counts"])
+    assert dd["mean_confidence"] == pytest.approx(fake_p.max(1).values.mean().item(), rel=1e-5)
+    chi2 = float(((counts - 2.4) ** 2 / 2.4).sum())  # against a uniform 10 %
+    assert dd["chi2"] == pytest.approx(chi2, rel=1e-9) and dd["dof"] == 9
+    assert dd["p_value"] == pytest.approx(_chi2_sf(chi2, 9), rel=1e-6)
+    label_share = torch.bincount(data.labels.long(), minlength=10).double() / len(data)  # 7 or 6 of 64
+    chi2_labels = float(((counts - 24 * label_share) ** 2 / (24 * label_share)).sum())
+    assert dd["vs_test_labels"]["chi2"] == pytest.approx(chi2_labels, rel=1e-9)
+    assert dd["vs_test_labels"]["p_value"] == pytest.approx(_chi2_sf(chi2_labels, 9), rel=1e-6)
+    # IS = exp E[KL(p(y|x) ‖ p(y))], in [1, 10]; compared as log IS = E[KL], which this untrained
+    # classifier keeps near 10⁻⁶ (IS itself is 1 to six digits whatever the images)
+    kl = (fake_p * (fake_p.log() - fake_p.mean(0).log())).sum(1).mean().item()
+    assert math.log(q["inception_score"]["value"]) == pytest.approx(kl, rel=1e-3)
+    kl_real = (real_p * (real_p.log() - real_p.mean(0).log())).sum(1).mean().item()
+    assert math.log(q["inception_score"]["real_test_set"]) == pytest.approx(kl_real, rel=1e-3)
+    assert 1 <= q["inception_score"]["value"] <= 10
+    assert c["test_accuracy"] == pytest.approx((real_p.argmax(1) == data.labels.long()).double().mean().item())
+    assert c["test_mean_confidence"] == pytest.approx(real_p.max(1).values.mean().item(), rel=1e-5)
+    assert c["test_images"] == 64 and c["sha256"] == tensors_digest(clf.state_dict())
+
+    # pseudo-FID: the 24 samples against all 64 test images; the floor is a real set's score
+    fid = q["pseudo_fid"]
+    assert (fid["n_fake"], fid["n_real"]) == (24, 64)
+    assert fid["value"] == pytest.approx(_frechet(fake_f, real_f), rel=1e-4) and fid["value"] >= 0
+    floor = fid["floor"]
+    assert (floor["n_requested"], floor["n_used"], floor["seed"]) == (24, 24, 5) and "note" not in floor
+    assert 0 <= floor["value"] < fid["value"]  # an untrained model's samples score worse than real images
+    pr = q["precision_recall"]  # fractions of the 24 samples and of as many test images
+    assert pr["k"] == 3 and pr["n"] == 24 and pr["seed"] == 5
+    for share in (pr["precision"], pr["recall"]):
+        assert 0 <= share <= 1 and share * 24 == pytest.approx(round(share * 24), abs=1e-9)
+    ssim = q["ssim_paper"]  # each sample against a test image drawn with the seed
+    per_sample = M.ssim_paper(images, real, torch.Generator().manual_seed(5))
+    assert ssim["mean"] == pytest.approx(per_sample.double().mean().item(), rel=1e-6)
+    assert ssim["std"] == pytest.approx(per_sample.double().std().item(), rel=1e-6)
+    assert -1 <= ssim["mean"] <= 1 and "random real" in ssim["definition"]
+    assert r["teacher_consistency"] is None and r["versions"]["torch"] == torch.__version__
+
     t = r["timing"]
-    assert t["generate_s"] > 0 and t["batch_size"] == 16 and t["device"]["type"] == "cpu"
-    assert t["network_eval_batch"]["runs"] == 3
+    assert t["generate_s"] > 0 and t["per_sample_ms"] == pytest.approx(1000 * t["generate_s"] / 24)
+    assert t["batch_size"] == 16 and t["device"]["type"] == "cpu"
+    lat = t["network_eval_batch"]
+    assert (lat["runs"], lat["warmup_runs"], lat["batch"]) == (3, 2, 16)
+    assert 0 < lat["min_s"] <= lat["median_s"] <= lat["max_s"] and lat["min_s"] <= lat["mean_s"] <= lat["max_s"]
 
 
 def test_teacher_consistency_with_itself_is_perfect(tiny_run):
@@ -72,6 +141,27 @@ def test_teacher_consistency_with_itself_is_perfect(tiny_run):
     tc = _evaluate(tiny_run, n=8, teacher=path)["teacher_consistency"]
     assert tc["sampler"] == "ddim" and tc["eta"] == 0.0 and tc["steps"] == 3
     assert tc["ssim"]["mean"] == pytest.approx(1.0, abs=1e-5) and tc["label_agreement"] == 1.0
+
+
+def test_teacher_consistency_tells_other_weights_from_the_same_weights(tiny_run, tmp_path):
+    path = tiny_run[0]
+    copy = tmp_path / "copy.safetensors"  # the same weights in another file: samples drawn again
+    copy.write_bytes(path.read_bytes())
+    model, meta = load_model(path)
+    with torch.no_grad():
+        model.head.bias += 0.5  # a teacher whose ε̂ is off by a constant: every x̂_0 moves
+    other = save_model(tmp_path / "other.safetensors", model, TrainConfig.from_dict(meta["config"]),
+                       meta["step"], weights=meta["weights"])
+    same = _evaluate(tiny_run, n=8, teacher=copy)
+    changed = _evaluate(tiny_run, n=8, teacher=other)
+    assert same["teacher_consistency"]["ssim"] == {"mean": 1.0, "std": 0.0}  # identical images
+    assert same["teacher_consistency"]["label_agreement"] == 1.0
+    assert same["teacher_consistency"]["teacher"] == str(copy)
+    tc = changed["teacher_consistency"]
+    assert tc["teacher"] == str(other) and tc["teacher_sha256"] != same["teacher_consistency"]["teacher_sha256"]
+    assert -1 <= tc["ssim"]["mean"] < 0.95 and tc["ssim"]["std"] > 0
+    assert 0 <= tc["label_agreement"] <= 1 and tc["label_agreement"] * 8 == round(tc["label_agreement"] * 8)
+    assert changed["quality"] == same["quality"]  # the student's own samples are the same either way
 
 
 def test_teacher_consistency_on_a_prefix_of_the_samples(tiny_run):

@@ -76,25 +76,39 @@ def test_frechet_distance_rejects_bad_input(a, b):
         M.frechet_distance(a, b)
 
 
-def test_floor_subsets_are_disjoint_and_reproducible():
-    a, b = M.disjoint_subsets(100, 30, seed=0)
-    assert len(a) == len(b) == 30
-    assert not set(a.tolist()) & set(b.tolist())
-    a2, b2 = M.disjoint_subsets(100, 30, seed=0)
-    assert torch.equal(a, a2) and torch.equal(b, b2)
-    a, b = M.disjoint_subsets(101, 1000, seed=1)  # 2n > available: n = available // 2
-    assert len(a) == len(b) == 50 and not set(a.tolist()) & set(b.tolist())
+def test_random_subset_is_reproducible_distinct_and_capped():
+    a = M.random_subset(100, 30, seed=0)
+    assert len(a) == len(set(a.tolist())) == 30 and torch.equal(a, M.random_subset(100, 30, seed=0))
+    assert not torch.equal(a, M.random_subset(100, 30, seed=1))
+    assert sorted(M.random_subset(10, 1000, seed=1).tolist()) == list(range(10))  # n > available: all
+    with pytest.raises(ValueError):
+        M.random_subset(0, 5, seed=0)
 
 
-def test_fid_floor_is_the_distance_between_the_two_subsets():
-    f = _feats(n=200)
-    floor = M.fid_floor(f, 60, seed=2)
-    a, b = M.disjoint_subsets(200, 60, seed=2)
-    assert floor["value"] == pytest.approx(M.frechet_distance(f[a], f[b]))
-    assert floor["n_used"] == 60 and "note" not in floor
-    assert floor["value"] > 0  # disjoint halves of a finite sample never coincide
-    short = M.fid_floor(f, 150, seed=2)
-    assert short["n_requested"] == 150 and short["n_used"] == 100 and "100" in short["note"]
+def test_fid_floor_is_n_pool_draws_against_the_whole_reference():
+    pool, ref = _feats(n=300, seed=1), _feats(n=500, seed=2)
+    floor = M.fid_floor(pool, ref, 60, seed=2)
+    idx = M.random_subset(300, 60, seed=2)
+    assert floor["value"] == pytest.approx(M.frechet_distance(pool[idx], ref))
+    assert (floor["n_used"], floor["n_reference"]) == (60, 500) and "note" not in floor
+    short = M.fid_floor(pool, ref, 400, seed=2)
+    assert short["n_requested"] == 400 and short["n_used"] == 300 and "300" in short["note"]
+
+
+def test_the_floor_is_what_a_perfect_generator_scores_in_expectation():
+    """A perfect generator draws from the data distribution: its n samples scored against the
+    m reference images must average to the floor. The old floor (two disjoint real subsets of n)
+    carries the 1/n bias twice and comes out ≈ (2/n)/(1/n + 1/m) ≈ 1.8× too high here."""
+    n, m, d, reps = 100, 1000, 4, 100
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(d, d, generator=g)                    # a correlated Gaussian "data set"
+    draw = lambda k: torch.randn(k, d, generator=g) @ mix   # noqa: E731
+    ref, pool = draw(m), draw(20_000)                       # test set; training set
+    perfect = sum(M.frechet_distance(draw(n), ref) for _ in range(reps)) / reps
+    floor = sum(M.fid_floor(pool, ref, n, seed=s)["value"] for s in range(reps)) / reps
+    n_vs_n = sum(M.frechet_distance(draw(n), draw(n)) for _ in range(reps)) / reps
+    assert floor == pytest.approx(perfect, rel=0.12)
+    assert n_vs_n / perfect > 1.5
 
 
 # ---------------------------------------------------------------- SSIM
@@ -194,9 +208,48 @@ def test_precision_recall_of_far_apart_sets_is_zero_and_asymmetric_coverage():
     pr = M.precision_recall(real, real + 100.0, k=3)
     assert pr["precision"] == 0.0 and pr["recall"] == 0.0
     # fakes collapsed onto a few real points: precise, but recall is low
-    collapsed = real[:5].repeat(20, 1) + 1e-4 * torch.randn(100, real.shape[1])
+    collapsed = real[:5].repeat(40, 1) + 1e-4 * torch.randn(200, real.shape[1])
     pr = M.precision_recall(real, collapsed, k=3)
     assert pr["precision"] == 1.0 and pr["recall"] < 0.2
+
+
+def _brute_force_pr(real, fake, k):
+    """Kynkäänniemi et al.'s definition, one point at a time (float64)."""
+    def radii(x):
+        return [sorted(float((x[i] - x[j]).norm()) for j in range(len(x)) if j != i)[k - 1] for i in range(len(x))]
+
+    def coverage(points, centres, r):
+        return sum(any(float((p - c).norm()) <= rc for c, rc in zip(centres, r)) for p in points) / len(points)
+    real, fake = real.double(), fake.double()
+    return coverage(fake, real, radii(real)), coverage(real, fake, radii(fake))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_matches_a_brute_force_reference(k):
+    g = torch.Generator().manual_seed(k)
+    real = torch.randn(40, 5, generator=g)
+    fake = 0.8 * torch.randn(40, 5, generator=g) + 0.5  # overlapping, shifted, narrower
+    pr = M.precision_recall(real, fake, k=k, chunk=7)
+    assert (pr["precision"], pr["recall"]) == pytest.approx(_brute_force_pr(real, fake, k), abs=1e-12)
+    assert 0 < pr["precision"] < 1 and 0 < pr["recall"] < 1 and (pr["k"], pr["n"]) == (k, 40)
+
+
+def test_precision_recall_would_catch_an_off_by_one_in_k():
+    g = torch.Generator().manual_seed(3)
+    real = torch.randn(40, 5, generator=g)
+    fake = 0.8 * torch.randn(40, 5, generator=g) + 0.5
+    got = M.precision_recall(real, fake, k=3)
+    got = (got["precision"], got["recall"])
+    assert got == pytest.approx(_brute_force_pr(real, fake, 3))
+    assert got != pytest.approx(_brute_force_pr(real, fake, 2))  # radius of the 2nd neighbour
+    assert got != pytest.approx(_brute_force_pr(real, fake, 4))  # ... or of the 4th
+
+
+@pytest.mark.parametrize("n_real, n_fake, k, message", [
+    (30, 20, 3, "equal size"), (20, 20, 0, "k must be"), (20, 20, 20, "k must be")])
+def test_precision_recall_refuses_unequal_sets_and_impossible_k(n_real, n_fake, k, message):
+    with pytest.raises(ValueError, match=message):
+        M.precision_recall(torch.randn(n_real, 4), torch.randn(n_fake, 4), k=k)
 
 
 # ---------------------------------------------------------------- efficiency

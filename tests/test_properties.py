@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import json
 import math
+import re
 import shutil
 import struct
 import tempfile
@@ -21,7 +22,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from minidiff.config import (ARCHS, LR_SCHEDULES, PRECISIONS, PRESETS, SAMPLERS, ConfigError,
-                             TrainConfig, train_config)
+                             DiffusionConfig, ModelConfig, TrainConfig, train_config)
 from minidiff.data import DataError, encode_idx, parse_idx
 
 # No example database and no deadline (the CI CPUs are slow and shared).
@@ -42,8 +43,7 @@ words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", max_size=8)
 # field: (strategy of well-typed values, valid(value)). The rules are TrainConfig's, stated again
 # here from its docstrings so that a silently loosened check fails this test.
 FIELDS = {
-    # inf epochs / sample_every are accepted by the config but crash train(): see test_bad_input.
-    "epochs": (finite_or_nan | st.integers(-3, 100), lambda v: v > 0),
+    "epochs": (finite_or_nan | st.integers(-3, 100), lambda v: 0 < v < math.inf),
     "batch_size": (st.integers(-10, 10**6), lambda v: v >= 1),
     "lr": (any_float, lambda v: 0 < v < 1),
     "lr_schedule": (st.sampled_from(LR_SCHEDULES) | words, lambda v: v in LR_SCHEDULES),
@@ -54,12 +54,12 @@ FIELDS = {
     "channels_last": (st.booleans(), lambda v: True),
     "train_subset": (st.integers(-100, 10**6), lambda v: v >= 0),
     "bn_recalib_batches": (st.integers(-10, 1000), lambda v: v >= 0),
-    "sample_every": (finite_or_nan, lambda v: v >= 0),
+    "sample_every": (finite_or_nan, lambda v: 0 <= v < math.inf),
     "ckpt_every_steps": (st.integers(-10, 10**6), lambda v: v >= 1),
     "sampler": (st.sampled_from(SAMPLERS) | words, lambda v: v in SAMPLERS),
     "sample_steps": (st.integers(-5, 400), lambda v: 1 <= v <= 200),  # T = 200 by default
-    "sample_eta": (any_float, lambda v: 0 <= v < float("inf")),
-    "seed": (st.integers(0, 2**32 - 1), lambda v: True),
+    "sample_eta": (any_float, lambda v: 0 <= v < math.inf),
+    "seed": (st.integers(0, 2**32 - 1), lambda v: 0 <= v < 2**32),
 }
 
 
@@ -101,24 +101,132 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(words, inner, max_size=3),
     max_leaves=6)
 
+# The JSON type each field takes (bool is not a number; an int is a float, as in JSON).
+KINDS = {**dict.fromkeys(["batch_size", "warmup_steps", "train_subset", "bn_recalib_batches",
+                          "ckpt_every_steps", "sample_steps", "seed"], "int"),
+         **dict.fromkeys(["epochs", "lr", "grad_clip", "ema_decay", "sample_every", "sample_eta"], "float"),
+         **dict.fromkeys(["lr_schedule", "precision", "sampler"], "str"), "channels_last": "bool"}
+SMOKE = train_config("smoke", "reduced").to_dict()  # the config.json being edited
 
-@FAST
-@given(key_path=st.sampled_from([(f,) for f in FIELDS] + [("arch",), ("model",), ("diffusion",),
-                                                          ("model", "channels"), ("model", "time_emb_dim"),
-                                                          ("diffusion", "timesteps"), ("diffusion", "beta_max"),
-                                                          ("unknown_key",)]),
-       value=json_values)
-def test_from_dict_of_an_edited_config_json_raises_only_what_resume_catches(key_path, value):
-    """``minidiff train --resume`` turns ValueError/TypeError from a bad config.json into one line."""
-    d = train_config("smoke", "reduced").to_dict()
+
+def _is(kind: str, v) -> bool:
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, {"str": str, "bool": bool}[kind])
+
+
+def _diffusion_ok(d) -> bool:
+    """DiffusionConfig's rules, and T must hold the smoke preset's sample_steps."""
+    if not isinstance(d, dict) or set(d) - set(SMOKE["diffusion"]):
+        return False
+    d = {**SMOKE["diffusion"], **d}
+    if not (_is("int", d["timesteps"]) and all(_is("float", d[k]) for k in ("cosine_s", "beta_min", "beta_max"))):
+        return False
+    return (max(2, SMOKE["sample_steps"]) <= d["timesteps"] and 0 <= d["beta_min"] < d["beta_max"] < 1
+            and 0 <= d["cosine_s"] < math.inf)
+
+
+def _edit_is_valid(key_path: tuple, value) -> bool:
+    """Whether config.json of a smoke reduced run stays valid with ``key_path`` set to ``value``.
+    The model entry must stay the reduced architecture's, which the arch names."""
+    if key_path[0] in FIELDS:
+        return _is(KINDS[key_path[0]], value) and FIELDS[key_path[0]][1](value)
+    if key_path == ("arch",):
+        return value == "reduced"
+    if key_path == ("model",):
+        return value == SMOKE["model"]
+    if key_path == ("model", "channels"):
+        return isinstance(value, list) and all(_is("int", c) for c in value) and value == [16, 32, 64]
+    if key_path == ("model", "time_emb_dim"):
+        return _is("int", value) and value == 128
+    if key_path[0] == "diffusion":
+        return _diffusion_ok(value if len(key_path) == 1 else {key_path[1]: value})
+    return False  # an unknown key, at the top or inside model
+
+
+EDITABLE = ([(f,) for f in FIELDS] + [("arch",), ("model",), ("diffusion",), ("model", "channels"),
+            ("model", "time_emb_dim"), ("model", "colour"), ("diffusion", "timesteps"),
+            ("diffusion", "cosine_s"), ("diffusion", "beta_min"), ("diffusion", "beta_max"),
+            ("unknown_key",)])
+
+
+def _edited(key_path: tuple, value) -> dict:
+    d = json.loads(json.dumps(SMOKE))
     target = d
     for k in key_path[:-1]:
         target = target[k]
     target[key_path[-1]] = value
-    try:
-        TrainConfig.from_dict(json.loads(json.dumps(d)))
-    except (ValueError, TypeError):  # ConfigError is a ValueError
-        pass
+    return json.loads(json.dumps(d))  # what `minidiff train --resume` reads back
+
+
+def _check_edit(key_path: tuple, value) -> None:
+    d = _edited(key_path, value)
+    if not _edit_is_valid(key_path, value):
+        with pytest.raises(ConfigError):
+            TrainConfig.from_dict(d)
+        return
+    cfg = TrainConfig.from_dict(d)
+    got = cfg
+    for k in key_path:
+        got = getattr(got, k)
+    as_stored = {("model",): lambda v: ModelConfig(**v), ("diffusion",): lambda v: DiffusionConfig(**v),
+                 ("model", "channels"): tuple}.get(key_path, lambda v: v)
+    assert got == as_stored(value)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@FAST
+@given(key_path=st.sampled_from(EDITABLE), value=json_values)
+@example(key_path=("model", "channels"), value=[16.5, 32, 64])  # was truncated to 16
+@example(key_path=("model", "channels"), value="163")            # was read as (1, 6, 3)
+@example(key_path=("diffusion", "cosine_s"), value=math.inf)     # was accepted: a NaN schedule
+@example(key_path=("arch",), value="baseline")                   # was accepted: reduced weights
+def test_from_dict_of_an_edited_config_json_accepts_exactly_the_valid_values(key_path, value):
+    """``minidiff train --resume`` reads config.json: a bad value must raise ConfigError (the CLI
+    prints it as one line), never be accepted; a good one must come back unchanged."""
+    _check_edit(key_path, value)
+
+
+@pytest.mark.parametrize("key_path, value, message", [
+    (("lr",), 5, "lr must be in (0, 1), got 5"),
+    (("lr",), "0.1", "lr must be of type float, got '0.1'"),
+    (("batch_size",), 1.5, "batch_size must be of type int, got 1.5"),
+    (("batch_size",), True, "batch_size must be of type int, got True"),
+    (("epochs",), math.inf, "epochs must be > 0 and finite, got inf"),
+    (("seed",), 2**32, "seed must be in [0, 2**32), got 4294967296"),
+    (("sample_steps",), 201, "sample_steps must be in [1, 200], got 201"),
+    (("sampler",), "euler", "unknown sampler 'euler'; choose one of ddpm, ddim, dpmpp2m"),
+    (("channels_last",), 1, "channels_last must be of type bool, got 1"),
+    (("arch",), "baseline", "does not match arch 'baseline'"),
+    (("model",), None, "model must be an object, got None"),
+    (("model",), {}, "does not match arch 'reduced'"),
+    (("model", "channels"), [16, 32, 64, 128], "at most 3 levels fit 28x28 images"),
+    (("model", "channels"), [16.5, 32, 64], "channels must be a list of integers, got [16.5, 32, 64]"),
+    (("model", "channels"), "163264", "channels must be a list of integers, got '163264'"),
+    (("model", "time_emb_dim"), 128.0, "time_emb_dim must be of type int, got 128.0"),
+    (("model", "colour"), "red", "unknown model keys: colour"),
+    (("diffusion", "timesteps"), 1, "timesteps must be >= 2, got 1"),
+    (("diffusion", "timesteps"), 3, "sample_steps must be in [1, 3], got 4"),
+    (("diffusion", "cosine_s"), math.inf, "cosine_s must be >= 0 and finite, got inf"),
+    (("diffusion", "beta_max"), 1.0, "need 0 <= beta_min < beta_max < 1, got [0.0001, 1.0]"),
+    (("unknown_key",), 1, "unknown config keys: unknown_key"),
+], ids=lambda v: ".".join(v) if isinstance(v, tuple) else "" if isinstance(v, str) and " " in v else repr(v))
+def test_bad_edits_of_config_json_name_the_problem(key_path, value, message):
+    assert not _edit_is_valid(key_path, value)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig.from_dict(_edited(key_path, value))
+
+
+@pytest.mark.parametrize("key_path, value", [
+    (("lr",), 0.5), (("ema_decay",), 0), (("sampler",), "dpmpp2m"), (("seed",), 2**32 - 1),
+    (("diffusion", "timesteps"), 100), (("diffusion", "cosine_s"), 0.0), (("diffusion",), {}),
+    (("model", "channels"), [16, 32, 64]),
+], ids=lambda v: ".".join(v) if isinstance(v, tuple) else repr(v))
+def test_good_edits_of_config_json_round_trip(key_path, value):
+    assert _edit_is_valid(key_path, value)
+    _check_edit(key_path, value)
 
 
 WRONG_TYPES = {  # field -> values of a type the field cannot mean

@@ -9,7 +9,7 @@ from minidiff.config import ModelConfig, train_config
 from minidiff.diffusion import make_schedule, p_losses
 from minidiff.metrics import macs_per_eval
 from minidiff.models.unet import SimpleUnet, build_from_state_dict, count_parameters
-from minidiff.train import load_model, save_model
+from minidiff.train import load_model, save_model, train
 
 CFG = ModelConfig.from_arch("reduced")
 X = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -56,27 +56,49 @@ def test_paper_prune_includes_conv_transpose_and_skips_its_filters():
     assert up["zeros"] == round(0.3 * up["numel"]) and "filters" not in up
 
 
-def test_masks_keep_pruned_weights_zero_through_optimizer_steps():
+@pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+                                      lambda ps: torch.optim.Adam(ps, lr=1e-2)], ids=["sgd-momentum", "adam"])
+def test_masks_keep_pruned_weights_zero_through_optimizer_steps(make_opt):
     model = _model()
-    masks = P.paper_prune(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = make_schedule()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
+    opt = make_opt(model.parameters())
+    sched, g = make_schedule(), torch.Generator().manual_seed(0)
+
+    def step():
         opt.zero_grad()
         p_losses(model, sched, X, g).backward()
         opt.step()
+
+    step()  # a dense step first: every weight has momentum (SGD) or moments (Adam) when pruned
+    masks = P.paper_prune(model)
+    pruned = {name: model.get_parameter(name).detach().clone() for name in masks}
+    for i in range(3):  # a mask applied once, or to the gradient only, lets momentum refill the zeros
+        step()
         P.apply_masks(model, masks)
+        for name, mask in masks.items():
+            assert (model.get_parameter(name)[~mask] == 0).all(), (i, name)
     for name, mask in masks.items():
         w = model.get_parameter(name)
-        assert (w[~mask] == 0).all(), name
         assert (w[mask] != 0).float().mean() > 0.99, name  # the rest still trains
+        assert (w[mask] != pruned[name][mask]).float().mean() > 0.9, name
     # without the masks one step refills most zeros: the paper's pruned model was dense again
     # (filters zeroed before a BatchNorm get no gradient, so a few per cent stay zero)
-    opt.zero_grad()
-    p_losses(model, sched, X, g).backward()
-    opt.step()
+    step()
     assert P.sparsity_report(model)["overall"] < 0.1
+
+
+def test_fine_tuning_with_masks_keeps_the_zeros_in_every_file(tmp_path, tiny_mnist):
+    # train() applies the masks to the initial weights and after every optimizer step (Adam)
+    model = _model()
+    masks = P.paper_prune(model)
+    cfg = train_config("smoke", "reduced", epochs=1, batch_size=4, train_subset=8, sample_every=0,
+                       sample_steps=1, bn_recalib_batches=0)  # two steps, the least work around them
+    path = train(cfg, tiny_mnist, tmp_path, init_state=model.state_dict(), masks=masks,
+                 progress=False, log=lambda *_: None)
+    raw, _ = C.load(tmp_path / "model_raw.safetensors")
+    ema, _ = C.load(path)  # ema_decay 0.9: the EMA of masked weights is masked too
+    for name, mask in masks.items():
+        assert (raw[name][~mask] == 0).all() and (ema[name][~mask] == 0).all(), name
+        assert not torch.equal(raw[name], model.get_parameter(name).detach()), name  # it trained
 
 
 def test_masks_from_zeros_recovers_the_masks():

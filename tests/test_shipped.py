@@ -3,7 +3,6 @@ draw digits the classifier recognises, seconds after installation."""
 import json
 
 import pytest
-import torch
 
 from minidiff import checkpoint as C
 from minidiff import cli, shipped
@@ -23,7 +22,7 @@ def fake_weights(tmp_path, monkeypatch, tiny_mnist):
     tensors, meta = C.load(run)
     d = tmp_path / "weights"
     d.mkdir()
-    keep = {k: v for k, v in meta.items() if k not in ("format", "versions", "saved_at", "sha256")}
+    keep = C.user_meta(meta)
     C.save(d / "reduced.safetensors", tensors, dict(keep, card={"epochs": 2.0, "params": 634_081,
                                                                   "hardware": ["test CPU"]}))
     monkeypatch.setattr(shipped, "WEIGHTS_DIR", d)

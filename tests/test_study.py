@@ -1,19 +1,24 @@
 """One end-to-end smoke study: every stage runs, resumes, writes the tables, figures and a report
 that headless Chromium renders with its table and every image."""
+import base64
 import csv
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 
 import pytest
 import torch
+from PIL import Image
 
 from minidiff.config import STUDY_PRESETS, study_config
 from minidiff.data import MNIST
 from minidiff.models.classifier import MnistClassifier
-from minidiff.study import MODELS, real_confidence, run_study
+from minidiff.report import COLUMNS
+from minidiff.study import MODELS, PAPER_TABLE, real_confidence, run_study
 
 FIGURES = ("samples", "denoising", "loss", "digits", "efficiency")
 
@@ -35,47 +40,169 @@ def smoke(tmp_path_factory):
     return out, res, (train, test, clf), logs
 
 
+def _md_tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table in ``text`` as rows of cells (the |---| rule dropped)."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if current is None:
+                current = []
+                tables.append(current)
+            if not set(line) <= set("|-"):
+                current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        else:
+            current = None
+    return tables
+
+
+class _Page(HTMLParser):
+    """The tables (rows of cell texts) and the images (alt, src) of an HTML page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tables, self.images, self._cell = [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.images.append((dict(attrs)["alt"], dict(attrs)["src"]))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell)
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+# results.csv column: (its value from the model's evaluation in results.json, decimals kept)
+FROM_EVALUATION = {
+    "params": (lambda r: r["efficiency"]["params_total"], None),
+    "nonzero_params": (lambda r: r["efficiency"]["params_nonzero"], None),
+    "sparsity": (lambda r: r["sparsity_after_finetune"], 4),
+    "checkpoint_bytes": (lambda r: r["efficiency"]["checkpoint_bytes"], None),
+    "macs_per_eval": (lambda r: r["efficiency"]["macs_per_eval"], None),
+    "sampler": (lambda r: r["sampling"]["sampler"], None),
+    "steps": (lambda r: r["sampling"]["steps"], None),
+    "n": (lambda r: r["sampling"]["n"], None),
+    "latency_s": (lambda r: r["timing"]["generate_s"], 2),
+    "pseudo_fid": (lambda r: r["quality"]["pseudo_fid"]["value"], 3),
+    "fid_floor": (lambda r: r["quality"]["pseudo_fid"]["floor"]["value"], 3),
+    "precision": (lambda r: r["quality"]["precision_recall"]["precision"], 3),
+    "recall": (lambda r: r["quality"]["precision_recall"]["recall"], 3),
+    "inception_score": (lambda r: r["quality"]["inception_score"]["value"], 3),
+    "ssim_paper": (lambda r: r["quality"]["ssim_paper"]["mean"], 4),
+    "teacher_ssim": (lambda r: r["teacher_consistency"] and r["teacher_consistency"]["ssim"]["mean"], 4),
+    "mean_confidence": (lambda r: r["quality"]["digit_distribution"]["mean_confidence"], 4),
+    "min_class_share": (lambda r: min(r["quality"]["digit_distribution"]["counts"]) / r["sampling"]["n"], 4),
+}
+
+
+def _agrees(cell: str, value, decimals) -> bool:
+    if value is None:
+        return cell == ""
+    if decimals is None:
+        return cell == str(value)
+    return abs(float(cell) - value) <= 0.5 * 10 ** -decimals + 1e-12
+
+
 def test_smoke_study_runs_every_stage_and_resumes(smoke):
     out, res, (train, test, clf), logs = smoke
     assert set(res["results"]) == set(MODELS)
+    results = json.loads((out / "results.json").read_text())
     for name in MODELS:
-        assert (out / name / "model.safetensors").exists()
-        assert (out / name / "eval.json").exists()
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    by = {r["model"]: r for r in rows}
-    assert int(by["paper_pruned"]["params"]) == int(by["baseline"]["params"])  # the paper's finding
-    assert float(by["paper_pruned"]["sparsity"]) > 0.3                       # kept through fine-tuning
-    assert int(by["structural"]["params"]) < 0.7 * int(by["baseline"]["params"])
-    assert int(by["reduced"]["params"]) == 634_081 and int(by["shallow"]["params"]) == 2_148_097
-    assert by["baseline"]["teacher_ssim"] == "" and by["reduced"]["teacher_ssim"] != ""
-    assert "| model | params |" in (out / "table.md").read_text()
-    assert ", report " in (out / "table.md").read_text()  # every stage's time, the report's too
-    for r in rows:  # the stated rule, applied to the stated numbers
-        ok = float(r["mean_confidence"]) >= 0.9 and float(r["min_class_share"]) >= 0.05
-        assert r["recognisable"] == ("yes" if ok else "no")
-    assert any(line.startswith("recognisable digits") for line in logs)
-    real = res["results"]["baseline"]["classifier"]["test_mean_confidence"]
-    assert f"(the real test digits: {real:.3f})" in (out / "table.md").read_text()
-    assert f"confidence of {real:.3f}" in (out / "report.html").read_text()
+        assert res["models"][name] == str(out / name / "model.safetensors")
+        # results.json holds exactly what each model's eval.json says about it
+        assert json.loads((out / name / "eval.json").read_text()) == results["models"][name]
+        assert results["models"][name]["kind"] == "evaluation"
+        assert results["models"][name]["checkpoint"]["path"] == res["models"][name]
     timings = json.loads((out / "timings.json").read_text())
+    assert timings == results["timings"] and all(v > 0 for v in timings.values())
     assert {"baseline", "paper_pruned", "structural", "reduced", "shallow", "evaluate",
             "report"} <= set(timings)
+    assert sum(line.startswith("== stage ") for line in logs) == len(timings)
     # a second run finds everything done and trains nothing
     before = (out / "baseline" / "model.safetensors").stat().st_mtime_ns
     run_study("smoke", out, train, test, classifier=clf, progress=False, log=logs.append)
     assert (out / "baseline" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_study_writes_every_figure_and_a_self_contained_report(smoke):
+def test_results_csv_and_table_md_agree_with_the_evaluations(smoke):
     out = smoke[0]
-    for name in FIGURES:
-        assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+    results = json.loads((out / "results.json").read_text())
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == list(MODELS)
+    assert set(FROM_EVALUATION) <= set(rows[0])
+    for row in rows:
+        r = results["models"][row["model"]]
+        for column, (value, decimals) in FROM_EVALUATION.items():
+            assert _agrees(row[column], value(r), decimals), (row["model"], column, row[column])
+        assert int(row["checkpoint_bytes"]) == (out / row["model"] / "model.safetensors").stat().st_size
+        ok = float(row["mean_confidence"]) >= 0.9 and float(row["min_class_share"]) >= 0.05
+        assert row["recognisable"] == ("yes" if ok else "no")  # the stated rule, on the stated numbers
+    by = {r["model"]: r for r in rows}
+    assert int(by["paper_pruned"]["params"]) == int(by["baseline"]["params"])  # the paper's finding
+    assert float(by["paper_pruned"]["sparsity"]) > 0.3                       # kept through fine-tuning
+    assert int(by["paper_pruned"]["nonzero_params"]) < 0.75 * int(by["baseline"]["nonzero_params"])
+    assert int(by["structural"]["params"]) < 0.7 * int(by["baseline"]["params"])
+    assert int(by["reduced"]["params"]) == 634_081 and int(by["shallow"]["params"]) == 2_148_097
+    assert by["baseline"]["teacher_ssim"] == ""  # the teacher itself
+    assert all(-1 <= float(r["teacher_ssim"]) < 0.99 for r in rows if r["model"] != "baseline")  # other weights
+
+    text = (out / "table.md").read_text()
+    ours, paper = _md_tables(text)
+    assert ours[0] == list(rows[0]) and ours[1:] == [list(r.values()) for r in rows]  # the CSV, cell by cell
+    assert paper[1:] == [[k, f"{v['params']:,}", str(v["size_mib"]), str(v["latency_s"]), str(v["ssim"]),
+                          str(v["pseudo_fid"])] for k, v in PAPER_TABLE.items()]
+    stages = re.search(r"^Stage wall times \(s\): (.*)$", text, re.M).group(1).split(", ")
+    shown = {k: int(v) for k, v in (s.rsplit(" ", 1) for s in stages)}
+    assert shown.keys() == results["timings"].keys()  # every stage's time, the report's too
+    assert all(abs(shown[k] - v) <= 0.5 for k, v in results["timings"].items())
+    real = results["models"]["baseline"]["classifier"]["test_mean_confidence"]
+    assert {r["classifier"]["test_mean_confidence"] for r in results["models"].values()} == {real}
+    line = re.search(r"^recognisable: mean classifier confidence >= ([0-9.]+) and every digit >= "
+                     r"([0-9]+)% of the samples \(the real test digits: ([0-9.]+)\)\.$", text, re.M)
+    assert (float(line[1]), float(line[2]) / 100) == (0.9, 0.05)
+    assert float(line[3]) == pytest.approx(real, abs=5e-4) and real_confidence(results["models"]) == line[3]
+
+
+def test_study_writes_every_figure_and_a_self_contained_report(smoke):
+    out, logs = smoke[0], smoke[3]
+    results = json.loads((out / "results.json").read_text())
     page = (out / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == len(FIGURES)
     assert not re.search(r'src="(?!data:)', page)  # nothing linked from outside the file
-    for name in MODELS:
-        assert f"<td>{name}</td>" in page
+    parsed = _Page(page)
+    # every figure, embedded byte for byte, and a real picture (not one flat colour)
+    assert [alt for alt, _ in parsed.images] == list(FIGURES)
+    for alt, src in parsed.images:
+        png = (out / "figures" / f"{alt}.png").read_bytes()
+        assert src == "data:image/png;base64," + base64.b64encode(png).decode("ascii"), alt
+        with Image.open(io.BytesIO(png)) as im:
+            lo, hi = im.convert("L").getextrema()
+            assert im.format == "PNG" and min(im.size) > 100 and hi - lo > 100, alt
+    # its three tables: the CSV (under the report's headers), the paper's, the stage times so far
+    ours, paper, stages = parsed.tables
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert ours[0] == [COLUMNS[c] for c in rows[0]] and ours[1:] == [list(r.values()) for r in rows]
+    assert [r[0] for r in paper[1:]] == list(PAPER_TABLE)
+    shown, final = {k: int(v) for k, v in stages[1:]}, results["timings"]
+    # written during the report stage, so that stage's time is the previous run's (if any)
+    assert final.keys() - {"report"} <= shown.keys() <= final.keys()
+    assert all(abs(shown[k] - final[k]) <= 0.5 for k in shown if k != "report")
+    real = results["models"]["baseline"]["classifier"]["test_mean_confidence"]
+    stated = re.search(r"confidence of ([0-9.]+)\)", page)
+    assert float(stated[1]) == pytest.approx(real, abs=5e-4)
+    assert sum(line.startswith("recognisable digits") for line in logs) >= 1
 
 
 def _chromium():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from minidiff import checkpoint as ckpt
 from minidiff.data import batches_per_epoch
+from minidiff.evaluate import METRICS_VERSION
 from minidiff.metrics import count_params
 from minidiff.shipped import card, shipped_path
 from minidiff.train import load_model
@@ -28,7 +29,8 @@ N_TRAIN = 60_000
 
 
 def _eval_rows(curve: Path, sha: str) -> dict:
-    rows = [r for r in json.loads(curve.read_text()) if r["sha256"] == sha]
+    rows = [r for r in json.loads(curve.read_text())
+            if r["sha256"] == sha and r.get("metrics_version", 1) == METRICS_VERSION]
     out = {}
     for r in rows:
         s = r["sampling"]
@@ -36,7 +38,8 @@ def _eval_rows(curve: Path, sha: str) -> dict:
         out[key] = {k: r[k] for k in ("mean_confidence", "smallest_share", "largest_share", "pseudo_fid",
                                       "floor", "precision", "recall")}
         out[key].update(n=s["n"], seed=s["seed"], eta=s.get("eta"), spacing=s.get("spacing"),
-                        precision_mode=s["precision"], device=r["device"].get("device"))
+                        precision_mode=s["precision"], device=r["device"].get("device"),
+                        metrics_version=METRICS_VERSION)
     return out
 
 
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     c["hardware"] = sorted({s["hardware"] for s in prov.get("segments", [])})
     dest = shipped_path(a.name)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    keep = {k: v for k, v in meta.items() if k not in ("format", "versions", "saved_at", "sha256")}
+    keep = ckpt.user_meta(meta)
     ckpt.save(dest, tensors, dict(keep, card=c))
     print(json.dumps(card(dest), indent=1)[:2000])
     return 0

@@ -1,10 +1,13 @@
 """Self-describing checkpoints: one safetensors file, tensors plus a JSON header.
 
 Loading never unpickles anything. The JSON (safetensors metadata key ``minidiff``) carries the
-architecture, config, step and library versions, and a sha256 over every tensor's bytes, so a
-corrupt file is detected even where safetensors' own header checks pass. Writes are atomic
-(temporary file, fsync, rename) and the previous file is kept as ``*.prev`` until the new one
-is in place.
+architecture, config, step and library versions, ``sha256`` over every tensor's bytes (the
+weights' identity, recorded wherever a model is referred to) and ``header_sha256`` over the JSON
+header itself (``sha256`` included), so corrupt weights and an edited or damaged header are both
+detected, even where safetensors' own checks pass. Format-1 files (written before the header
+digest) still load, with the weights' digest checked only. Writes go through ``files.atomic_write_bytes``
+(a crash leaves the old or the new file), and the previous file is kept as ``*.prev`` until the
+new one is in place.
 
 Two kinds:
 - ``training``: model, EMA, optimizer and RNG state — what ``--resume`` needs;
@@ -15,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -27,7 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-FORMAT = 1
+from .files import atomic_write_bytes
+
+FORMAT = 2              # 2: the header carries header_sha256 (format 1 still loads)
+_STAMPED = ("format", "versions", "saved_at", "sha256", "header_sha256")  # added by save()
 _VALUES, _MASK = "@values", "@mask"  # key suffixes of a sparse-encoded tensor
 SPARSE_FORMAT = 1
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
@@ -57,37 +62,16 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def header_digest(header: dict[str, Any]) -> str:
+    """sha256 of a header's canonical JSON (sorted keys, no spaces), ``header_sha256`` left out."""
+    body = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes, keep_previous: bool = False) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            os.replace(path, path.with_name(path.name + ".prev"))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.filename is None:  # write() and fsync() report ENOSPC without a name
-            e.filename = str(path)
-        raise
-    _fsync_dir(path.parent)
+def user_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """A loaded header without the fields ``save`` stamps: what to pass to ``save`` to rewrite a
+    file with the same description (and fresh digests)."""
+    return {k: v for k, v in meta.items() if k not in _STAMPED}
 
 
 def save(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -97,6 +81,7 @@ def save(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     header = dict(meta, format=FORMAT, versions=versions(), saved_at=time.time(),
                   sha256=tensors_digest(tensors))
+    header["header_sha256"] = header_digest(header)
     data = st_save(tensors, metadata={"minidiff": json.dumps(header)})
     atomic_write_bytes(path, data, keep_previous=keep_previous)
     return path
@@ -117,8 +102,11 @@ def load(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise CheckpointError(f"{path}: not a minidiff checkpoint or truncated/corrupt ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: not a minidiff checkpoint (its metadata is not a JSON object)")
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (1, FORMAT):
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
+    if meta["format"] >= 2 and header_digest(meta) != meta.get("header_sha256"):
+        raise CheckpointError(f"{path}: sha256 of the JSON header does not match the one recorded; "
+                              "the header was edited or is corrupt")
     if tensors_digest(tensors) != meta.get("sha256"):
         raise CheckpointError(f"{path}: sha256 of the weights does not match the one recorded; "
                               "the file is corrupt")

@@ -22,6 +22,7 @@ EPILOG_MAIN = """examples:
   minidiff models                               # the shipped models and their cards
   minidiff prune runs/reduced/model.safetensors --method structural --ratio 0.3 --out pruned.safetensors
   minidiff data                                 # fetch + verify MNIST into the cache
+  minidiff serve                                # a local page: sampling live, step by step
 """
 
 
@@ -225,6 +226,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, required=True, dest="json_out", help="output .json file")
     p.add_argument("--cache-dir", type=Path, default=None, help="classifier cache (see `classifier`)")
     _add_data_dir(p)
+
+    p = sub.add_parser("serve", help="a local page that samples digits live, step by step",
+                       description="Serve a page at the printed address. Choose a model, sampler, steps,\n"
+                                   "η, seed and number of images, press Generate and watch x_t and the\n"
+                                   "predicted x̂_0 after every step, with the time each step took; a slider\n"
+                                   "scrubs through the steps afterwards. Compare runs two settings from the\n"
+                                   "same initial noise side by side, with their times. Every file the page\n"
+                                   "needs comes from the package (no network). One generation runs at a\n"
+                                   "time and a few more may wait (beyond that: busy, 503); closing the page\n"
+                                   "cancels its generation.",
+                       epilog="examples:\n  minidiff serve                    # the shipped models, "
+                              "at http://127.0.0.1:8000/\n  minidiff serve runs/x/model.safetensors "
+                              "--port 8080", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", type=Path, metavar="MODEL",
+                   help="models to offer besides the shipped ones: model files, run directories "
+                        "or shipped names")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
+                        "lets other machines in)")
     return ap
 
 
@@ -458,12 +479,16 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     if a.teacher is not None:
         load(a.teacher)
     _writable_dir(a.json_out.parent)
-    from .distributed import init_from_env, is_main
+    from .distributed import init_from_env, is_main, rank_zero_first
     device = init_from_env()  # torchrun: every rank samples its share of the N samples
-    clf, _ = load_or_train_classifier(a.cache_dir, data_dir=a.data_dir)
+    # under torchrun rank 0 fills the MNIST and classifier caches; the others wait, then read them
+    test_data = rank_zero_first(lambda: load_split("test", a.data_dir))
+    train_data = load_split("train", a.data_dir)  # in the cache now
+    clf, _ = rank_zero_first(lambda: load_or_train_classifier(a.cache_dir, data_dir=a.data_dir,
+                                                              log=_say))
     r = evaluate_checkpoint(a.ckpt, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed,
-                            batch_size=a.batch_size, classifier=clf,
-                            test_data=load_split("test", a.data_dir), precision=a.precision,
+                            batch_size=a.batch_size, classifier=clf, test_data=test_data,
+                            train_data=train_data, precision=a.precision,
                             teacher=a.teacher, device=device, progress=is_main(), **options)
     if not is_main():
         return
@@ -480,10 +505,56 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     print(write_json(r, a.json_out))
 
 
+def _listen(host: str, port: int):
+    """A bound TCP socket for the server, or a UserError naming why not (port taken, bad host)."""
+    import errno
+    import socket
+    if not 0 <= port < 65536:
+        raise UserError(f"--port must be in [0, 65535], got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = "; choose another with --port" if e.errno == errno.EADDRINUSE else ""
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    return sock
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from .serve import create_app, is_loopback, serve_forever
+    from .shipped import MODEL_NAMES, available, resolve_model
+    models = {str(arg): resolve_model(arg) for arg in a.models}  # listed first: the page's default
+    models.update({n: p for n, p in available().items() if n in MODEL_NAMES and n not in models})
+    if not models:
+        raise UserError("no model to serve: this installation ships none; pass a model file")
+    sock = _listen(a.host, a.port)
+    try:
+        app = create_app(models)
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    print(f"minidiff serve: http://{f'[{host}]' if ':' in host else host}:{port}/ "
+          f"(models: {', '.join(models)}; Ctrl+C stops)", flush=True)
+    if not is_loopback(a.host):
+        print(f"note: listening on {a.host}: other machines that reach it can use the page", flush=True)
+    try:
+        serve_forever(app, sock)
+    except KeyboardInterrupt:  # uvicorn stops cleanly on Ctrl+C, then re-raises it
+        pass
+    print("minidiff serve: stopped")
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prune": cmd_prune, "data": cmd_data,
             "models": cmd_models,
             "run": cmd_study, "figures": cmd_figures, "classifier": cmd_classifier,
-            "evaluate": cmd_evaluate, "study": cmd_study}
+            "evaluate": cmd_evaluate, "study": cmd_study, "serve": cmd_serve}
 
 
 DISTRIBUTED_COMMANDS = ("train", "evaluate")  # the commands that know torchrun (minidiff.distributed)

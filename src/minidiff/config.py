@@ -60,6 +60,11 @@ class ModelConfig:
     time_emb_dim: int = 256
 
     def __post_init__(self) -> None:
+        # a list of whole numbers, not a string or floats that int() would quietly turn into one
+        _check(isinstance(self.channels, (list, tuple)) and all(
+            isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in self.channels),
+            f"channels must be a list of integers, got {self.channels!r}")
+        _check_types(self)
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         _check(len(self.channels) >= 2, f"channels needs at least 2 levels, got {self.channels}")
         _check(all(c > 0 for c in self.channels), f"channels must be positive, got {self.channels}")
@@ -93,7 +98,7 @@ class DiffusionConfig:
         _check(self.timesteps >= 2, f"timesteps must be >= 2, got {self.timesteps}")
         _check(0 <= self.beta_min < self.beta_max < 1,
                f"need 0 <= beta_min < beta_max < 1, got [{self.beta_min}, {self.beta_max}]")
-        _check(self.cosine_s >= 0, f"cosine_s must be >= 0, got {self.cosine_s}")
+        _check(0 <= self.cosine_s < float("inf"), f"cosine_s must be >= 0 and finite, got {self.cosine_s}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.arch in ARCHS, f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        # the arch is the checkpoints' label: it must name the model actually built
+        _check(self.model == ModelConfig.from_arch(self.arch),
+               f"model (channels {list(self.model.channels)}, time_emb_dim {self.model.time_emb_dim}) "
+               f"does not match arch {self.arch!r} (channels {list(ARCHS[self.arch][0])}, "
+               f"time_emb_dim {ARCHS[self.arch][1]})")
         _check(0 < self.epochs < float("inf"), f"epochs must be > 0 and finite, got {self.epochs}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
@@ -154,12 +164,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)
-        model = ModelConfig(**d.pop("model", {}))
-        diffusion = DiffusionConfig(**d.pop("diffusion", {}))
+        parts = {}
+        for name, part_cls in (("model", ModelConfig), ("diffusion", DiffusionConfig)):
+            part = d.pop(name, {})
+            _check(isinstance(part, dict), f"{name} must be an object, got {part!r}")
+            unknown = set(part) - {f.name for f in fields(part_cls)}
+            _check(not unknown, f"unknown {name} keys: {', '.join(sorted(unknown))}")
+            parts[name] = part_cls(**part)
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         _check(not unknown, f"unknown config keys: {', '.join(sorted(unknown))}")
-        return cls(model=model, diffusion=diffusion, **d)
+        return cls(**parts, **d)
 
 
 # Presets differ only in numbers; every preset runs the same code.

@@ -6,7 +6,9 @@ every process builds the same model, reads the same global batch indices and kee
 generator, so each rank's slice matches what a single process would draw for those images).
 DistributedDataParallel averages the gradients: the update is the single-process update with
 the same global batch, except that BatchNorm normalises with each rank's own slice statistics.
-Only rank 0 writes files. NCCL on GPUs, gloo on CPUs. Without torchrun nothing changes.
+Only rank 0 writes files; shared caches (MNIST, the evaluation classifier) are filled by rank 0
+while the others wait (``rank_zero_first``). NCCL on GPUs, gloo on CPUs. Without torchrun
+nothing changes.
 """
 from __future__ import annotations
 
@@ -43,6 +45,19 @@ def is_main() -> bool:
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
+
+
+def rank_zero_first(fn):
+    """``fn()`` on rank 0, then — after a barrier — on every other rank; returns its result.
+
+    For loaders that fill a shared cache on first use (MNIST, the evaluation classifier): rank 0
+    fetches or trains and writes once, the others wait and then read what it wrote."""
+    if is_main():
+        out = fn()
+    barrier()
+    if not is_main():
+        out = fn()
+    return out
 
 
 def shard(n: int) -> slice:

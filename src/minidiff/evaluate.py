@@ -22,6 +22,7 @@ from . import metrics as M
 from .config import DiffusionConfig
 from .data import MNIST, to_model_range, to_uint8
 from .diffusion import make_schedule
+from .files import write_text
 from .generate import generate, initial_noise, make_eps_fn, save_images
 from .models.classifier import MnistClassifier, predict
 from .distributed import shard, world
@@ -29,6 +30,12 @@ from .config import DEFAULT_SPACING
 from .samplers import resolve_steps
 from .runtime import default_device, describe_device, resolve_precision
 from .train import load_model
+
+
+# 2: the pseudo-FID floor is N training images against the test set (was two disjoint real
+# subsets of N); precision/recall compares equal-size sets (N test images drawn with the seed);
+# stochastic samplers draw each sample's noise from its own stream (generate.sample_noise_seed).
+METRICS_VERSION = 2
 
 
 def sampler_options(sampler: str, spacing: str = DEFAULT_SPACING, eta: float = 0.0) -> dict[str, Any]:
@@ -116,13 +123,20 @@ def _teacher_consistency(ckpt_path, teacher, student_images, device, n, sampler,
     return out, {"teacher_generate_s": t_timing["generate_s"], "teacher_samples_reused": cached}
 
 
-def _quality(classifier: MnistClassifier, images: torch.Tensor, test_data: MNIST,
+def _quality(classifier: MnistClassifier, images: torch.Tensor, test_data: MNIST, train_data: MNIST,
              seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Quality metrics of samples (N, 1, 28, 28) against the test set, and the classifier's record."""
+    """Quality metrics of samples (N, 1, 28, 28) against the test set, and the classifier's record.
+
+    Pseudo-FID: the N samples against all M test images; its floor: N real training images
+    against the same M (``metrics.fid_floor``). Precision/recall: the N samples against N test
+    images drawn with the seed (equal sizes, k = 3, as Kynkäänniemi et al. define them)."""
     n = images.shape[0]
     real = to_model_range(test_data.images)                   # (M, 1, 28, 28)
     real_f, real_p = predict(classifier, real)
     fake_f, fake_p = predict(classifier, images)
+    pool = train_data.images[M.random_subset(len(train_data), n, seed)]
+    pool_f, _ = predict(classifier, to_model_range(pool))     # (min(N, 60,000), D)
+    pr_idx = M.random_subset(real.shape[0], n, seed)          # N test images (all M if N > M)
     # χ² also against the test set's own label shares (clamped so a tiny test slice works)
     share = torch.bincount(test_data.labels.long(), minlength=10).double().clamp(min=1)
     vs_labels = M.digit_distribution(fake_p, share)
@@ -131,10 +145,11 @@ def _quality(classifier: MnistClassifier, images: torch.Tensor, test_data: MNIST
                            definition="paper's definition: each sample vs a uniformly random real "
                                       "test image"),
         "pseudo_fid": {"value": M.frechet_distance(fake_f, real_f), "n_fake": n,
-                       "n_real": real.shape[0], "floor": M.fid_floor(real_f, n, seed)},
+                       "n_real": real.shape[0], "floor": M.fid_floor(pool_f, real_f, n, seed)},
         "digit_distribution": dict(M.digit_distribution(fake_p), vs_test_labels={
             "chi2": vs_labels["chi2"], "p_value": vs_labels["p_value"]}),
-        "precision_recall": M.precision_recall(real_f, fake_f, k=3),
+        "precision_recall": dict(M.precision_recall(real_f[pr_idx], fake_f[:len(pr_idx)], k=3),
+                                 real="test images drawn with the seed", seed=seed),
         "inception_score": {"value": M.inception_score(fake_p),
                             "real_test_set": M.inception_score(real_p)},
     }
@@ -149,6 +164,7 @@ def _quality(classifier: MnistClassifier, images: torch.Tensor, test_data: MNIST
 def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "ddim",
                         steps: int | None = None, seed: int = 0, batch_size: int = 256,
                         classifier: MnistClassifier | None = None, test_data: MNIST | None = None,
+                        train_data: MNIST | None = None,
                         precision: str = "auto", teacher: Path | str | None = None,
                         device: torch.device | None = None, progress: bool = True,
                         samples_png: Path | str | None = None,
@@ -156,7 +172,8 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
                         teacher_n: int | None = None) -> dict[str, Any]:
     """Generate ``n`` samples from a checkpoint and measure efficiency and quality.
 
-    ``classifier`` / ``test_data`` default to the cached classifier and the MNIST test set.
+    ``classifier`` / ``test_data`` / ``train_data`` default to the cached classifier and the MNIST
+    test and training sets (the training images give the pseudo-FID's floor).
     With ``teacher`` (the uncompressed model's checkpoint), also report SSIM between this model's
     and the teacher's samples from the same initial noise (deterministic sampler), on the first
     ``teacher_n`` samples (default all ``n``: with a stochastic sampler that samples both models
@@ -170,9 +187,10 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
     if classifier is None:
         from .models.classifier import load_or_train_classifier
         classifier, _ = load_or_train_classifier(progress=progress)
-    if test_data is None:
+    if test_data is None or train_data is None:
         from .data import load_split
-        test_data = load_split("test")
+        test_data = load_split("test") if test_data is None else test_data
+        train_data = load_split("train") if train_data is None else train_data
     device = device or default_device()
     precision = resolve_precision(precision, device)
     classifier = classifier.to(device).eval()
@@ -182,13 +200,14 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
                                           precision, progress, options)
     if samples_png is not None:
         save_images(images[:64], samples_png)
-    quality, clf_record = _quality(classifier, images, test_data, seed)
+    quality, clf_record = _quality(classifier, images, test_data, train_data, seed)
     n_bytes = M.checkpoint_bytes(ckpt_path)
     one_image = (torch.zeros(1, 1, 28, 28, device=device), torch.zeros(1, device=device))
     macs = M.macs_per_eval(model, *one_image)
     nfe = timing.pop("nfe_per_sample")
     result: dict[str, Any] = {
         "kind": "evaluation",
+        "metrics_version": METRICS_VERSION,
         "checkpoint": {"path": str(ckpt_path), "sha256": meta.get("sha256"), "arch": meta.get("arch"),
                        "step": meta.get("step"), "weights": meta.get("weights")},
         "sampling": {"n": n, "sampler": sampler, "steps": timing.pop("steps"), "seed": seed,
@@ -231,5 +250,5 @@ def write_json(result: dict[str, Any], path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_finite(result), indent=2, allow_nan=False) + "\n"
-    ckpt.atomic_write_bytes(path, text.encode())
+    write_text(path, text)
     return path

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from .data import MNIST, to_model_range, to_uint8  # noqa: E402
 from .diffusion import Schedule, predict_x0, q_sample  # noqa: E402
+from .files import save_figure  # noqa: E402
 from .generate import initial_noise, make_eps_fn  # noqa: E402
 from .samplers import ddim_sample, ddpm_sample  # noqa: E402
 
@@ -38,7 +39,7 @@ def _strip(rows: list[list[torch.Tensor]], titles: list[str], path: Path, row_la
             if c == 0 and row_labels:
                 ax.set_ylabel(row_labels[r], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -55,7 +56,7 @@ def plot_schedule(sched: Schedule, path: Path) -> Path:
     b.set(title="how much signal is left", xlabel="t")
     b.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -75,7 +76,7 @@ def plot_reverse(model, sched: Schedule, path: Path, n: int = 4, seed: int = 0) 
     x_T = initial_noise(n, seed)
     keep[sched.T - 1] = x_T
 
-    def cb(t, x):  # called with x_{t-1} after the step at t; after t = 0 it is the sample
+    def cb(t, x, x0):  # called with x_{t-1} after the step at t; after t = 0 it is the sample
         if t - 1 in TS or t == 0:
             keep[t - 1] = x.clone()
     ddpm_sample(eps_fn, sched, x_T, torch.Generator().manual_seed(seed + 1), callback=cb)

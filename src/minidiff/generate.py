@@ -1,11 +1,14 @@
 """Turning a trained network into images: the inference wrapper, batched generation, grids.
 
-The initial noise x_T for all N samples is drawn up front from the seed, so the same seed gives
-the same x_T whatever the batch size — and two models sampled with the same seed and a
-deterministic sampler start from the same noise (teacher-consistency SSIM relies on this).
+The initial noise x_T for all N samples is drawn up front from the seed, and a stochastic
+sampler draws sample i's noise from a stream of its own (``sample_noise_seed(seed, i)``), so the
+same seed gives the same samples whatever the batch size or the number of torchrun processes —
+and two models sampled with the same seed and a deterministic sampler start from the same noise
+(teacher-consistency SSIM relies on this).
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import to_uint8
+from .files import atomic_write_bytes
 from .diffusion import Schedule
 from .models.unet import SimpleUnet, fold_batchnorm
 from .runtime import autocast
@@ -43,6 +47,12 @@ def initial_noise(n: int, seed: int, device: torch.device | str = "cpu") -> torc
     return torch.randn((n, 1, 28, 28), generator=g).to(device)
 
 
+def sample_noise_seed(seed: int, i: int) -> int:
+    """The seed of sample i's noise stream for a stochastic sampler (x_T itself comes from
+    ``initial_noise(n, seed)``): distinct for every (seed, i) with seed, i < 2**32."""
+    return (seed << 32) + i + 1
+
+
 def generate(model: torch.nn.Module, sched: Schedule, n: int, *, sampler: str = "ddim",
              steps: int | None = None, seed: int = 0, batch_size: int = 256, precision: str = "fp32",
              progress: bool = True, x_T: torch.Tensor | None = None, fold_bn: bool = True,
@@ -58,13 +68,15 @@ def generate(model: torch.nn.Module, sched: Schedule, n: int, *, sampler: str = 
     device = next(model.parameters()).device
     eps_fn = make_eps_fn(model, precision, channels_last=channels_last, fold_bn=fold_bn)
     x_T = initial_noise(n, seed, device) if x_T is None else x_T.to(device)
-    rank, n_ranks = world() if distributed else (0, 1)
+    n_ranks = world()[1] if distributed else 1
+    mine = range(n)[shard(n)] if n_ranks > 1 else range(n)
     x_T = x_T[shard(n)] if n_ranks > 1 else x_T
-    g = torch.Generator(device=device).manual_seed(seed + 1 + 7919 * rank)  # for stochastic samplers
     out = []
     for start in tqdm(range(0, x_T.shape[0], batch_size), desc=f"sampling {sampler}", unit="batch",
                       disable=not progress, leave=False):
-        out.append(run_sampler(sampler, eps_fn, sched, x_T[start:start + batch_size], g,
+        # stochastic samplers: sample i draws its noise from its own stream, seeded by (seed, i)
+        gens = [torch.Generator().manual_seed(sample_noise_seed(seed, i)) for i in mine[start:start + batch_size]]
+        out.append(run_sampler(sampler, eps_fn, sched, x_T[start:start + batch_size], gens,
                                steps=steps, **sampler_kw))
     x = torch.cat(out) if out else x_T[:0]
     return gather_cat(x, n).cpu() if n_ranks > 1 else x.cpu()
@@ -89,17 +101,10 @@ def save_images(x: torch.Tensor, path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix not in (".npz", ".png"):
         raise ValueError(f"output must end in .png or .npz, got {path.name!r}")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        if path.suffix == ".npz":
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, images=u8.numpy())
-        else:
-            grid_image(u8).save(tmp, format="PNG")
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.filename is None:
-            e.filename = str(path)
-        raise
+    buf = io.BytesIO()
+    if path.suffix == ".npz":
+        np.savez_compressed(buf, images=u8.numpy())
+    else:
+        grid_image(u8).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
     return path

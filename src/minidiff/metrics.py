@@ -7,7 +7,8 @@ convention: float (N, 1, 28, 28) in [-1, 1]; SSIM maps them to [0, 1] with ``dat
 
 Fixes to the paper's implementation (SPEC §4): the Fréchet distance uses tr√(Σ_a Σ_b) (via
 torchmetrics), not the eigen-decomposition of a symmetrised product; ``fid_floor`` gives the
-real-vs-real value to print next to every FID; ``ssim_paper`` is kept only for the paper's column.
+value a perfect generator would score, to print next to every FID; ``ssim_paper`` is kept only
+for the paper's column.
 """
 from __future__ import annotations
 
@@ -50,42 +51,52 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, chunk: int = 
     d² = ‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2}),
 
     computed by torchmetrics' FID (float64 moments, tr√(Σ_a Σ_b) = Σ √eig(Σ_a Σ_b)), with the
-    features streamed in chunks so only D×D moments are held.
+    features streamed in chunks so only D×D moments are held. A function of its arguments only,
+    also under torchrun.
     """
     _check_feats("feats_a", feats_a)
     _check_feats("feats_b", feats_b)
     if feats_a.shape[1] != feats_b.shape[1]:
         raise ValueError(f"feature widths differ: {feats_a.shape[1]} vs {feats_b.shape[1]}")
-    fid = FrechetInceptionDistance(feature=_GivenFeatures(feats_a.shape[1])).eval()
+    # sync_on_compute=False: under torchrun every rank already holds all the features; the
+    # default cross-rank sync would add up every rank's statistics (N counted once per rank).
+    fid = FrechetInceptionDistance(feature=_GivenFeatures(feats_a.shape[1]), sync_on_compute=False).eval()
     for feats, real in ((feats_a, True), (feats_b, False)):
         for part in feats.split(chunk):
             fid.update(part.double(), real=real)
     return float(fid.compute())
 
 
-def disjoint_subsets(available: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two disjoint random index sets of size min(n, available // 2) from range(available)."""
-    n_used = min(n, available // 2)
-    if n_used < 2:
-        raise ValueError(f"need at least 4 real samples for two subsets, got {available}")
-    perm = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
-    return perm[:n_used], perm[n_used:2 * n_used]
+def random_subset(available: int, n: int, seed: int) -> torch.Tensor:
+    """min(n, available) distinct indices drawn from range(available) with ``seed``."""
+    if available < 1 or n < 1:
+        raise ValueError(f"need n >= 1 of available >= 1 items, got n = {n} of {available}")
+    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:min(n, available)]
 
 
-def fid_floor(real_feats: torch.Tensor, n: int, seed: int) -> dict[str, Any]:
-    """Fréchet distance between two disjoint random subsets of the real features, n each.
+FLOOR_DEFINITION = ("Fréchet distance of n real training images (drawn with the seed) to the same "
+                    "reference set the score uses: what a perfect generator scores with n samples")
 
-    This is what a perfect generator would score with n samples: print it next to every FID.
-    If 2n exceeds the real set (10,000 MNIST test images vs n = 10,000), n_used = available // 2,
-    recorded as such; the floor then belongs to the smaller sample size (FID's bias grows as n falls).
+
+def fid_floor(pool_feats: torch.Tensor, ref_feats: torch.Tensor, n: int, seed: int) -> dict[str, Any]:
+    """What a perfect generator would score: the Fréchet distance between ``n`` real images drawn
+    with ``seed`` from ``pool_feats`` (minidiff draws them from the training set) and the same
+    reference ``ref_feats`` (the 10,000 test images) that a generator's ``n`` samples are scored
+    against. Print it next to every FID.
+
+    A Fréchet estimate from finite samples is biased upwards by roughly tr(Σ)·(1/n_a + 1/n_b)-like
+    terms, so the floor must have the score's sample sizes: n against the whole reference. (Two
+    real subsets of n each would carry the 1/n bias twice: at n = 1,000 against 10,000 about twice
+    the value a perfect generator scores.) A perfect generator's samples are draws from the data
+    distribution, as the training images are, so its expected score equals this floor's.
+    If n exceeds the pool, all of it is used (``n_used``), with a note.
     """
-    a, b = disjoint_subsets(real_feats.shape[0], n, seed)
-    n_used = a.shape[0]
-    out = {"value": frechet_distance(real_feats[a], real_feats[b]), "n_requested": n,
-           "n_used": n_used, "seed": seed}
+    idx = random_subset(pool_feats.shape[0], n, seed)
+    n_used = idx.shape[0]
+    out = {"value": frechet_distance(pool_feats[idx], ref_feats), "n_requested": n, "n_used": n_used,
+           "n_reference": ref_feats.shape[0], "seed": seed, "definition": FLOOR_DEFINITION}
     if n_used < n:
-        out["note"] = (f"only {real_feats.shape[0]} real samples: floor computed with two disjoint "
-                       f"subsets of {n_used}, not {n}")
+        out["note"] = f"only {pool_feats.shape[0]} real samples to draw from: floor computed with {n_used}, not {n}"
     return out
 
 
@@ -177,23 +188,28 @@ def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
 
 def precision_recall(real_feats: torch.Tensor, fake_feats: torch.Tensor, k: int = 3,
                      chunk: int = 1000) -> dict[str, Any]:
-    """k-NN manifold precision and recall (Kynkäänniemi et al. 2019).
+    """k-NN manifold precision and recall as Kynkäänniemi et al. 2019 define them: two sets of
+    the same size (the paper's protocol; the radii depend on how densely a set is sampled, so
+    unequal sizes would bias the comparison), k = 3 by default.
 
     Each set's manifold is the union of balls around its points with radius = distance to the
-    k-th nearest neighbour in the same set. Precision: fraction of fake points inside the real
-    manifold; recall: fraction of real points inside the fake manifold. Distances in chunks of
-    ``chunk`` rows (a chunk × N matrix at a time).
+    k-th nearest neighbour in the same set (the point itself not counted). Precision: fraction
+    of fake points inside the real manifold; recall: fraction of real points inside the fake
+    manifold (a point on a ball's boundary counts as inside). Distances in chunks of ``chunk``
+    rows (a chunk × N matrix at a time).
     """
     _check_feats("real_feats", real_feats)
     _check_feats("fake_feats", fake_feats)
-    if min(real_feats.shape[0], fake_feats.shape[0]) <= k:
-        raise ValueError(f"both sets need more than k={k} points")
+    if real_feats.shape[0] != fake_feats.shape[0]:
+        raise ValueError(f"precision/recall compares sets of equal size, got {real_feats.shape[0]} real "
+                         f"and {fake_feats.shape[0]} generated")
+    if not 1 <= k < real_feats.shape[0]:
+        raise ValueError(f"k must be in [1, {real_feats.shape[0] - 1}] for sets of {real_feats.shape[0]}, got {k}")
     real, fake = real_feats.float(), fake_feats.float()
     r_real, r_fake = _kth_nn_radii(real, k, chunk), _kth_nn_radii(fake, k, chunk)
     precision = _inside_any_ball(fake, real, r_real, chunk).double().mean()
     recall = _inside_any_ball(real, fake, r_fake, chunk).double().mean()
-    return {"precision": float(precision), "recall": float(recall), "k": k,
-            "n_real": real.shape[0], "n_fake": fake.shape[0]}
+    return {"precision": float(precision), "recall": float(recall), "k": k, "n": real.shape[0]}
 
 
 # ---------------------------------------------------------------- efficiency

@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .checkpoint import atomic_write_bytes  # noqa: E402
+from .files import atomic_write_bytes, save_figure  # noqa: E402
 
 COLUMNS = {  # results column → header in the report
     "model": "model", "params": "params", "nonzero_params": "non-zero params", "sparsity": "sparsity",
@@ -35,7 +35,7 @@ COLUMNS = {  # results column → header in the report
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
     return path
 

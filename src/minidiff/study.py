@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import atomic_write_bytes
+from .files import write_text
 from .config import StudyConfig, TrainConfig, study_config, train_config
 from .data import MNIST
 from .evaluate import evaluate_checkpoint, write_json
@@ -35,12 +35,6 @@ PAPER_TABLE = {
     "reduced": dict(params=634_081, size_mib=2.5, latency_s=31.2825, ssim=0.3688, pseudo_fid=1.76),
     "shallow": dict(params=2_148_097, size_mib=8.2, latency_s=81.5870, ssim=0.3659, pseudo_fid=2.39),
 }
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Every file of the study goes through the one atomic writer: a kill leaves the old file or
-    the new one, never a truncated file that blocks the next resume."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _read_json(path: Path, default: Any, log=print) -> Any:
@@ -85,7 +79,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sc: StudyConfig = study_config(preset)
-    _write_text(out / "study.json", json.dumps({"preset": preset, "study": asdict(sc)}, indent=2))
+    write_text(out / "study.json", json.dumps({"preset": preset, "study": asdict(sc)}, indent=2))
     timings: dict[str, float] = _read_json(out / "timings.json", {}, log)
 
     t_study = time.perf_counter()
@@ -99,7 +93,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
         t0 = time.perf_counter()
         result = fn()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-        _write_text(out / "timings.json", json.dumps(timings, indent=2))
+        write_text(out / "timings.json", json.dumps(timings, indent=2))
         return result
 
     if classifier is None:
@@ -126,7 +120,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
             return _train_stage(out / arch, _finetune(preset, arch, ft_epochs, ft_lr), train_data, progress,
                                 log, init_state=state)
         models[arch] = stage(arch, variant)
-    results = stage("evaluate", lambda: _evaluate_all(out, models, sc, classifier, test_data, progress, log))
+    results = stage("evaluate", lambda: _evaluate_all(out, models, sc, classifier, test_data, train_data, progress, log))
     if results is not None:
         _write_results(out, results, timings)
         stage("report", lambda: write_study_report(out, preset, sc, results, models, timings))
@@ -138,7 +132,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
 
 
 def _evaluate_all(out: Path, models: dict[str, Path], sc: StudyConfig, classifier, test_data: MNIST,
-                  progress: bool, log=print) -> dict[str, Any]:
+                  train_data: MNIST, progress: bool, log=print) -> dict[str, Any]:
     results = {}
     for name in MODELS:
         path = models.get(name)
@@ -151,7 +145,8 @@ def _evaluate_all(out: Path, models: dict[str, Path], sc: StudyConfig, classifie
         teacher = models["baseline"] if name != "baseline" else None
         # StudyConfig keeps eval_eta at 0 unless the sampler is ddim, as evaluate_checkpoint wants
         r = evaluate_checkpoint(path, n=sc.eval_n, sampler=sc.eval_sampler, steps=sc.eval_steps,
-                                eta=sc.eval_eta, classifier=classifier, test_data=test_data, teacher=teacher,
+                                eta=sc.eval_eta, classifier=classifier, test_data=test_data, train_data=train_data,
+                                teacher=teacher,
                                 teacher_n=sc.eval_teacher_n or None,
                                 progress=progress, samples_png=out / name / "samples.png")
         model, _ = load_model(path)
@@ -257,12 +252,12 @@ def write_study_report(out: Path, preset: str, sc: StudyConfig, results: dict[st
 
 def _write_results(out: Path, results: dict[str, Any], timings: dict[str, float]) -> None:
     rows = table_rows(results)
-    _write_text(out / "results.json", json.dumps({"models": results, "timings": timings}, indent=2))
+    write_text(out / "results.json", json.dumps({"models": results, "timings": timings}, indent=2))
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-    _write_text(out / "results.csv", buf.getvalue())
+    write_text(out / "results.csv", buf.getvalue())
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
@@ -275,4 +270,4 @@ def _write_results(out: Path, results: dict[str, Any], timings: dict[str, float]
     lines += [f"| {k} | {v['params']:,} | {v['size_mib']} | {v['latency_s']} | {v['ssim']} | {v['pseudo_fid']} |"
               for k, v in PAPER_TABLE.items()]
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
-    _write_text(out / "table.md", "\n".join(lines) + "\n")
+    write_text(out / "table.md", "\n".join(lines) + "\n")

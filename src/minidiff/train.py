@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .data import MNIST, batches_per_epoch, iterate_batches, to_model_range
 from .distributed import barrier, mean_across, shard, world
 from .diffusion import make_schedule, p_losses, q_sample
+from .files import atomic_write_bytes, remove_stale_temporaries
 from .generate import generate, save_images
 from .models.unet import SimpleUnet, build_from_state_dict
 from .prune import apply_masks
@@ -133,7 +134,7 @@ def _log_rows(path: Path, keep_until: int) -> None:
     # a SIGKILL can leave the file empty (write_text truncates first) or a row cut short
     kept = [_LOG_HEADER] + [ln for ln in rows if ln.count(",") == _LOG_HEADER.count(",")
                             and ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= keep_until]
-    ckpt.atomic_write_bytes(path, ("\n".join(kept) + "\n").encode())
+    atomic_write_bytes(path, ("\n".join(kept) + "\n").encode())
 
 
 def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.device,
@@ -194,6 +195,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {n_ranks} processes")
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)  # what a killed run was writing
     device = device or default_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convs
@@ -212,7 +214,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     if main:
         if step:
             log(f"resuming {out} at step {step}/{total_steps}")
-        ckpt.atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+        atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
         if step == 0 or not log_path.exists():
             log_path.write_text(_LOG_HEADER + "\n")
         else:

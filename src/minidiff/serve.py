@@ -1,0 +1,438 @@
+"""``minidiff serve``: a local page that shows a sampler at work, step by step.
+
+The page (``minidiff/web/``, served from package data: nothing comes from another host) sends
+one JSON request per press of Generate or Compare::
+
+    POST /api/generate  {"seed": 0, "n": 16, "runs": [{"model": "reduced", "sampler": "ddim",
+                                                       "steps": 20, "eta": 1.0}, ...]}
+
+with one setting (Generate) or two (Compare). Every run is ``generate.generate`` with a callback,
+from the same x_T = ``generate.initial_noise(n, seed)``, so its final grid is what ``minidiff
+sample MODEL -n N --seed S`` writes with the same settings.
+The answer is a text/event-stream of JSON events:
+
+- ``queued``: how many generations are ahead of this one;
+- ``start``: a run's settings, its number of steps and x_T as a PNG data URL;
+- ``frame``: after each network evaluation, the step, t, its milliseconds, and the x_t and x̂_0
+  grids as PNG data URLs (``callback(t, x, x0)`` of the samplers);
+- ``done``: the run's sampling seconds (the steps alone) and wall seconds (frames included);
+- ``end`` after the last run, or ``error`` with a message.
+
+``GET /api/models`` lists the models and bounds the page offers; ``GET /api/status`` the running
+and waiting generations and what became of the others. A bad request is answered 4xx with
+``{"error": "..."}`` before anything runs. Load is bounded: one generation samples at a time (one
+worker thread; torch keeps its own thread count), at most ``queue_size`` more wait, and a request
+beyond that is answered 503. A client that goes away (page closed, Stop pressed) cancels its
+generation: the worker checks between sampler steps. One that stays but reads nothing for
+``STALL_S`` loses it too, so it cannot hold the worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import io
+import json
+import math
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import anyio
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .config import DEFAULT_DDIM_ETA, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, DiffusionConfig
+from .data import to_uint8
+from .diffusion import Schedule, make_schedule
+from .evaluate import sampler_options
+from .generate import generate, grid_image, initial_noise
+from .metrics import count_params
+from .models.unet import SimpleUnet, fold_batchnorm
+from .runtime import default_device, resolve_precision
+from .samplers import resolve_steps
+from .train import load_model
+
+WEB_DIR = Path(__file__).parent / "web"
+MAX_IMAGES = 64        # per request: 64 images × 200 steps is the largest job one click can ask for
+QUEUE_SIZE = 4         # generations that may wait behind the running one
+MAX_BODY = 16_384      # bytes; a request is ~200
+FRAME_BUFFER = 4       # frames drawn ahead of a slow client; the sampler waits beyond that
+STALL_S = 30.0         # a client that reads nothing for this long loses its generation
+
+
+class BadRequest(ValueError):
+    """A request that cannot run; answered 400 with the message."""
+
+
+class Cancelled(Exception):
+    """Raised in the worker thread between sampler steps once the client has gone."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run of a request: which model, which sampler and how many steps."""
+
+    model: str
+    sampler: str
+    steps: int
+    eta: float
+
+
+@dataclass(frozen=True)
+class Job:
+    """A parsed request: one run (Generate) or two from the same x_T (Compare)."""
+
+    seed: int
+    n: int
+    runs: tuple[Setting, ...]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A loaded network, its schedule, the precision it samples in and what the page shows."""
+
+    net: torch.nn.Module
+    sched: Schedule
+    device: torch.device
+    precision: str
+    info: dict[str, Any]
+
+
+def load_models(paths: dict[str, Path], device: torch.device | None = None) -> dict[str, Model]:
+    """Load every model once, as ``minidiff sample`` does (precision ``auto``); a bad file raises
+    CheckpointError here, at start-up, not on the first request."""
+    device = device or default_device()
+    precision = resolve_precision("auto", device)
+    models = {}
+    for name, path in paths.items():
+        net, meta = load_model(path, device)
+        params = count_params(net)["total"]
+        net = fold_batchnorm(net) if isinstance(net, SimpleUnet) else net  # once, not per request
+        sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+        info = dict(name=name, path=str(path), arch=meta.get("arch"), T=sched.T,
+                    params=params, precision=precision)
+        models[name] = Model(net, sched, device, precision, info)
+    return models
+
+
+def _int(body: dict, key: str, lo: int, hi: int, what: str) -> int:
+    v = body.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise BadRequest(f"{what} must be an integer in [{lo}, {hi}], got {json.dumps(v)}")
+    return v
+
+
+def parse_setting(d: Any, models: dict[str, Model]) -> Setting:
+    """Check one run's settings against the loaded models; BadRequest names what is wrong."""
+    if not isinstance(d, dict):
+        raise BadRequest(f"each run must be a JSON object, got {json.dumps(d)}")
+    if d.get("model") not in models:
+        raise BadRequest(f"unknown model {json.dumps(d.get('model'))}; choose one of {', '.join(models)}")
+    if d.get("sampler") not in SAMPLERS:
+        raise BadRequest(f"unknown sampler {json.dumps(d.get('sampler'))}; choose one of {', '.join(SAMPLERS)}")
+    T = models[d["model"]].sched.T
+    steps = d.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+        raise BadRequest(f"steps must be an integer, got {json.dumps(steps)}")
+    try:
+        steps = resolve_steps(d["sampler"], steps, T)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    eta = d.get("eta")
+    eta = (DEFAULT_DDIM_ETA if d["sampler"] == "ddim" else 0.0) if eta is None else eta
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise BadRequest(f"η (eta) must be a number, got {json.dumps(eta)}")
+    if d["sampler"] != "ddim" and eta != 0:
+        raise BadRequest(f"η (eta) applies to ddim only; {d['sampler']} takes none")
+    if not 0 <= eta < math.inf:  # `not <=` also refuses NaN
+        raise BadRequest(f"η (eta) must be a finite number >= 0, got {eta}")
+    return Setting(d["model"], d["sampler"], steps, float(eta))
+
+
+def parse_job(body: Any, models: dict[str, Model], max_images: int = MAX_IMAGES) -> Job:
+    """A request body (parsed JSON) as a Job; BadRequest with a one-line reason otherwise."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request must be a JSON object with seed, n and runs")
+    unknown = sorted(set(body) - {"seed", "n", "runs"})
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; a request has seed, n and runs")
+    n = _int(body, "n", 1, max_images, "the number of images")
+    seed = _int(body, "seed", 0, 2**32 - 1, "seed")
+    runs = body.get("runs")
+    if not isinstance(runs, list) or len(runs) not in (1, 2):
+        raise BadRequest("runs must be a list of one setting (Generate) or two (Compare)")
+    return Job(seed, n, tuple(parse_setting(r, models) for r in runs))
+
+
+def png_data_url(x: torch.Tensor) -> str:
+    """Float images (N, 1, 28, 28) in [-1, 1] as one PNG grid, as a data: URL."""
+    buf = io.BytesIO()
+    grid_image(to_uint8(x.detach().cpu())).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def sample_job(job: Job, models: dict[str, Model], emit: Callable[[dict], None],
+               cancelled: Callable[[], bool]) -> None:
+    """Run a job's settings one after the other from the same x_T, calling ``emit`` with every
+    event; raises Cancelled between steps once ``cancelled()``. Runs in the worker thread."""
+    for i, setting in enumerate(job.runs):
+        m = models[setting.model]
+        x_T = initial_noise(job.n, job.seed, m.device)
+        emit(dict(type="start", run=i, setting=asdict(setting), steps=setting.steps,
+                  x_T=png_data_url(x_T)))
+        step, sampling_s = 0, 0.0
+        start = last = time.perf_counter()
+
+        def callback(t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+            nonlocal step, sampling_s, last
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            ms = (time.perf_counter() - last) * 1000
+            sampling_s += ms / 1000
+            step += 1
+            if cancelled():
+                raise Cancelled
+            emit(dict(type="frame", run=i, step=step, t=t, ms=ms, x_t=png_data_url(x), x0=png_data_url(x0)))
+            last = time.perf_counter()  # drawing and sending the frame is not the step's time
+
+        generate(m.net, m.sched, job.n, sampler=setting.sampler, steps=setting.steps, seed=job.seed,
+                 batch_size=job.n, precision=m.precision, progress=False, x_T=x_T, fold_bn=False,
+                 callback=callback,
+                 **sampler_options(setting.sampler, DEFAULT_SPACING, setting.eta))
+        emit(dict(type="done", run=i, sampling_s=sampling_s, wall_s=time.perf_counter() - start))
+    emit(dict(type="end"))
+
+
+class Worker:
+    """The one sampling thread, the generations admitted to it and its counters. The thread
+    takes jobs in order, so one samples at a time; ``admitted`` (running + waiting) is bounded."""
+
+    def __init__(self, models: dict[str, Model], queue_size: int):
+        self.models = models
+        self.queue_size = queue_size
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="minidiff-serve")
+        self.admitted = 0      # changed on the event loop only
+        self.running = False   # set by the sampling thread
+        self.live: set[Generation] = set()
+        self.counts = dict(finished=0, cancelled=0, failed=0, frames=0)
+
+    def admit(self, job: Job) -> Generation:
+        """A Generation for ``job``, or HTTPException 503 when the queue is full."""
+        if self.admitted >= 1 + self.queue_size:
+            raise HTTPException(503, f"busy: {self.admitted} generations are running or waiting "
+                                     f"(at most 1 + {self.queue_size}); try again when one finishes")
+        self.admitted += 1
+        gen = Generation(self, job, ahead=self.admitted - 1)
+        self.live.add(gen)
+        return gen
+
+    def status(self) -> dict[str, Any]:
+        running = int(self.running)
+        return dict(running=running, waiting=max(self.admitted - running, 0),
+                    queue_size=self.queue_size, **self.counts)
+
+    def stop(self) -> None:
+        """Cancel every generation at its next step (thread- and signal-safe)."""
+        for gen in list(self.live):
+            gen.cancel.set()
+
+    async def shutdown(self) -> None:
+        self.stop()
+        await asyncio.to_thread(self.executor.shutdown, True)
+
+
+class Generation:
+    """One admitted request: its job on the sampling thread and the event stream that carries
+    the job's events to the client. Its place in the queue is freed when the job ends or the
+    client leaves, whichever comes first; a client that leaves cancels the job."""
+
+    def __init__(self, worker: Worker, job: Job, ahead: int):
+        self.worker, self.job, self.ahead = worker, job, ahead
+        self.cancel = threading.Event()
+        self.released = False
+        self.frames: asyncio.Queue[dict] = asyncio.Queue(maxsize=FRAME_BUFFER)
+
+    async def events(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self.worker.executor, self._work, loop)
+        yield _sse(dict(type="queued", ahead=self.ahead))
+        while True:
+            getter = asyncio.ensure_future(self.frames.get())
+            try:
+                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()  # an event it has not taken stays in the queue
+            if getter.cancelled() or not getter.done():  # the job has ended
+                if self.frames.empty():                  # and every event it sent is out
+                    return
+                continue
+            event = getter.result()
+            yield _sse(event)
+            if event["type"] in ("end", "error"):
+                return
+
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The job, on the sampling thread."""
+        counts = self.worker.counts
+        try:
+            if self.cancel.is_set():  # the client left while waiting
+                raise Cancelled
+            self.worker.running = True
+            sample_job(self.job, self.worker.models, lambda event: self._emit(loop, event), self.cancel.is_set)
+            counts["finished"] += 1
+        except Cancelled:
+            counts["cancelled"] += 1
+        except Exception as e:  # a failure is the page's to show; the server keeps serving
+            counts["failed"] += 1
+            with contextlib.suppress(Cancelled):
+                self._emit(loop, dict(type="error", error=f"sampling failed: {type(e).__name__}: {e}"))
+        finally:
+            self.worker.running = False
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server has stopped
+                loop.call_soon_threadsafe(self.release)
+
+    def _emit(self, loop: asyncio.AbstractEventLoop, event: dict) -> None:
+        """Hand an event to the stream (sampling thread). Waits while FRAME_BUFFER events are
+        unsent; raises Cancelled once the client has left or has read nothing for STALL_S."""
+        fut = asyncio.run_coroutine_threadsafe(self.frames.put(event), loop)
+        deadline = time.monotonic() + STALL_S
+        while True:
+            try:
+                fut.result(timeout=0.2)
+                break
+            except concurrent.futures.TimeoutError:
+                if self.cancel.is_set() or time.monotonic() > deadline:
+                    fut.cancel()
+                    raise Cancelled from None
+        if event["type"] == "frame":
+            self.worker.counts["frames"] += 1
+
+    def release(self) -> None:
+        """Free the place in the queue, once (on the event loop)."""
+        if not self.released:
+            self.released = True
+            self.worker.admitted -= 1
+            self.worker.live.discard(self)
+
+    def close(self) -> None:
+        """The response has ended: stop the job at its next step and free its place."""
+        self.cancel.set()
+        self.release()
+
+
+def _sse(event: dict) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A text/event-stream that closes its Generation however the response ends: finished,
+    client gone (Starlette cancels the stream on http.disconnect) or server stopping."""
+
+    def __init__(self, gen: Generation):
+        super().__init__(gen.events(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-store"})
+        self.gen = gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.close()
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
+async def _read_json(request: Request) -> Any:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise HTTPException(415, "send the settings as JSON (Content-Type: application/json)")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise HTTPException(413, f"the request is larger than {MAX_BODY} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
+
+
+def create_app(models: dict[str, Path], max_images: int = MAX_IMAGES,
+               queue_size: int = QUEUE_SIZE) -> Starlette:
+    """The server: the page and its assets, ``/api/models``, ``/api/generate`` (an event stream)
+    and ``/api/status``. ``models`` maps the names the page offers to model files."""
+    if not models:
+        raise ValueError("no models to serve")
+    if max_images < 1 or queue_size < 0:
+        raise ValueError(f"max_images must be >= 1 and queue_size >= 0, got {max_images}, {queue_size}")
+    loaded = load_models(models)
+    worker = Worker(loaded, queue_size)
+
+    async def index(request: Request) -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def api_models(request: Request) -> JSONResponse:
+        return JSONResponse(dict(models=[m.info for m in loaded.values()], samplers=list(SAMPLERS),
+                                 max_images=max_images, default_steps=DEFAULT_STEPS,
+                                 default_eta=DEFAULT_DDIM_ETA))
+
+    async def api_status(request: Request) -> JSONResponse:
+        return JSONResponse(worker.status())
+
+    async def api_generate(request: Request) -> EventStream:
+        job = parse_job(await _read_json(request), loaded, max_images)
+        return EventStream(worker.admit(job))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        await worker.shutdown()
+
+    app = Starlette(routes=[Route("/", index), Route("/api/models", api_models),
+                            Route("/api/status", api_status),
+                            Route("/api/generate", api_generate, methods=["POST"]),
+                            Mount("/static", StaticFiles(directory=WEB_DIR), name="static")],
+                    exception_handlers={BadRequest: _bad_request, HTTPException: _http_error,
+                                        Exception: _server_error},
+                    lifespan=lifespan)
+    app.state.worker = worker
+    return app
+
+
+async def _bad_request(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+def serve_forever(app: Starlette, sock: socket.socket) -> None:
+    """Serve ``app`` on the bound ``sock`` until Ctrl+C or SIGTERM. Running generations are
+    cancelled as the signal arrives, so their streams end at once and the server stops cleanly."""
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.worker.stop()
+            super().handle_exit(sig, frame)
+    Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+

@@ -1,0 +1,426 @@
+"""``minidiff serve``: the page in headless Chromium (Generate fills the grid step by step, every
+image decodes, the slider scrubs, Compare, a bad value's message), and over plain HTTP the final
+grid against ``generate``, the 4xx answers to bad requests, the bounded queue's 503 and the
+cancellation of a generation whose client has gone."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import importlib.util
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from minidiff import cli
+from minidiff.config import DEFAULT_SPACING, ModelConfig, train_config
+from minidiff.data import to_uint8
+from minidiff.diffusion import make_schedule
+from minidiff.generate import generate, grid_image, initial_noise
+from minidiff.models.unet import SimpleUnet
+from minidiff.runtime import default_device, resolve_precision
+from minidiff.samplers import SAMPLERS, run_sampler, timestep_grid
+from minidiff.serve import create_app
+from minidiff.shipped import available
+from minidiff.train import load_model, save_model
+
+
+def _tiny_model(path: Path, seed: int) -> Path:
+    """An untrained reduced model cut to 4, 8 and 12 channels, as structural pruning leaves one
+    (52 k parameters): the plumbing is under test, not the digits, and a step takes milliseconds."""
+    torch.manual_seed(seed)
+    cfg = train_config("smoke", "reduced")
+    net = SimpleUnet(ModelConfig(channels=(4, 8, 12), time_emb_dim=cfg.model.time_emb_dim))
+    return save_model(path, net, cfg, step=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("serve")
+    return {"tiny": _tiny_model(d / "tiny.safetensors", 0), "tiny-b": _tiny_model(d / "b.safetensors", 1)}
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run ``app`` with uvicorn in a thread on a free loopback port; stop it and check it stopped."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+    assert not thread.is_alive(), "the server thread is still running"
+
+
+@pytest.fixture(scope="module")
+def port(tiny_models):
+    with serving(create_app(tiny_models, max_images=16, queue_size=2)) as p:
+        yield p
+
+
+def _post(port: int, body, content_type: str = "application/json", timeout: float = 60):
+    """POST to /api/generate; returns the open (connection, response)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", "/api/generate", data, {"Content-Type": content_type})
+    return conn, conn.getresponse()
+
+
+def _next_event(resp) -> dict:
+    """The next server-sent event's JSON."""
+    data = []
+    while True:
+        line = resp.readline()
+        assert line, "the stream ended before the next event"
+        line = line.decode().rstrip("\n")
+        if line.startswith("data: "):
+            data.append(line[6:])
+        elif line == "" and data:
+            return json.loads("\n".join(data))
+
+
+def _events(port: int, body) -> list[dict]:
+    conn, resp = _post(port, body)
+    try:
+        assert resp.status == 200, resp.read()
+        assert resp.getheader("Content-Type").startswith("text/event-stream")
+        events = [_next_event(resp)]
+        while events[-1]["type"] not in ("end", "error"):
+            events.append(_next_event(resp))
+        return events
+    finally:
+        conn.close()
+
+
+def _get_json(port: int, path: str):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _decode(data_url: str) -> Image.Image:
+    head, b64 = data_url.split(",", 1)
+    assert head == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def _grid(x: torch.Tensor) -> bytes:
+    return grid_image(to_uint8(x)).tobytes()
+
+
+def _wait_for(condition, what: str, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_hands_its_callback_x0_and_the_last_x0_is_the_sample(sampler):
+    sched = make_schedule()
+    seen = []
+    x = run_sampler(sampler, lambda x, t: 0.3 * x, sched, initial_noise(3, 0), torch.Generator().manual_seed(1),
+                    steps=None if sampler == "ddpm" else 7,
+                    callback=lambda t, x, x0: seen.append((t, x.clone(), x0.clone())))
+    ts = list(range(sched.T - 1, -1, -1)) if sampler == "ddpm" else timestep_grid(sched.T, 7)
+    assert [t for t, _, _ in seen] == ts
+    assert torch.equal(seen[-1][1], x)
+    assert torch.allclose(seen[-1][2], x, atol=1e-3)  # x̂_0 at t = 0 is the sample (up to float32)
+    assert all(x0.abs().max() <= 1 for _, _, x0 in seen)  # clipped, as the sampler used it
+
+
+def test_compare_streams_every_step_from_the_same_noise_and_ends_as_generate(port, tiny_models):
+    n, seed = 5, 7
+    runs = [{"model": "tiny", "sampler": "ddim", "steps": 4, "eta": 1.0},
+            {"model": "tiny-b", "sampler": "dpmpp2m", "steps": 3}]
+    events = _events(port, {"seed": seed, "n": n, "runs": runs})
+    assert [e["type"] for e in events[:2]] == ["queued", "start"] and events[-1]["type"] == "end"
+    starts = [e for e in events if e["type"] == "start"]
+    assert [s["x_T"] for s in starts] == [starts[0]["x_T"]] * 2  # one x_T for both runs
+    assert _decode(starts[0]["x_T"]).tobytes() == _grid(initial_noise(n, seed))
+    for i, (setting, steps) in enumerate(zip(runs, (4, 3))):
+        frames = [e for e in events if e["type"] == "frame" and e["run"] == i]
+        assert [f["step"] for f in frames] == list(range(1, steps + 1))
+        assert [f["t"] for f in frames] == timestep_grid(200, steps)
+        assert all(f["ms"] > 0 for f in frames)
+        for f in frames:
+            assert _decode(f["x_t"]).size == _decode(f["x0"]).size == (92, 62)  # 3 × 2 tiles of 30 px
+        model, _ = load_model(tiny_models[setting["model"]], default_device())  # where the server samples
+        x = generate(model, make_schedule(), n, sampler=setting["sampler"], steps=steps, seed=seed,
+                     precision=resolve_precision("auto", default_device()), progress=False,
+                     spacing=DEFAULT_SPACING, **({"eta": 1.0} if setting["sampler"] == "ddim" else {}))
+        assert _decode(frames[-1]["x_t"]).tobytes() == _grid(x)  # what `minidiff sample` draws
+        done = next(e for e in events if e["type"] == "done" and e["run"] == i)
+        assert done["sampling_s"] == pytest.approx(sum(f["ms"] for f in frames) / 1000)
+        assert done["wall_s"] >= done["sampling_s"] > 0
+    assert events.index(next(e for e in events if e["type"] == "done")) < events.index(starts[1])
+
+
+GOOD = {"model": "tiny", "sampler": "ddim", "steps": 3, "eta": 1.0}
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, model="nope")]}, 400, 'unknown model "nope"; choose one of tiny, tiny-b'),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, steps=0)]}, 400, "steps must be in [1, 200], got 0"),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, steps=201)]}, 400, "steps must be in [1, 200], got 201"),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, steps="ten")]}, 400, 'steps must be an integer, got "ten"'),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, steps=2.5)]}, 400, "steps must be an integer, got 2.5"),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="ddpm", steps=20)]}, 400, "ddpm sampler always runs all 200"),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="euler")]}, 400, 'unknown sampler "euler"'),
+    ({"seed": 0, "n": 17, "runs": [GOOD]}, 400, "the number of images must be an integer in [1, 16], got 17"),
+    ({"seed": 0, "n": 0, "runs": [GOOD]}, 400, "the number of images must be an integer in [1, 16], got 0"),
+    ({"seed": -1, "n": 2, "runs": [GOOD]}, 400, "seed must be an integer in [0, 4294967295], got -1"),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, eta=-0.5)]}, 400, "η (eta) must be a finite number >= 0, got -0.5"),
+    (b'{"seed": 0, "n": 2, "runs": [{"model": "tiny", "sampler": "ddim", "steps": 3, "eta": NaN}]}', 400,
+     "η (eta) must be a finite number >= 0, got nan"),
+    (b'{"seed": 0, "n": 2, "runs": [{"model": "tiny", "sampler": "ddim", "steps": 3, "eta": 1e999}]}', 400,
+     "η (eta) must be a finite number >= 0, got inf"),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, eta="1")]}, 400, 'η (eta) must be a number, got "1"'),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="dpmpp2m")]}, 400, "η (eta) applies to ddim only"),
+    ({"seed": 0, "n": 2, "runs": [GOOD] * 3}, 400, "runs must be a list of one setting (Generate) or two"),
+    ({"seed": 0, "n": 2, "runs": [GOOD], "batch": 9}, 400, "unknown field(s) batch"),
+    ({"seed": 0, "n": 2, "runs": ["tiny"]}, 400, "each run must be a JSON object"),
+    ([GOOD], 400, "the request must be a JSON object"),
+    (b'{"seed": 0, "n": ', 400, "the request body is not valid JSON"),
+    (b"[" * 100_000, 413, "the request is larger than 16384 bytes"),
+])
+def test_a_bad_request_is_a_4xx_with_a_message_and_runs_nothing(port, body, status, fragment):
+    before = _get_json(port, "/api/status")[1]
+    conn, resp = _post(port, body)
+    try:
+        assert resp.status == status
+        assert resp.getheader("Content-Type") == "application/json"
+        assert fragment in json.loads(resp.read())["error"]
+    finally:
+        conn.close()
+    assert _get_json(port, "/api/status")[1] == before  # nothing was queued or sampled
+
+
+def test_other_mistakes_are_json_errors_too(port, tiny_models):
+    conn, resp = _post(port, json.dumps({"seed": 0, "n": 1, "runs": [GOOD]}).encode(), "text/plain")
+    assert (resp.status, json.loads(resp.read())["error"]) == (
+        415, "send the settings as JSON (Content-Type: application/json)")
+    conn.close()
+    assert _get_json(port, "/api/generate") == (405, {"error": "Method Not Allowed"})
+    assert _get_json(port, "/nothing/here") == (404, {"error": "Not Found"})
+    status, info = _get_json(port, "/api/models")
+    assert status == 200 and [m["name"] for m in info["models"]] == ["tiny", "tiny-b"]
+    params = sum(p.numel() for p in load_model(tiny_models["tiny"])[0].parameters())
+    assert info["max_images"] == 16 and info["models"][0]["params"] == params < 100_000
+
+
+def test_the_page_and_its_assets_come_from_the_package(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for path, kind in (("/", "text/html"), ("/static/app.js", "javascript"), ("/static/style.css", "text/css")):
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        assert resp.status == 200 and kind in resp.getheader("Content-Type")
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text  # nothing from elsewhere
+    conn.close()
+
+
+def test_a_full_queue_answers_503_and_a_client_that_leaves_cancels_its_generation(tiny_models):
+    # One running + one waiting at most. 64 images × 200 ddpm steps of frames (~26 MB) cannot all
+    # fit in socket buffers, so a generation whose client stops reading stays running.
+    long = {"seed": 0, "n": 64, "runs": [{"model": "tiny", "sampler": "ddpm"}]}
+    with serving(create_app(tiny_models, max_images=64, queue_size=1)) as p:
+        conn_a, a = _post(p, long)
+        assert _next_event(a) == {"type": "queued", "ahead": 0} and _next_event(a)["type"] == "start"
+        assert _next_event(a)["step"] == 1
+        conn_b, b = _post(p, long)
+        assert _next_event(b) == {"type": "queued", "ahead": 1}
+        status = _get_json(p, "/api/status")[1]
+        assert (status["running"], status["waiting"]) == (1, 1)
+
+        conn_c, c = _post(p, long)
+        assert c.status == 503
+        assert json.loads(c.read())["error"].startswith("busy: 2 generations are running or waiting")
+        conn_c.close()
+
+        conn_a.close()  # the page closed: A stops between two steps, B starts
+        assert _next_event(b)["type"] == "start"
+        _wait_for(lambda: _get_json(p, "/api/status")[1]["cancelled"] == 1, "A's cancellation")
+        conn_b.close()
+        _wait_for(lambda: _get_json(p, "/api/status")[1]["cancelled"] == 2, "B's cancellation")
+        status = _get_json(p, "/api/status")[1]
+        assert (status["running"], status["waiting"], status["finished"]) == (0, 0, 0)
+        time.sleep(0.5)
+        assert _get_json(p, "/api/status")[1]["frames"] == status["frames"] < 2 * 200  # no step since
+
+        short = {"seed": 0, "n": 1, "runs": [{"model": "tiny", "sampler": "ddim", "steps": 2}]}
+        assert _events(p, short)[-1] == {"type": "end"}  # the queue is free again
+        assert _get_json(p, "/api/status")[1]["finished"] == 1
+
+
+def test_a_client_that_stops_reading_loses_its_generation_and_frees_the_worker(tiny_models, monkeypatch):
+    from minidiff import serve
+    monkeypatch.setattr(serve, "STALL_S", 0.5)
+    long = {"seed": 0, "n": 64, "runs": [{"model": "tiny", "sampler": "ddpm"}]}
+    with serving(create_app(tiny_models, max_images=64, queue_size=0)) as p:
+        conn, stalled = _post(p, long)  # connected, but reads no further than the headers
+        _wait_for(lambda: _get_json(p, "/api/status")[1]["cancelled"] == 1, "the stalled job's end")
+        status = _get_json(p, "/api/status")[1]
+        assert (status["running"], status["waiting"], status["finished"]) == (0, 0, 0)
+        assert status["frames"] < 200
+        short = {"seed": 0, "n": 1, "runs": [{"model": "tiny", "sampler": "ddim", "steps": 2}]}
+        assert _events(p, short)[-1] == {"type": "end"}  # queue_size 0: only possible once it left
+        conn.close()
+
+
+def test_serve_command_errors_are_one_line_exit_2(tiny_models, tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = cli.main(["serve", str(tiny_models["tiny"]), "--port", str(port)])
+        err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"minidiff: error: cannot listen on 127.0.0.1:{port}: ")
+    assert err.strip().endswith("choose another with --port")
+    assert cli.main(["serve", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+    assert cli.main(["serve", str(tiny_models["tiny"]), "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip() == "minidiff: error: --port must be in [0, 65535], got 70000"
+
+
+# --- the page in headless Chromium ---------------------------------------------------------------
+
+def _browser() -> tuple[str, str]:
+    """Chromium and its driver, or a skip (a failure under MINIDIFF_REQUIRE_CHROMIUM=1, as in CI)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") if importlib.util.find_spec("selenium") else None
+    if None in (chromium, driver):
+        missing = "chromium" if chromium is None else "chromedriver and selenium"
+        if os.environ.get("MINIDIFF_REQUIRE_CHROMIUM") == "1":
+            pytest.fail(f"{missing} required here (MINIDIFF_REQUIRE_CHROMIUM=1) but not installed")
+        pytest.skip(f"{missing} not installed (`make test` installs chromium and chromium-driver "
+                    "where apt-get is available)")
+    return chromium, driver
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    chromium, driver_path = _browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1200,920", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _page_models(tiny_models) -> dict[str, Path]:
+    """The tiny models; for the README's screenshot (MINIDIFF_SCREENSHOT) the shipped reduced
+    model, whose digits are real and whose 16 × 20 steps take about a second."""
+    if os.environ.get("MINIDIFF_SCREENSHOT") and "reduced" in available():
+        return {"reduced": available()["reduced"]}
+    return tiny_models
+
+
+def test_the_page_generates_live_scrubs_and_compares_in_headless_chromium(browser, tiny_models, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    wait = WebDriverWait(browser, 60)
+    models = _page_models(tiny_models)
+    with serving(create_app(models, max_images=64, queue_size=1)) as p:
+        browser.get(f"http://127.0.0.1:{p}/")
+        wait.until(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        model_a = browser.find_element(By.CSS_SELECTOR, "#setting-a [name=model]")
+        assert model_a.get_attribute("value") == next(iter(models))
+
+        # a bad value: the server's message on the page, nothing drawn
+        n = browser.find_element(By.ID, "n")
+        n.clear()
+        n.send_keys("65")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "message").is_displayed())
+        message = browser.find_element(By.ID, "message")
+        assert message.text == "the number of images must be an integer in [1, 64], got 65"
+        assert "error" in message.get_attribute("class") and not browser.find_elements(By.CSS_SELECTOR, ".run")
+
+        # Generate: the grid fills in step by step, then the slider scrubs through the steps
+        n.clear()
+        n.send_keys("16")
+        browser.execute_script(  # every picture x_t shows while it runs, in order
+            "window.shown = []; new MutationObserver(records => records.forEach(r => "
+            "r.target.matches('img.xt') && shown.push(r.target.getAttribute('src')))).observe("
+            "document.getElementById('runs'), {subtree: true, attributeFilter: ['src']})")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".run[data-state=done]"))
+        steps = int(browser.find_element(By.CSS_SELECTOR, "#setting-a [name=steps]").get_attribute("value"))
+        shown = browser.execute_script("return shown")
+        assert len(shown) == steps and len(set(shown)) > steps // 2  # a new grid after every step
+        run = browser.find_element(By.CSS_SELECTOR, ".run")
+        assert run.find_element(By.CSS_SELECTOR, "progress").get_attribute("value") == str(steps)
+        assert run.find_element(By.CSS_SELECTOR, ".status").text.startswith(f"step {steps}/{steps} · t = 0 · ")
+        assert run.find_element(By.CSS_SELECTOR, ".time").text.startswith("sampling ")
+        sizes = browser.execute_script(
+            "return [...document.querySelectorAll('.run img')].map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        assert sizes == [[True, 122, 122]] * 2  # 4 × 4 tiles of 30 px, x_t and x̂_0, both decoded
+        final = run.find_element(By.CSS_SELECTOR, "img.xt").get_attribute("src")
+        assert _decode(final).size == (122, 122)
+        slider = run.find_element(By.CSS_SELECTOR, "input[type=range]")
+        assert slider.is_enabled() and slider.get_attribute("max") == str(steps)
+        slider.send_keys(Keys.HOME)
+        assert run.find_element(By.CSS_SELECTOR, "output").text == f"0 / {steps}"
+        noise = run.find_element(By.CSS_SELECTOR, "img.xt").get_attribute("src")
+        assert noise != final and "initial noise" in run.find_element(By.CSS_SELECTOR, ".xt-caption").text
+        assert _decode(noise).tobytes() == _grid(initial_noise(16, 0))
+        slider.send_keys(Keys.ARROW_RIGHT)
+        middle = run.find_element(By.CSS_SELECTOR, "img.xt").get_attribute("src")
+        assert middle not in (noise, final)
+        assert run.find_element(By.CSS_SELECTOR, ".status").text.startswith(f"step 1/{steps} · ")
+
+        # Compare: A and B side by side from the same x_T, each with its time
+        browser.find_element(By.ID, "compare").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".run[data-state=done]")) == 2)
+        panels = browser.find_elements(By.CSS_SELECTOR, ".run")
+        assert all(panel.find_element(By.CSS_SELECTOR, ".time").text.startswith("sampling ") for panel in panels)
+        assert browser.execute_script("return [...document.querySelectorAll('.run img')]"
+                                      ".every(i => i.complete && i.naturalWidth > 0)")
+        titles = [panel.find_element(By.CSS_SELECTOR, "h2").text for panel in panels]
+        assert titles[0] != titles[1]
+        first_frames = browser.execute_script("return [...document.querySelectorAll('.run')].map(r => r.frames[0].xt)")
+        assert first_frames[0] == first_frames[1] == noise
+        slider = panels[0].find_element(By.CSS_SELECTOR, "input[type=range]")  # A a quarter of the way
+        slider.send_keys(Keys.HOME, *[Keys.ARROW_RIGHT] * (steps // 4))
+        assert panels[0].find_element(By.CSS_SELECTOR, "output").text == f"{steps // 4} / {steps}"
+
+        shot = Path(os.environ.get("MINIDIFF_SCREENSHOT") or tmp_path / "serve.png")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(shot))
+        with Image.open(shot) as image:
+            assert image.size == tuple(browser.execute_script("return [innerWidth, innerHeight]"))

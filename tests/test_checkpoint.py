@@ -119,6 +119,16 @@ def test_a_killed_writers_temporary_is_removed_and_a_live_ones_kept(tmp_path):
     assert not stale.exists() and live.exists() and (tmp_path / "x.bin").read_bytes() == b"new"
 
 
+def test_saving_the_same_weights_twice_gives_files_of_the_same_size(tmp_path, monkeypatch):
+    """File sizes are compared across runs (evaluate records them): the time of saving must not
+    change the header's length (safetensors pads it, so a longer time stamp can add 8 bytes)."""
+    sizes = set()
+    for now in (1.5, 1764534000.1234567, 1e9):
+        monkeypatch.setattr(C.time, "time", lambda now=now: now)
+        sizes.add(C.save(tmp_path / f"{now}.safetensors", _tensors(), {"kind": "model"}).stat().st_size)
+    assert len(sizes) == 1
+
+
 def test_previous_checkpoint_is_kept_and_used_as_fallback(tmp_path):
     p = tmp_path / "c.safetensors"
     C.save(p, {"w": torch.zeros(2)}, {"step": 1}, keep_previous=True)

@@ -79,8 +79,9 @@ def save(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     """Save tensors and a JSON-serialisable ``meta`` dict atomically; returns the path."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = dict(meta, format=FORMAT, versions=versions(), saved_at=time.time(),
-                  sha256=tensors_digest(tensors))
+    # saved_at has a fixed width: two saves of the same weights give files of the same size
+    header = dict(meta, format=FORMAT, versions=versions(),
+                  saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), sha256=tensors_digest(tensors))
     header["header_sha256"] = header_digest(header)
     data = st_save(tensors, metadata={"minidiff": json.dumps(header)})
     atomic_write_bytes(path, data, keep_previous=keep_previous)

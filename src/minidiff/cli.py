@@ -205,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="measure a checkpoint's efficiency and sample quality",
                        description="Generate N samples and report parameters, checkpoint bytes, MACs, "
-                                   "latency, SSIM, pseudo-FID with its real-vs-real floor, digit "
+                                   "latency, SSIM, pseudo-FID with its floor (N real training images), digit "
                                    "distribution, precision/recall and IS as JSON.",
                        epilog="example: minidiff evaluate runs/quick/baseline/model.safetensors "
                               "-n 1000 --steps 20 --json eval.json")
@@ -494,7 +494,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         return
     q, t = r["quality"], r["timing"]
     fid = q["pseudo_fid"]
-    print(f"pseudo-FID {fid['value']:.3f} (real-vs-real floor {fid['floor']['value']:.3f} at n = "
+    print(f"pseudo-FID {fid['value']:.3f} (floor {fid['floor']['value']:.3f}: real training images, n = "
           f"{fid['floor']['n_used']}) | precision {q['precision_recall']['precision']:.3f} "
           f"recall {q['precision_recall']['recall']:.3f} | IS {q['inception_score']['value']:.2f} | "
           f"chi2 {q['digit_distribution']['chi2']:.1f} | SSIM (paper) {q['ssim_paper']['mean']:.3f}")

@@ -26,7 +26,7 @@ COLUMNS = {  # results column → header in the report
     "model": "model", "params": "params", "nonzero_params": "non-zero params", "sparsity": "sparsity",
     "checkpoint_bytes": "bytes", "macs_per_eval": "MACs / eval", "sampler": "sampler",
     "steps": "steps", "n": "N", "latency_s": "sampling time (s)", "pseudo_fid": "pseudo-FID",
-    "fid_floor": "real-vs-real floor", "precision": "precision", "recall": "recall",
+    "fid_floor": "floor (N real images)", "precision": "precision", "recall": "recall",
     "inception_score": "IS", "ssim_paper": "SSIM (paper)", "teacher_ssim": "SSIM vs baseline",
     "mean_confidence": "mean confidence", "min_class_share": "smallest class share",
     "recognisable": "recognisable digits",
@@ -96,7 +96,7 @@ def plot_efficiency(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.scatter(r[key], r["pseudo_fid"], s=30)
             ax.annotate(r["model"], (r[key], r["pseudo_fid"]), fontsize=8, xytext=(4, 3),
                         textcoords="offset points")
-        ax.axhline(rows[0]["fid_floor"], color="k", lw=0.8, ls="--", label="real-vs-real floor")
+        ax.axhline(rows[0]["fid_floor"], color="k", lw=0.8, ls="--", label="floor (N real images)")
         ax.set(xlabel=label, ylabel="pseudo-FID (lower is better)")
         ax.legend(fontsize=8)
     fig.suptitle(f"efficiency vs quality (N = {rows[0]['n']}, {rows[0]['sampler']} "
@@ -139,8 +139,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], paper_rows: list[dict[st
 <h2>Table 1, measured</h2>
 <p>Every model evaluated the same way: N = {rows[0]['n']} samples, {html.escape(str(rows[0]['sampler']))}
 with {rows[0]['steps']} steps, the same seed; pseudo-FID is a Fréchet distance on minidiff's MNIST
-classifier features against the MNIST test set, next to the floor of two disjoint real subsets of
-the same N. Sampling time is measured on {html.escape(str(study.get('device', 'this machine')))}.
+classifier features against the MNIST test set, next to its floor: N real training images against
+the same test set, what a perfect generator would score at this N. Sampling time is measured on {html.escape(str(study.get('device', 'this machine')))}.
 "Recognisable digits": the classifier's mean confidence is at least
 {study['recognisable']['mean_confidence']} and every digit is at least
 {study['recognisable']['min_class_share']:.0%} of the samples (real test digits score a mean

@@ -369,6 +369,16 @@ def test_bad_run_directory_on_resume(break_run, fragment, finished_run, tmp_path
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched
 
 
+def test_a_resumed_run_refuses_to_change_its_recipe(finished_run, tmp_path, capsys, fake_data):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    line = _one_error_line(*_run(["train", "--out", run, "--resume", "--lr", "0.1", "--seed", "3"], capsys))
+    assert line == (f"minidiff: error: --lr, --seed: a resumed run keeps its saved recipe "
+                    f"({run}/config.json); only --epochs and --precision may change")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 # ---------------------------------------------------------------- MNIST download and cache
 def _fake_files():
     g = torch.Generator().manual_seed(1)

@@ -107,3 +107,13 @@ def test_gpu_training_caps_the_host_threads_unless_told(monkeypatch):
         assert torch.get_num_threads() == GPU_HOST_THREADS + 3   # the user's setting wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_resume_keeps_the_saved_recipe_but_may_change_precision_and_epochs(tmp_path, tiny_mnist):
+    saved = train_config("smoke", "reduced", sample_every=0, lr=3e-4, precision="fp32")
+    T.train(saved, tiny_mnist, tmp_path, minutes=1e-9, **QUIET)
+    other = train_config("smoke", "baseline", lr=1e-2)  # what the command line's preset gives
+    cfg = cli._resume_config(tmp_path, other, epochs=3.0, precision="bf16")
+    assert (cfg.precision, cfg.epochs) == ("bf16", 3.0)
+    assert cfg.arch == "reduced" and cfg.lr == 3e-4 and cfg.batch_size == saved.batch_size
+    assert cli._resume_config(tmp_path, other) == saved

@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.safetensors with its saved config")
+                   help="continue from OUT/checkpoint.safetensors with its saved config "
+                        "(--epochs may extend it, --precision change how it computes)")
     p.add_argument("--minutes", type=_positive_minutes, default=None, metavar="M",
                    help="stop cleanly after M minutes of wall time, checkpoint written (exit 0); "
                         "--resume continues exactly, on this or another machine")
@@ -289,7 +290,12 @@ def cmd_train(a: argparse.Namespace) -> None:
         masked = (meta.get("pruning") or {}).get("masked")
         masks = masks_from_zeros(model, masked) if masked else None
     if a.resume:
-        cfg = _resume_config(a.out, cfg, epochs=a.epochs)
+        fixed = [f"--{k.replace('_', '-')}" for k in ("batch_size", "lr", "ema_decay", "train_subset", "seed")
+                 if getattr(a, k) is not None]
+        if fixed:
+            raise UserError(f"{', '.join(fixed)}: a resumed run keeps its saved recipe "
+                            f"({a.out / 'config.json'}); only --epochs and --precision may change")
+        cfg = _resume_config(a.out, cfg, epochs=a.epochs, precision=a.precision)
     _writable_dir(a.out)
     from .distributed import init_from_env
     device = init_from_env()  # torchrun: join the process group, one device per rank
@@ -310,8 +316,10 @@ def _say(*args) -> None:
         print(*args)
 
 
-def _resume_config(out: Path, fallback, epochs=None):
-    """The config saved in a run directory (``--epochs`` may extend it)."""
+def _resume_config(out: Path, fallback, epochs=None, precision=None):
+    """The config saved in a run directory. ``--epochs`` may extend it and ``--precision`` may
+    change how the next steps compute (e.g. a segment on a CPU or GPU with native bf16); the
+    recipe itself (batch, lr, schedule, EMA, seed) stays the saved one."""
     import json
 
     from .config import TrainConfig, with_overrides
@@ -325,7 +333,7 @@ def _resume_config(out: Path, fallback, epochs=None):
         cfg = TrainConfig.from_dict(d)
     except (ValueError, TypeError) as e:
         raise UserError(f"{f}: cannot read the saved config ({e})") from None
-    return with_overrides(cfg, epochs=epochs)
+    return with_overrides(cfg, epochs=epochs, precision=precision)
 
 
 def cmd_sample(a: argparse.Namespace) -> None:

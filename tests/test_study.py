@@ -2,6 +2,7 @@
 that headless Chromium renders with its table and every image."""
 import base64
 import csv
+import html
 import io
 import json
 import os
@@ -14,11 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff.config import STUDY_PRESETS, study_config
+from minidiff import checkpoint as ckpt
+from minidiff import shipped
+from minidiff.config import STUDY_PRESETS, StudyConfig, study_config
 from minidiff.data import MNIST
 from minidiff.models.classifier import MnistClassifier
-from minidiff.report import COLUMNS
-from minidiff.study import MODELS, PAPER_TABLE, real_confidence, run_study
+from minidiff.report import COLUMNS, READABLE, findings, readable_row
+from minidiff.study import MODELS, PAPER_TABLE, real_confidence, run_study, table_rows
 
 FIGURES = ("samples", "denoising", "loss", "digits", "efficiency")
 
@@ -189,8 +192,10 @@ def test_study_writes_every_figure_and_a_self_contained_report(smoke):
         with Image.open(io.BytesIO(png)) as im:
             lo, hi = im.convert("L").getextrema()
             assert im.format == "PNG" and min(im.size) > 100 and hi - lo > 100, alt
-    # its three tables: the CSV (under the report's headers), the paper's, the stage times so far
-    ours, paper, stages = parsed.tables
+    # its four tables: Table 1 for reading, the CSV (under the report's headers), the paper's,
+    # the stage times so far
+    readable, ours, paper, stages = parsed.tables
+    assert readable[1:] == [list(readable_row(r).values()) for r in table_rows(results["models"])]
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert ours[0] == [COLUMNS[c] for c in rows[0]] and ours[1:] == [list(r.values()) for r in rows]
@@ -225,7 +230,7 @@ def test_report_renders_in_headless_chromium(smoke, tmp_path):
     body = re.search(r"<body[^>]*>", dom)
     assert body is not None, dom[:500]
     assert f'data-images="{len(FIGURES)}"' in body.group(0) and 'data-broken="0"' in body.group(0)
-    assert dom.count("<table>") == 3 and "<td>shallow</td>" in dom
+    assert dom.count("<table>") == 4 and "<td>shallow</td>" in dom
 
 
 def test_paper_study_preset_is_the_papers_recipe():
@@ -234,7 +239,7 @@ def test_paper_study_preset_is_the_papers_recipe():
     assert (sc.reduced_ft_epochs, sc.reduced_ft_lr) == (10, 1e-5)
     assert (sc.shallow_ft_epochs, sc.shallow_ft_lr) == (20, 1e-4)
     assert (sc.eval_n, sc.eval_sampler, sc.eval_steps, sc.eval_teacher_n) == (10_000, "ddpm", 200, 0)
-    assert set(STUDY_PRESETS) == {"smoke", "quick", "paper"}
+    assert set(STUDY_PRESETS) == {"smoke", "quick", "paper", "trained"}
 
 
 def test_real_confidence_of_evaluations_written_before_it_was_recorded():
@@ -260,3 +265,76 @@ def test_a_truncated_study_file_is_recovered_not_a_traceback(smoke, tmp_path):
     assert (out / "reduced" / "model.safetensors").stat().st_mtime_ns == before  # nothing retrained
     assert "evaluate" in json.loads((out / "timings.json").read_text())
     assert not list(out.rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------- the study on the shipped models
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The trained preset's code path at test size: shipped weights, 1-step fine-tunes, N = 16."""
+    tiny = StudyConfig(start="shipped", train_preset="smoke", prune_ft_epochs=0.25, prune_ft_lr=1e-4,
+                       eval_n=16, eval_sampler="ddim", eval_steps=3, eval_eta=1.0, eval_teacher_n=8)
+    STUDY_PRESETS["trained-test"] = tiny
+    try:
+        out = tmp_path_factory.mktemp("trained")
+        clf = MnistClassifier().eval()
+        logs = []
+        res = run_study("trained-test", out, _data(64, 0), _data(40, 1), classifier=clf, progress=False,
+                        log=logs.append)
+    finally:
+        del STUDY_PRESETS["trained-test"]
+    return out, res, logs
+
+
+def test_the_trained_study_starts_from_the_shipped_weights(trained):
+    out, res, logs = trained
+    ships = [m for m in ("baseline", "reduced", "shallow") if shipped.shipped_path(m).is_file()]
+    assert set(res["results"]) == {*ships, "paper_pruned", "structural"}
+    for name in ships:  # evaluated as shipped, nothing trained for them
+        assert res["models"][name] == str(shipped.shipped_path(name))
+        assert not (out / name / "model.safetensors").exists()
+        card_images = shipped.card(shipped.shipped_path(name))["images_seen"]
+        assert res["results"][name]["images_seen"] == {"total": card_images, "finetune": 0}
+    base_images = res["results"]["baseline"]["images_seen"]["total"]
+    for name in ("paper_pruned", "structural"):  # fine-tuned from the shipped baseline: 1 step of 16
+        _, meta = ckpt.load(out / name / "model.safetensors")
+        assert meta["step"] == 1 and meta["config"]["batch_size"] == 16
+        assert res["results"][name]["images_seen"] == {"total": base_images + 16, "finetune": 16}
+    for name in {"reduced", "shallow"} - set(ships):
+        assert f"{name}: this installation ships no {name} weights yet; its row is left out" in logs
+
+
+def test_the_trained_report_opens_with_findings_from_its_numbers(trained):
+    out, res, _ = trained
+    rows = table_rows(res["results"])
+    with open(out / "results.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [int(r["images_seen"]) for r in csv_rows] == [r["images_seen"] for r in rows]
+    page = (out / "report.html").read_text()
+    parsed = _Page(page)
+    readable = parsed.tables[0]
+    assert readable[0] == list(READABLE) and readable[1:] == [list(readable_row(r).values()) for r in rows]
+    said = re.search(r'<ul id="findings">(.*?)</ul>', page, re.S).group(1)
+    items = [html.unescape(x) for x in re.findall(r"<li>(.*?)</li>", said)]
+    missing = [m for m in MODELS if m not in res["results"]]
+    assert items == findings(rows, missing) and len(items) == len(rows) + 1 + bool(missing)
+    base = next(r for r in rows if r["model"] == "baseline")
+    assert f"trained on {base['images_seen']:,} images" in items[0]
+    assert f"pseudo-FID {base['pseudo_fid']:.2f} where real images score {base['fid_floor']:.2f}" in items[0]
+    ms = {r["model"]: r["latency_s"] / r["n"] for r in rows}
+    for r, line in zip(rows[1:], items[1:]):
+        assert line.startswith(f"{r['model']}: ")
+        assert f"{ms[r['model']] / ms['baseline']:.2f}× its time per sample" in line
+        assert f"({r['pseudo_fid'] / base['pseudo_fid'] - 1:+.0%})" in line
+
+
+def test_readable_row_formats_for_reading():
+    row = dict(model="structural", images_seen=2_995_200, finetune_images=6_016, params=1_234_567,
+               nonzero_params=1_234_567, checkpoint_bytes=4_950_000, latency_s=12.5, n=1000,
+               pseudo_fid=1.7261, fid_floor=0.6631, precision=0.7821, recall=0.92, mean_confidence=0.95247,
+               min_class_share=0.076, max_class_share=0.127, teacher_ssim=0.61234, recognisable="yes")
+    assert list(readable_row(row).values()) == [
+        "structural", "2,995,200 (fine-tuning 6,016)", "1,234,567", "5.0 MB", "12.5 ms", "1.73 (floor 0.66)",
+        "0.78 / 0.92", "0.952", "7.6% – 12.7%", "0.612", "yes"]
+    sparse = dict(row, nonzero_params=864_197, teacher_ssim=None, finetune_images=0)
+    assert list(readable_row(sparse).values())[1:3] == ["2,995,200", "1,234,567 (864,197)"]
+    assert readable_row(sparse)["SSIM vs baseline"] == ""

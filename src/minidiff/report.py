@@ -23,12 +23,14 @@ from PIL import Image  # noqa: E402
 from .files import atomic_write_bytes, save_figure  # noqa: E402
 
 COLUMNS = {  # results column → header in the report
-    "model": "model", "params": "params", "nonzero_params": "non-zero params", "sparsity": "sparsity",
+    "model": "model", "images_seen": "images seen", "finetune_images": "of which fine-tuning",
+    "params": "params", "nonzero_params": "non-zero params", "sparsity": "sparsity",
     "checkpoint_bytes": "bytes", "macs_per_eval": "MACs / eval", "sampler": "sampler",
     "steps": "steps", "n": "N", "latency_s": "sampling time (s)", "pseudo_fid": "pseudo-FID",
     "fid_floor": "floor (N real images)", "precision": "precision", "recall": "recall",
     "inception_score": "IS", "ssim_paper": "SSIM (paper)", "teacher_ssim": "SSIM vs baseline",
     "mean_confidence": "mean confidence", "min_class_share": "smallest class share",
+    "max_class_share": "largest class share",
     "recognisable": "recognisable digits",
 }
 
@@ -104,6 +106,63 @@ def plot_efficiency(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+# Table 1 as a reader sees it: fewer columns, numbers formatted (the raw columns follow it).
+READABLE = ("model", "images seen", "params (non-zero)", "size", "time / sample", "pseudo-FID",
+            "precision / recall", "mean confidence", "digit shares", "SSIM vs baseline", "recognisable")
+
+
+def _share_range(r: dict[str, Any]) -> str:
+    return f"{r['min_class_share']:.1%} – {r['max_class_share']:.1%}"
+
+
+def readable_row(r: dict[str, Any]) -> dict[str, str]:
+    """One results row (``study.table_rows``) formatted for reading: thousands separators, MB, ms."""
+    nonzero = "" if r["nonzero_params"] == r["params"] else f" ({r['nonzero_params']:,})"
+    seen = "" if r.get("images_seen") is None else f"{r['images_seen']:,}"
+    if r.get("finetune_images"):
+        seen += f" (fine-tuning {r['finetune_images']:,})"
+    return dict(zip(READABLE, (
+        r["model"], seen, f"{r['params']:,}{nonzero}", f"{r['checkpoint_bytes'] / 1e6:.1f} MB",
+        f"{1000 * r['latency_s'] / r['n']:.1f} ms", f"{r['pseudo_fid']:.2f} (floor {r['fid_floor']:.2f})",
+        f"{r['precision']:.2f} / {r['recall']:.2f}", f"{r['mean_confidence']:.3f}", _share_range(r),
+        "" if r["teacher_ssim"] is None else f"{r['teacher_ssim']:.3f}", r["recognisable"])))
+
+
+def findings(rows: list[dict[str, Any]], missing: list[str]) -> list[str]:
+    """What the study found, in a few sentences written from its own numbers (``rows`` as
+    ``study.table_rows`` gives them, the baseline first)."""
+    by = {r["model"]: r for r in rows}
+    base = by.get("baseline")
+    if base is None:
+        return []
+
+    def ms(r):
+        return 1000 * r["latency_s"] / r["n"]
+
+    seen = f", trained on {base['images_seen']:,} images" if base.get("images_seen") else ""
+    out = [f"The baseline{seen} {'draws' if base['recognisable'] == 'yes' else 'does not draw'} "
+           f"recognisable digits: mean confidence {base['mean_confidence']:.3f}, each digit "
+           f"{_share_range(base).replace(' – ', ' to ')} of the samples, pseudo-FID "
+           f"{base['pseudo_fid']:.2f} where real images score {base['fid_floor']:.2f}, "
+           f"{ms(base):.1f} ms per sample."]
+    for r in rows:
+        if r is base:
+            continue
+        dfid = r["pseudo_fid"] / base["pseudo_fid"] - 1
+        out.append(f"{r['model']}: {r['nonzero_params'] / base['nonzero_params']:.0%} of the "
+                   f"baseline's non-zero parameters, {ms(r) / ms(base):.2f}× its time per sample, "
+                   f"pseudo-FID {r['pseudo_fid']:.2f} ({dfid:+.0%}); recognisable: {r['recognisable']}.")
+    others = [r for r in rows if r is not base]
+    if others:
+        fastest = min(others, key=ms)
+        closest = min(others, key=lambda r: r["pseudo_fid"])
+        out.append(f"Fastest: {fastest['model']} ({ms(fastest) / ms(base):.2f}× the baseline's time). "
+                   f"Best pseudo-FID after the baseline: {closest['model']} ({closest['pseudo_fid']:.2f}).")
+    if missing:
+        out.append(f"Not in this study: {', '.join(missing)} (no trained weights in this installation).")
+    return out
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -136,6 +195,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], paper_rows: list[dict[st
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>minidiff study: {html.escape(study['preset'])}</title><style>{_CSS}</style></head><body>
 <h1>minidiff study, preset <code>{html.escape(study['preset'])}</code></h1>
+<h2>What the study found</h2>
+<ul id="findings">{"".join(f"<li>{html.escape(line)}</li>" for line in findings(rows, study.get("missing", [])))}</ul>
 <h2>Table 1, measured</h2>
 <p>Every model evaluated the same way: N = {rows[0]['n']} samples, {html.escape(str(rows[0]['sampler']))}
 with {rows[0]['steps']} steps, the same seed; pseudo-FID is a Fréchet distance on minidiff's MNIST
@@ -145,7 +206,9 @@ the same test set, what a perfect generator would score at this N. Sampling time
 {study['recognisable']['mean_confidence']} and every digit is at least
 {study['recognisable']['min_class_share']:.0%} of the samples (real test digits score a mean
 confidence of {study['recognisable']['real_test']}).</p>
-{_table(rows, COLUMNS)}
+{_table([readable_row(r) for r in rows], {c: c for c in READABLE})}
+<details><summary>Every measurement (results.csv)</summary>
+{_table(rows, COLUMNS)}</details>
 <h2>The paper's Table 1, for reference</h2>
 <p>Its pseudo-FID is not a Fréchet distance and its SSIM compares unrelated images, so its numbers
 are not comparable with the ones above.</p>

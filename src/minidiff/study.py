@@ -3,6 +3,10 @@
   classifier → baseline → paper pruning + fine-tune → structural pruning + fine-tune
   → reduced + fine-tune → shallow + fine-tune → evaluation of every model → results
 
+With ``start="shipped"`` (the ``trained`` preset) the baseline, reduced and shallow stages take
+the trained weights shipped in the package instead of training (a model not shipped yet is left
+out, and the report says so); the pruned models start from the shipped baseline.
+
 Each stage writes into ``OUT/<stage>/``; a stage whose output exists is skipped, and an
 interrupted training stage resumes from its last checkpoint (``train(..., resume=True)``).
 Every model is evaluated the same way (same N, sampler, steps, seed, batch and classifier) in
@@ -18,6 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from . import checkpoint as ckpt
+from . import shipped
 from .files import write_text
 from .config import StudyConfig, TrainConfig, study_config, train_config
 from .data import MNIST
@@ -49,9 +55,33 @@ def _read_json(path: Path, default: Any, log=print) -> Any:
         return default
 
 
-def _finetune(preset: str, arch: str, epochs: float, lr: float) -> TrainConfig:
+def _train_config(sc: StudyConfig, preset: str, arch: str, **overrides) -> TrainConfig:
+    """The study's training numbers: its train preset's (or its own), its precision if set."""
+    return train_config(sc.train_preset or preset, arch, precision=sc.train_precision or None, **overrides)
+
+
+def _finetune(sc: StudyConfig, preset: str, arch: str, epochs: float, lr: float) -> TrainConfig:
     # Fine-tuning is ordinary training from given weights at a lower, constant LR.
-    return train_config(preset, arch, epochs=epochs, lr=lr, lr_schedule="constant", warmup_steps=0)
+    return _train_config(sc, preset, arch, epochs=epochs, lr=lr, lr_schedule="constant", warmup_steps=0)
+
+
+def _shipped_stage(name: str, log, required: bool = False) -> Path | None:
+    """A model shipped in the package, or None (with a line saying so) where none ships yet."""
+    path = shipped.shipped_path(name)
+    if path.is_file():
+        log(f"{name}: the shipped weights, {path}")
+        return path
+    if required:
+        raise ckpt.CheckpointError(f"this installation ships no {name} weights, which this study starts from")
+    log(f"{name}: this installation ships no {name} weights yet; its row is left out")
+    return None
+
+
+def images_seen(files: list[Path]) -> dict[str, int]:
+    """Training images behind a model: ``files`` are the model files of its lineage, first
+    trained to last fine-tuned (e.g. the baseline, then the pruned model fine-tuned from it)."""
+    counts = [ckpt.images_seen(ckpt.load(f)[1]) for f in files]
+    return {"total": sum(counts), "finetune": sum(counts[1:])}
 
 
 def _train_stage(out: Path, cfg: TrainConfig, data: MNIST, progress: bool, log, **kw) -> Path:
@@ -100,11 +130,12 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
         from .models.classifier import load_or_train_classifier
         classifier = stage("classifier", lambda: load_or_train_classifier(
             epochs=sc.classifier_epochs, train=train_data, test=test_data, progress=progress, log=log)[0])
-    base_cfg = train_config(preset, "baseline")
+    from_shipped = sc.start == "shipped"
     models = {}
-    models["baseline"] = stage("baseline", lambda: _train_stage(out / "baseline", base_cfg, train_data,
-                                                                progress, log))
-    ft = _finetune(preset, "baseline", sc.prune_ft_epochs, sc.prune_ft_lr)
+    models["baseline"] = stage("baseline", lambda: _shipped_stage("baseline", log, required=True)
+                               if from_shipped else _train_stage(out / "baseline", _train_config(
+                                   sc, preset, "baseline"), train_data, progress, log))
+    ft = _finetune(sc, preset, "baseline", sc.prune_ft_epochs, sc.prune_ft_lr)
     models["paper_pruned"] = stage("paper_pruned", lambda: _pruned_stage(
         out / "paper_pruned", models["baseline"], "paper", 0.30, ft, train_data, progress, log))
     models["structural"] = stage("structural", lambda: _pruned_stage(
@@ -113,14 +144,17 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     for arch, epochs, ft_epochs, ft_lr in (
             ("reduced", sc.reduced_epochs, sc.reduced_ft_epochs, sc.reduced_ft_lr),
             ("shallow", sc.shallow_epochs, sc.shallow_ft_epochs, sc.shallow_ft_lr)):
-        def variant(arch=arch, epochs=epochs, ft_epochs=ft_epochs, ft_lr=ft_lr) -> Path:
-            scratch = _train_stage(out / arch / "scratch", train_config(preset, arch, epochs=epochs),
+        def variant(arch=arch, epochs=epochs, ft_epochs=ft_epochs, ft_lr=ft_lr) -> Path | None:
+            if from_shipped:
+                return _shipped_stage(arch, log)
+            scratch = _train_stage(out / arch / "scratch", _train_config(sc, preset, arch, epochs=epochs),
                                    train_data, progress, log)
             state = load_model(scratch)[0].state_dict()
-            return _train_stage(out / arch, _finetune(preset, arch, ft_epochs, ft_lr), train_data, progress,
-                                log, init_state=state)
+            return _train_stage(out / arch, _finetune(sc, preset, arch, ft_epochs, ft_lr), train_data,
+                                progress, log, init_state=state)
         models[arch] = stage(arch, variant)
-    results = stage("evaluate", lambda: _evaluate_all(out, models, sc, classifier, test_data, train_data, progress, log))
+    results = stage("evaluate", lambda: _evaluate_all(out, models, _lineage(out, models, from_shipped), sc,
+                                                      classifier, test_data, train_data, progress, log))
     if results is not None:
         _write_results(out, results, timings)
         stage("report", lambda: write_study_report(out, preset, sc, results, models, timings))
@@ -131,8 +165,23 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     return {"models": {k: str(v) for k, v in models.items() if v}, "results": results, "timings": timings}
 
 
-def _evaluate_all(out: Path, models: dict[str, Path], sc: StudyConfig, classifier, test_data: MNIST,
-                  train_data: MNIST, progress: bool, log=print) -> dict[str, Any]:
+def _lineage(out: Path, models: dict[str, Path | None], from_shipped: bool) -> dict[str, list[Path]]:
+    """The model files whose training each model's weights include, first to last."""
+    lineage = {}
+    for name, path in models.items():
+        if path is None:
+            continue
+        if name in ("paper_pruned", "structural"):
+            lineage[name] = [models["baseline"], path]
+        elif name in ("reduced", "shallow") and not from_shipped:
+            lineage[name] = [out / name / "scratch" / "model.safetensors", path]
+        else:
+            lineage[name] = [path]
+    return lineage
+
+
+def _evaluate_all(out: Path, models: dict[str, Path], lineage: dict[str, list[Path]], sc: StudyConfig,
+                  classifier, test_data: MNIST, train_data: MNIST, progress: bool, log=print) -> dict[str, Any]:
     results = {}
     for name in MODELS:
         path = models.get(name)
@@ -151,6 +200,7 @@ def _evaluate_all(out: Path, models: dict[str, Path], sc: StudyConfig, classifie
                                 progress=progress, samples_png=out / name / "samples.png")
         model, _ = load_model(path)
         r["sparsity_after_finetune"] = sparsity_report(model)["overall"]
+        r["images_seen"] = images_seen(lineage[name])
         write_json(r, dest)
         results[name] = json.loads(dest.read_text())
     return results
@@ -173,9 +223,11 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name, r in results.items():
         eff, q, s = r["efficiency"], r["quality"], r["sampling"]
         conf = q["digit_distribution"]["mean_confidence"]
-        share = min(q["digit_distribution"]["counts"]) / s["n"]
+        counts = q["digit_distribution"]["counts"]
         rows.append({
-            "model": name, "params": eff["params_total"], "nonzero_params": eff["params_nonzero"],
+            "model": name, "images_seen": r.get("images_seen", {}).get("total"),
+            "finetune_images": r.get("images_seen", {}).get("finetune"),
+            "params": eff["params_total"], "nonzero_params": eff["params_nonzero"],
             "sparsity": round(r.get("sparsity_after_finetune", 0.0), 4),
             "checkpoint_bytes": eff["checkpoint_bytes"], "macs_per_eval": eff["macs_per_eval"],
             "sampler": s["sampler"], "steps": s["steps"], "n": s["n"],
@@ -189,9 +241,10 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "teacher_ssim": round(r["teacher_consistency"]["ssim"]["mean"], 4)
             if r.get("teacher_consistency") else None,
             "mean_confidence": round(conf, 4),
-            "min_class_share": round(share, 4),
+            "min_class_share": round(min(counts) / s["n"], 4),
+            "max_class_share": round(max(counts) / s["n"], 4),
             "recognisable": "yes" if conf >= RECOGNISABLE["mean_confidence"]
-            and share >= RECOGNISABLE["min_class_share"] else "no",
+            and min(counts) / s["n"] >= RECOGNISABLE["min_class_share"] else "no",
         })
     return rows
 
@@ -246,6 +299,7 @@ def write_study_report(out: Path, preset: str, sc: StudyConfig, results: dict[st
     device = (f"{d['device'].get('device')} ({d['device'].get('type')}, {d['threads']} threads, "
               f"{d['device'].get('capability')}), batch {d['batch_size']}")
     study = {"preset": preset, "device": device, "study": asdict(sc),
+             "missing": [m for m in MODELS if m not in results],
              "recognisable": dict(RECOGNISABLE, real_test=real_confidence(results))}
     return report.write_report(out, rows, paper_rows(), timings, figures, study)
 

@@ -42,19 +42,17 @@ def main() -> None:
     import torch
 
     from minidiff import prune as P
-    from minidiff.config import DiffusionConfig, ModelConfig
-    from minidiff.diffusion import make_schedule
+    from minidiff.config import ModelConfig
     from minidiff.generate import generate
     from minidiff.metrics import count_params, macs_per_eval, measure_latency
     from minidiff.models.unet import build_from_state_dict
-    from minidiff.train import load_model
+    from minidiff.modelfile import load_model
 
     data = None
     if a.importance == "taylor":
         from minidiff.data import load_split
         data = load_split("train")
-    dense, meta = load_model(a.ckpt)
-    sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+    dense, sched, meta = load_model(a.ckpt)
 
     def sample(model):
         return generate(model, sched, a.n, sampler="ddim", steps=a.steps, seed=0, batch_size=a.n,
@@ -68,7 +66,7 @@ def main() -> None:
         entries.append(("dense", dense, a.ckpt, True))
         paper = P.prune_checkpoint(a.ckpt, "paper", P.PAPER_UNSTRUCTURED,
                                    out_path=tmp / "paper.safetensors")
-        entries.append(("paper 10 % + 30 %", load_model(paper)[0], paper, True))
+        entries.append(("paper 10 % + 30 %", load_model(paper).model, paper, True))
         sparse = P.prune_checkpoint(a.ckpt, "sparse", P.PAPER_UNSTRUCTURED,
                                     out_path=tmp / "sparse.safetensors")
         state, smeta = P.load_sparse(sparse)
@@ -76,7 +74,7 @@ def main() -> None:
         entries.append(("paper, sparse file", model, sparse, False))  # = "paper" once loaded
         for r in a.ratios:
             out = P.prune_checkpoint(a.ckpt, "structural", r, a.importance, tmp / f"s{r}.safetensors", data)
-            entries.append((f"structural {r:g} ({a.importance})", load_model(out)[0], out, True))
+            entries.append((f"structural {r:g} ({a.importance})", load_model(out).model, out, True))
         rows = []
         for label, model, path, timed in entries:
             params = count_params(model)

@@ -22,7 +22,8 @@ from minidiff.evaluate import evaluate_checkpoint
 from minidiff.models.classifier import load_or_train_classifier
 from minidiff.prune import prune_checkpoint
 from minidiff.runtime import tune_allocator
-from minidiff.train import load_model, train
+from minidiff.modelfile import load_model
+from minidiff.train import train
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     a = ap.parse_args()
     tune_allocator()
     a.out.mkdir(parents=True, exist_ok=True)
-    _, meta = load_model(a.ckpt)
+    meta = load_model(a.ckpt).meta
     src_cfg = TrainConfig.from_dict(meta["config"])
     train_data, test_data = load_split("train"), load_split("test")
     ft_steps = max(1, round(a.ft_fraction * meta["step"]))
@@ -45,7 +46,7 @@ def main() -> None:
     ft_cfg = with_overrides(src_cfg, epochs=ft_steps / bpe, warmup_steps=min(src_cfg.warmup_steps, ft_steps // 5),
                             sample_every=0)
     pruned = prune_checkpoint(a.ckpt, "structural", a.ratio, out_path=a.out / "pruned.safetensors")
-    pruned_model, _ = load_model(pruned)
+    pruned_model = load_model(pruned).model
     ft = train(ft_cfg, train_data, a.out / "finetuned", resume=True, init_state=pruned_model.state_dict())
     torch.manual_seed(1)
     for m in pruned_model.modules():  # same widths, fresh weights

@@ -82,14 +82,11 @@ def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n:
     import torch
 
     from minidiff import metrics as M
-    from minidiff.config import DiffusionConfig
-    from minidiff.diffusion import make_schedule
     from minidiff.generate import generate, initial_noise, make_eps_fn
     from minidiff.runtime import describe_device
-    from minidiff.train import load_model
+    from minidiff.modelfile import load_model
 
-    model, meta = load_model(ckpt)
-    sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+    model, sched, meta = load_model(ckpt)
     macs = M.macs_per_eval(model, torch.zeros(1, 1, 28, 28), torch.zeros(1))
     # naive: the caller's model itself; minidiff: generate() builds the same wrapper per call
     eps_fn = make_eps_fn(model, "fp32", channels_last=not naive, fold_bn=not naive)
@@ -146,17 +143,15 @@ def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: i
     reuses it instead of sampling again; reused rows say so (``reused``)."""
     from minidiff import metrics as M
     from minidiff.evaluate import METRICS_VERSION, write_json
-    from minidiff.config import DEFAULT_SPACING, DiffusionConfig
+    from minidiff.config import DEFAULT_SPACING
     from minidiff.data import load_split, to_model_range, to_uint8
-    from minidiff.diffusion import make_schedule
     from minidiff.generate import generate
     from minidiff.models.classifier import load_or_train_classifier, predict
-    from minidiff.train import load_model
+    from minidiff.modelfile import load_model
 
     import torch
 
-    model, meta = load_model(ckpt)
-    sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+    model, sched, meta = load_model(ckpt)
     classifier, info = load_or_train_classifier()
     real_f, _ = predict(classifier, to_model_range(load_split("test").images))  # (10000, D)
     train = load_split("train")
@@ -255,10 +250,10 @@ def main() -> None:
     from minidiff.evaluate import write_json
     from minidiff.runtime import tune_allocator
     from minidiff.samplers import resolve_steps
-    from minidiff.train import load_model
+    from minidiff.modelfile import load_model
 
     tune_allocator()  # this process only samples for quality; the timed workers set their own
-    T = load_model(a.ckpt)[1]["config"]["diffusion"]["timesteps"]
+    T = load_model(a.ckpt).meta["config"]["diffusion"]["timesteps"]
     configs = [("ddpm", T, {})] + [(s, resolve_steps(s, int(k), T), o) for s, o in
                                     map(parse_sampler, a.samplers.split(","))
                                     for k in a.steps.split(",")]

@@ -20,22 +20,18 @@ from pathlib import Path
 import torch
 
 from minidiff import checkpoint as ckpt
-from minidiff.data import batches_per_epoch, load_split
+from minidiff.data import load_split
 from minidiff.files import atomic_write_bytes
 from minidiff.evaluate import METRICS_VERSION, evaluate_checkpoint
+from minidiff.modelfile import epochs_seen, images_seen
 from minidiff.models.classifier import load_or_train_classifier
 from minidiff.runtime import cpu_name, tune_allocator
-
-N_TRAIN = 60_000
 
 
 def row_of(path: Path, meta: dict, label: str, result: dict) -> dict:
     q = result["quality"]
-    batch = meta["config"]["batch_size"]
     row = {"label": label, "file": str(path), "sha256": meta["sha256"], "step": meta["step"],
-            "images_seen": meta["step"] * batch,
-            # epochs as training counts them: full batches of the 60,000 images, the rest dropped
-            "epochs": meta["step"] / batches_per_epoch(meta["config"]["train_subset"] or N_TRAIN, batch),
+            "images_seen": images_seen(meta), "epochs": epochs_seen(meta),
             "mean_confidence": q["digit_distribution"]["mean_confidence"],
             "shares": [c / q["digit_distribution"]["n"] for c in q["digit_distribution"]["counts"]],
             "pseudo_fid": q["pseudo_fid"]["value"], "floor": q["pseudo_fid"]["floor"]["value"],

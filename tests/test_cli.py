@@ -110,7 +110,7 @@ def test_init_from_a_missing_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, out", [
-    (["run"], "runs/quick"), (["run", "--preset", "smoke"], "runs/smoke"),
+    (["run"], "runs/trained"), (["run", "--preset", "smoke"], "runs/smoke"),
     (["study", "--preset", "paper"], "runs/study-paper"), (["run", "--out", "elsewhere"], "elsewhere"),
 ])
 def test_run_is_the_whole_study(argv, out, monkeypatch, tmp_path, capsys):
@@ -124,6 +124,6 @@ def test_run_is_the_whole_study(argv, out, monkeypatch, tmp_path, capsys):
     code = cli.main(argv)
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else "quick"
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else "trained"
     assert [(c[0], str(c[1]), c[2], c[3]) for c in calls] == [(preset, out, "train", "test")]
     assert f"{out}/report.html" in captured.out

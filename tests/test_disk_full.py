@@ -22,7 +22,8 @@ from minidiff import data as D
 from minidiff import files as F
 from minidiff.config import train_config
 from minidiff.models.unet import SimpleUnet
-from minidiff.train import save_model, train
+from minidiff.modelfile import save_model
+from minidiff.train import train
 
 
 def _enospc() -> OSError:

@@ -21,7 +21,8 @@ import torch
 from minidiff.diffusion import make_schedule, q_sample
 from minidiff.distributed import shard
 from minidiff.config import train_config
-from minidiff.train import load_model, train
+from minidiff.modelfile import load_model
+from minidiff.train import train
 
 TOL = 2e-3       # training: ‖ε̂_two − ε̂_one‖ / ‖ε̂_one‖ on fixed inputs (README, "More processes")
 EVAL_TOL = 1e-6  # evaluate: relative difference of every metric (README, "More processes")
@@ -57,7 +58,7 @@ def _run(args, tmp_path):
 
 
 def _predictions(path):
-    model, meta = load_model(path)
+    model, _, meta = load_model(path)
     g = torch.Generator().manual_seed(3)
     x0 = torch.rand(32, 1, 28, 28, generator=g) * 2 - 1
     t = torch.randint(0, 200, (32,), generator=g)

@@ -11,7 +11,8 @@ from minidiff.config import TrainConfig, train_config
 from minidiff.data import MNIST, to_model_range, to_uint8
 from minidiff.generate import generate, initial_noise
 from minidiff.models.classifier import MnistClassifier
-from minidiff.train import load_model, save_model, train
+from minidiff.modelfile import load_model, save_model
+from minidiff.train import train
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_result_records_everything(tiny_run, monkeypatch):
     assert (s["n"], s["sampler"], s["steps"], s["seed"], s["batch_size"], s["precision"]) == \
         (24, "ddim", 3, 5, 16, "fp32")
     assert s["nfe_per_sample"] == 3 and (s["eta"], s["spacing"], s["processes"]) == (0.0, "leading", 1)
-    model, meta = load_model(path)
+    model, _, meta = load_model(path)
     assert r["checkpoint"] == {"path": str(path), "sha256": meta["sha256"], "arch": "reduced",
                                "step": meta["step"], "weights": meta["weights"]}
     assert e["params_total"] == 634_081 == sum(p.numel() for p in model.parameters())
@@ -147,7 +148,7 @@ def test_teacher_consistency_tells_other_weights_from_the_same_weights(tiny_run,
     path = tiny_run[0]
     copy = tmp_path / "copy.safetensors"  # the same weights in another file: samples drawn again
     copy.write_bytes(path.read_bytes())
-    model, meta = load_model(path)
+    model, _, meta = load_model(path)
     with torch.no_grad():
         model.head.bias += 0.5  # a teacher whose ε̂ is off by a constant: every x̂_0 moves
     other = save_model(tmp_path / "other.safetensors", model, TrainConfig.from_dict(meta["config"]),

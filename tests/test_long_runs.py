@@ -5,6 +5,7 @@ import torch
 
 from minidiff import cli
 from minidiff import train as T
+from minidiff.modelfile import load_model
 from minidiff.checkpoint import load
 from minidiff.config import train_config
 
@@ -62,7 +63,7 @@ def test_snapshots_are_the_weights_behind_each_grid(tmp_path, tiny_mnist):
     snaps = sorted((tmp_path / "snapshots").glob("step_*.safetensors"))
     grids = sorted((tmp_path / "samples").glob("step_*.png"))
     assert [s.stem for s in snaps] == [g.stem for g in grids] == ["step_000004"]
-    model, meta = T.load_model(snaps[0])
+    model, _, meta = load_model(snaps[0])
     assert meta["step"] == 4 and meta["weights"] == "ema"
 
 

@@ -9,7 +9,8 @@ from minidiff.config import ModelConfig, train_config
 from minidiff.diffusion import make_schedule, p_losses
 from minidiff.metrics import macs_per_eval
 from minidiff.models.unet import SimpleUnet, build_from_state_dict, count_parameters
-from minidiff.train import load_model, save_model, train
+from minidiff.modelfile import load_model, save_model
+from minidiff.train import train
 
 CFG = ModelConfig.from_arch("reduced")
 X = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -229,7 +230,7 @@ def test_prune_checkpoint_writes_a_self_describing_file(tmp_path, method):
     assert P.widths(model) == info["widths"]
     if method == "structural":
         assert info["params_after"] < info["params_before"] and info["masked"] == []
-        assert load_model(out)[0](X, T).shape == (3, 1, 28, 28)  # no torch-pruning needed
+        assert load_model(out).model(X, T).shape == (3, 1, 28, 28)  # no torch-pruning needed
     else:
         assert info["params_after"] == info["params_before"] and info["sparsity"] >= 0.3
         masks = P.masks_from_zeros(model, info["masked"])

@@ -32,7 +32,7 @@ from minidiff.runtime import default_device, resolve_precision
 from minidiff.samplers import SAMPLERS, run_sampler, timestep_grid
 from minidiff.serve import create_app
 from minidiff.shipped import available
-from minidiff.train import load_model, save_model
+from minidiff.modelfile import load_model, save_model
 
 
 def _tiny_model(path: Path, seed: int) -> Path:
@@ -168,7 +168,7 @@ def test_compare_streams_every_step_from_the_same_noise_and_ends_as_generate(por
         assert all(f["ms"] > 0 for f in frames)
         for f in frames:
             assert _decode(f["x_t"]).size == _decode(f["x0"]).size == (92, 62)  # 3 × 2 tiles of 30 px
-        model, _ = load_model(tiny_models[setting["model"]], default_device())  # where the server samples
+        model = load_model(tiny_models[setting["model"]], default_device()).model  # where the server samples
         x = generate(model, make_schedule(), n, sampler=setting["sampler"], steps=steps, seed=seed,
                      precision=resolve_precision("auto", default_device()), progress=False,
                      spacing=DEFAULT_SPACING, **({"eta": 1.0} if setting["sampler"] == "ddim" else {}))
@@ -228,7 +228,7 @@ def test_other_mistakes_are_json_errors_too(port, tiny_models):
     assert _get_json(port, "/nothing/here") == (404, {"error": "Not Found"})
     status, info = _get_json(port, "/api/models")
     assert status == 200 and [m["name"] for m in info["models"]] == ["tiny", "tiny-b"]
-    params = sum(p.numel() for p in load_model(tiny_models["tiny"])[0].parameters())
+    params = sum(p.numel() for p in load_model(tiny_models["tiny"]).model.parameters())
     assert info["max_images"] == 16 and info["models"][0]["params"] == params < 100_000
 
 

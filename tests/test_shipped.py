@@ -7,7 +7,8 @@ import pytest
 from minidiff import checkpoint as C
 from minidiff import cli, shipped
 from minidiff.config import train_config
-from minidiff.train import load_model, train
+from minidiff.modelfile import load_model
+from minidiff.train import train
 
 SPEC_PARAMS = {"baseline": 2_529_217, "reduced": 634_081, "shallow": 2_148_097}
 CARD_KEYS = {"commands", "seed", "optimizer_steps", "images_seen", "epochs", "wall_time_s", "hardware",
@@ -85,7 +86,7 @@ def test_the_trained_models_and_the_classifier_ship():
 
 @pytest.mark.parametrize("name", [n for n in shipped.MODEL_NAMES if n in SHIPPED])
 def test_every_shipped_model_carries_its_card(name):
-    model, meta = load_model(SHIPPED[name])  # verifies the weights' sha256
+    model, _, meta = load_model(SHIPPED[name])  # verifies the weights' sha256
     card = shipped.card(SHIPPED[name])
     assert CARD_KEYS <= set(card), CARD_KEYS - set(card)
     assert meta["arch"] == name and card["params"] == SPEC_PARAMS[name]
@@ -115,7 +116,7 @@ def test_the_shipped_reduced_model_draws_digits_the_classifier_recognises():
     from minidiff.generate import generate
     from minidiff.models.classifier import load_or_train_classifier, predict
     from minidiff.data import to_model_range, to_uint8
-    model, _ = load_model(SHIPPED["reduced"])
+    model = load_model(SHIPPED["reduced"]).model
     x = generate(model, make_schedule(), 32, sampler="ddim", steps=10, eta=1.0, seed=0, progress=False)
     clf, _ = load_or_train_classifier()
     _, p = predict(clf, to_model_range(to_uint8(x)))

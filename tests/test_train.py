@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from minidiff import train as T
+from minidiff.modelfile import load_model
 from minidiff.checkpoint import load
 from minidiff.config import train_config
 from minidiff.diffusion import make_schedule
@@ -21,7 +22,7 @@ def test_smoke_training_writes_a_complete_run(tmp_path, tiny_mnist):
     assert list((tmp_path / "samples").glob("step_*.png"))
     rows = (tmp_path / "loss.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,loss") and rows[-1].startswith("8,")
-    model, meta = T.load_model(path)
+    model, _, meta = load_model(path)
     assert meta["kind"] == "model" and meta["weights"] == "ema" and meta["step"] == 8
     assert model(torch.zeros(1, 1, 28, 28), torch.zeros(1)).shape == (1, 1, 28, 28)
 

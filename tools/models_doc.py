@@ -12,7 +12,7 @@ from pathlib import Path
 from minidiff.diffusion import make_schedule
 from minidiff.generate import generate, save_images
 from minidiff.shipped import MODEL_NAMES, available, card
-from minidiff.train import load_model
+from minidiff.modelfile import load_model
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -33,7 +33,7 @@ def main() -> int:
             rows.append(f"| {name} | not shipped yet | | | | | | | |")
             continue
         c = card(files[name])
-        model, meta = load_model(files[name])
+        model, _, meta = load_model(files[name])
         grid = DOCS / "figures" / f"model_{name}.png"
         save_images(generate(model, make_schedule(), 64, sampler="ddim", steps=20, eta=1.0, seed=0,
                              progress=False), grid)

@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from minidiff import checkpoint as ckpt
-from minidiff.data import batches_per_epoch
 from minidiff.evaluate import METRICS_VERSION
 from minidiff.metrics import count_params
+from minidiff.modelfile import epochs_seen, images_seen, load_model
 from minidiff.shipped import card, shipped_path
-from minidiff.train import load_model
-
-N_TRAIN = 60_000
 
 
 def _eval_rows(curve: Path, sha: str) -> dict:
@@ -58,16 +54,16 @@ def main(argv=None) -> int:
         meta = dict(meta, recipe=prov["recipe"])
     else:
         cfg = meta["config"]
-        steps, batch = meta["step"], cfg["batch_size"]
-        bpe = batches_per_epoch(cfg["train_subset"] or N_TRAIN, batch)  # as train() counts epochs and steps
-        c.update(seed=cfg["seed"], optimizer_steps=steps, images_seen=steps * batch,
-                 epochs=steps / bpe, planned_epochs=cfg["epochs"], complete=steps >= math.ceil(cfg["epochs"] * bpe),
+        steps = meta["step"]
+        c.update(seed=cfg["seed"], optimizer_steps=steps, images_seen=images_seen(meta),
+                 epochs=epochs_seen(meta), planned_epochs=cfg["epochs"],
+                 complete=epochs_seen(meta) >= cfg["epochs"],
                  weights=meta.get("weights"),
                  recipe={k: cfg[k] for k in ("batch_size", "lr", "lr_schedule", "warmup_steps", "grad_clip",
                                              "ema_decay", "precision", "bn_recalib_batches")})
         if a.eval is not None:
             c["evaluation"] = _eval_rows(a.eval, meta["sha256"])
-        c["params"] = count_params(load_model(a.model)[0])["total"]
+        c["params"] = count_params(load_model(a.model).model)["total"]
     c["wall_time_s"] = sum(s.get("wall_s", 0) for s in prov.get("segments", []))
     c["hardware"] = sorted({s["hardware"] for s in prov.get("segments", [])})
     dest = shipped_path(a.name)

@@ -74,13 +74,6 @@ def user_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k not in _STAMPED}
 
 
-def images_seen(meta: dict[str, Any]) -> int:
-    """Training images behind a model or training file's weights, counted as training does (full
-    batches): its optimiser steps times its batch size. A fine-tuned file counts its own
-    fine-tuning only."""
-    return int(meta["step"]) * int(meta["config"]["batch_size"])
-
-
 def save(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
          keep_previous: bool = False) -> Path:
     """Save tensors and a JSON-serialisable ``meta`` dict atomically; returns the path."""

@@ -289,8 +289,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     init_state = masks = None
     if a.init is not None:
         from .prune import masks_from_zeros
-        from .train import load_model
-        model, meta = load_model(a.init)
+        from .modelfile import load_model
+        model, _, meta = load_model(a.init)
         if meta.get("arch") != a.arch:
             raise UserError(f"--init {a.init} is a {meta.get('arch')} model; pass --arch {meta.get('arch')}")
         init_state = model.state_dict()
@@ -344,12 +344,10 @@ def _resume_config(out: Path, fallback, epochs=None, precision=None):
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
-    from .diffusion import make_schedule
     from .generate import generate, save_images
-    from .config import DiffusionConfig
+    from .modelfile import load_model
     from .runtime import default_device, resolve_precision
     from .samplers import resolve_steps
-    from .train import load_model
     if a.n < 1:
         raise UserError(f"-n must be >= 1, got {a.n}")
     if a.n > MAX_SAMPLES:
@@ -362,8 +360,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
     _output_file(a.out)
     device = default_device()
-    model, meta = load_model(a.ckpt, device)
-    sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+    model, sched, meta = load_model(a.ckpt, device)
     try:
         steps = resolve_steps(a.sampler, a.steps, sched.T)
     except ValueError as e:
@@ -428,15 +425,13 @@ def cmd_data(a: argparse.Namespace) -> None:
 
 
 def cmd_figures(a: argparse.Namespace) -> None:
-    from .config import DiffusionConfig
     from .data import load_split
     from .diffusion import make_schedule
     from .figures import make_all
-    from .train import load_model
+    from .modelfile import load_model
     model, sched = None, make_schedule()
     if a.model.exists():
-        model, meta = load_model(a.model)
-        sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+        model, sched, meta = load_model(a.model)
         print(f"model-based figures use {a.model} ({meta['arch']}, step {meta['step']})")
     else:
         print(f"{a.model} not found: writing only the figures that need no model "

@@ -19,17 +19,15 @@ import torch
 
 from . import checkpoint as ckpt
 from . import metrics as M
-from .config import DiffusionConfig
+from .config import DEFAULT_SPACING
 from .data import MNIST, to_model_range, to_uint8
-from .diffusion import make_schedule
+from .distributed import shard, world
 from .files import write_text
 from .generate import generate, initial_noise, make_eps_fn, save_images
+from .modelfile import load_model
 from .models.classifier import MnistClassifier, predict
-from .distributed import shard, world
-from .config import DEFAULT_SPACING
-from .samplers import resolve_steps
 from .runtime import default_device, describe_device, resolve_precision
-from .train import load_model
+from .samplers import resolve_steps
 
 
 # 2: the pseudo-FID floor is N training images against the test set (was two disjoint real
@@ -57,8 +55,7 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 def _sample(path: Path | str, device: torch.device, n: int, sampler: str, steps: int | None,
             seed: int, batch_size: int, precision: str, progress: bool, options: dict[str, Any]):
     """Load a checkpoint and generate n quantised samples; returns (model, meta, images, timing)."""
-    model, meta = load_model(path, device)
-    sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
+    model, sched, meta = load_model(path, device)
     steps = resolve_steps(sampler, steps, sched.T)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     # Warm-up (untimed) and per-evaluation latency on one full batch of noise.

@@ -211,16 +211,16 @@ def prune_checkpoint(ckpt_path: Path | str, method: str, ratio: float, importanc
     parameter counts, every layer's width and the masked weights (to rebuild masks for
     fine-tuning with ``masks_from_zeros``)."""
     from .config import TrainConfig
-    from .train import load_model, save_model  # train sits above prune in the data flow
+    from .modelfile import load_model, model_header, save_model
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    model, meta = load_model(ckpt_path)
+    model, sched, meta = load_model(ckpt_path)
     cfg = TrainConfig.from_dict(meta["config"])
     params_before = sum(p.numel() for p in model.parameters())
     masks: dict[str, torch.Tensor] = {}
     if method == "structural":
-        structural_prune(model, ratio, importance, example_data=data, sched=make_schedule(cfg.diffusion))
+        structural_prune(model, ratio, importance, example_data=data, sched=sched)
     else:
         masks = paper_prune(model, PAPER_STRUCTURED, ratio)
     report = sparsity_report(model)
@@ -233,7 +233,6 @@ def prune_checkpoint(ckpt_path: Path | str, method: str, ratio: float, importanc
                 widths=widths(model), masked=sorted(masks))
     weights = meta.get("weights") or ("ema" if cfg.ema_decay > 0 else "raw")
     if method == "sparse":
-        header = dict(kind="model", arch=cfg.arch, model=cfg.to_dict()["model"], config=cfg.to_dict(),
-                      step=meta["step"], weights=weights, pruning=info)
-        return save_sparse(out_path, model.state_dict(), header)
+        return save_sparse(out_path, model.state_dict(), model_header(cfg, meta["step"], weights=weights,
+                                                                      pruning=info))
     return save_model(Path(out_path), model, cfg, meta["step"], weights=weights, pruning=info)

@@ -52,16 +52,16 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .config import DEFAULT_DDIM_ETA, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, DiffusionConfig
+from .config import DEFAULT_DDIM_ETA, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS
 from .data import to_uint8
-from .diffusion import Schedule, make_schedule
+from .diffusion import Schedule
 from .evaluate import sampler_options
 from .generate import generate, grid_image, initial_noise
 from .metrics import count_params
 from .models.unet import SimpleUnet, fold_batchnorm
 from .runtime import default_device, resolve_precision
 from .samplers import resolve_steps
-from .train import load_model
+from .modelfile import load_model
 
 WEB_DIR = Path(__file__).parent / "web"
 MAX_IMAGES = 64        # per request: 64 images × 200 steps is the largest job one click can ask for
@@ -116,10 +116,9 @@ def load_models(paths: dict[str, Path], device: torch.device | None = None) -> d
     precision = resolve_precision("auto", device)
     models = {}
     for name, path in paths.items():
-        net, meta = load_model(path, device)
+        net, sched, meta = load_model(path, device)
         params = count_params(net)["total"]
         net = fold_batchnorm(net) if isinstance(net, SimpleUnet) else net  # once, not per request
-        sched = make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
         info = dict(name=name, path=str(path), arch=meta.get("arch"), T=sched.T,
                     params=params, precision=precision)
         models[name] = Model(net, sched, device, precision, info)

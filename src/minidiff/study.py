@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import checkpoint as ckpt
-from . import shipped
+from . import modelfile, shipped
 from .files import write_text
 from .config import StudyConfig, TrainConfig, study_config, train_config
 from .data import MNIST
 from .evaluate import evaluate_checkpoint, write_json
 from .prune import masks_from_zeros, prune_checkpoint, sparsity_report
-from .train import load_model, train
+from .modelfile import load_model
+from .train import train
 
 MODELS = ("baseline", "paper_pruned", "structural", "reduced", "shallow")
 STAGES = ("classifier", *MODELS, "evaluate", "report")
@@ -80,7 +81,7 @@ def _shipped_stage(name: str, log, required: bool = False) -> Path | None:
 def images_seen(files: list[Path]) -> dict[str, int]:
     """Training images behind a model: ``files`` are the model files of its lineage, first
     trained to last fine-tuned (e.g. the baseline, then the pruned model fine-tuned from it)."""
-    counts = [ckpt.images_seen(ckpt.load(f)[1]) for f in files]
+    counts = [modelfile.images_seen(ckpt.load(f)[1]) for f in files]
     return {"total": sum(counts), "finetune": sum(counts[1:])}
 
 
@@ -97,7 +98,7 @@ def _pruned_stage(out: Path, src: Path, method: str, ratio: float, cfg: TrainCon
     if not pruned.exists():
         out.mkdir(parents=True, exist_ok=True)
         prune_checkpoint(src, method, ratio, out_path=pruned)
-    model, meta = load_model(pruned)
+    model, _, meta = load_model(pruned)
     masks = masks_from_zeros(model, meta["pruning"]["masked"]) if meta["pruning"]["masked"] else None
     return _train_stage(out, cfg, data, progress, log, init_state=model.state_dict(), masks=masks)
 
@@ -149,7 +150,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
                 return _shipped_stage(arch, log)
             scratch = _train_stage(out / arch / "scratch", _train_config(sc, preset, arch, epochs=epochs),
                                    train_data, progress, log)
-            state = load_model(scratch)[0].state_dict()
+            state = load_model(scratch).model.state_dict()
             return _train_stage(out / arch, _finetune(sc, preset, arch, ft_epochs, ft_lr), train_data,
                                 progress, log, init_state=state)
         models[arch] = stage(arch, variant)
@@ -198,7 +199,7 @@ def _evaluate_all(out: Path, models: dict[str, Path], lineage: dict[str, list[Pa
                                 teacher=teacher,
                                 teacher_n=sc.eval_teacher_n or None,
                                 progress=progress, samples_png=out / name / "samples.png")
-        model, _ = load_model(path)
+        model = load_model(path).model
         r["sparsity_after_finetune"] = sparsity_report(model)["overall"]
         r["images_seen"] = images_seen(lineage[name])
         write_json(r, dest)
@@ -270,7 +271,6 @@ def write_study_report(out: Path, preset: str, sc: StudyConfig, results: dict[st
                        models: dict[str, Path], timings: dict[str, float]) -> Path:
     """Draw the study's figures into ``out/figures`` and write ``out/report.html``."""
     from . import report
-    from .diffusion import make_schedule
     from .figures import plot_reverse
 
     figs = out / "figures"
@@ -278,11 +278,11 @@ def write_study_report(out: Path, preset: str, sc: StudyConfig, results: dict[st
     rows = table_rows(results)
     grids = {name: out / name / "samples.png" for name in results if (out / name / "samples.png").exists()}
     counts = {name: r["quality"]["digit_distribution"]["counts"] for name, r in results.items()}
-    baseline, _ = load_model(models["baseline"])
+    baseline, sched, _ = load_model(models["baseline"])
     figures = {
         "samples": (report.plot_sample_grids(grids, figs / "samples.png"),
                     "The first 64 evaluation samples of each model (same initial noise)."),
-        "denoising": (plot_reverse(baseline, make_schedule(), figs / "denoising.png"),
+        "denoising": (plot_reverse(baseline, sched, figs / "denoising.png"),
                       "The baseline's ancestral sampler (200 steps) from x_T to x_0, four samples."),
         "loss": (report.plot_losses(_loss_curves(out), figs / "loss.png"),
                  "Training loss of every training run in the study."),

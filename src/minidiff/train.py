@@ -28,6 +28,7 @@ from .distributed import barrier, mean_across, shard, world
 from .diffusion import make_schedule, p_losses, q_sample
 from .files import atomic_write_bytes, remove_stale_temporaries
 from .generate import generate, save_images
+from .modelfile import save_model
 from .models.unet import SimpleUnet, build_from_state_dict
 from .prune import apply_masks
 from .runtime import autocast, default_device, resolve_precision
@@ -114,13 +115,6 @@ def _save_training(path: Path, model, ema, opt, cfg, step, g_noise, total_steps)
     meta = dict(kind="training", arch=cfg.arch, model=cfg.to_dict()["model"], config=cfg.to_dict(),
                 step=step, total_steps=total_steps, optim_groups=groups)
     ckpt.save(path, tensors, meta, keep_previous=True)
-
-
-def save_model(path: Path, model: torch.nn.Module, cfg: TrainConfig, step: int, **extra) -> Path:
-    """Write a weights-only, self-describing model file."""
-    meta = dict(kind="model", arch=cfg.arch, model=cfg.to_dict()["model"], config=cfg.to_dict(),
-                step=step, **extra)
-    return ckpt.save(path, model.state_dict(), meta)
 
 
 _LOG_HEADER = "step,epoch,loss,lr,images_per_s,elapsed_s"
@@ -327,18 +321,3 @@ def export_model(run: Path | str, data: MNIST, path: Path | str | None = None) -
     return save_model(Path(path) if path else run / "model.safetensors", final, cfg, step,
                       weights=_sampling_weights(cfg))
 
-
-def load_model(path: Path | str, device: torch.device | str = "cpu"):
-    """Load a sampling-ready model from a model or training checkpoint; returns (model, meta)."""
-    from .config import DiffusionConfig, ModelConfig
-    tensors, meta = ckpt.load_sparse(path)  # a dense file loads unchanged; a sparse one is densified
-    try:
-        if meta.get("kind") == "training":
-            prefix = "ema" if meta["config"].get("ema_decay", 0) > 0 else "model"
-            tensors = ckpt.split_prefix(tensors, prefix)
-        model_cfg = ModelConfig(**meta["model"])
-        DiffusionConfig(**meta["config"]["diffusion"])
-        model = build_from_state_dict(model_cfg, tensors)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ckpt.CheckpointError(f"{path}: cannot build a model from this checkpoint: {e}") from None
-    return model.to(device).eval(), meta

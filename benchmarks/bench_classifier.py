@@ -15,7 +15,7 @@ import json
 import torch
 
 from minidiff.data import load_split
-from minidiff.models.classifier import cache_path, save_classifier, train_classifier
+from minidiff.classifier import cache_path, save_classifier, train_classifier
 from minidiff.runtime import describe_device, tune_allocator
 
 

@@ -19,7 +19,7 @@ import torch
 from minidiff.config import TrainConfig, with_overrides
 from minidiff.data import batches_per_epoch, load_split
 from minidiff.evaluate import evaluate_checkpoint
-from minidiff.models.classifier import load_or_train_classifier
+from minidiff.classifier import load_or_train_classifier
 from minidiff.prune import prune_checkpoint
 from minidiff.runtime import tune_allocator
 from minidiff.modelfile import load_model

@@ -146,7 +146,8 @@ def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: i
     from minidiff.config import DEFAULT_SPACING
     from minidiff.data import load_split, to_model_range, to_uint8
     from minidiff.generate import generate
-    from minidiff.models.classifier import load_or_train_classifier, predict
+    from minidiff.classifier import load_or_train_classifier
+    from minidiff.models.classifier import predict
     from minidiff.modelfile import load_model
 
     import torch

@@ -24,7 +24,7 @@ from minidiff.data import load_split
 from minidiff.files import atomic_write_bytes
 from minidiff.evaluate import METRICS_VERSION, evaluate_checkpoint
 from minidiff.modelfile import epochs_seen, images_seen
-from minidiff.models.classifier import load_or_train_classifier
+from minidiff.classifier import load_or_train_classifier
 from minidiff.runtime import cpu_name, tune_allocator
 
 

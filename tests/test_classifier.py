@@ -3,7 +3,8 @@ import torch
 
 from minidiff.checkpoint import tensors_digest
 from minidiff.data import MNIST
-from minidiff.models import classifier as C
+from minidiff import classifier as C
+from minidiff.models.classifier import MnistClassifier, predict
 
 
 def _bars(n, seed):
@@ -17,10 +18,10 @@ def _bars(n, seed):
 
 
 def test_shapes_and_input_convention():
-    m = C.MnistClassifier().eval()
+    m = MnistClassifier().eval()
     x = torch.rand(3, 1, 28, 28) * 2 - 1                    # [-1, 1], (B, 1, 28, 28)
     assert m(x).shape == (3, 10) and m.features(x).shape == (3, 128) == (3, m.num_features)
-    feats, probs = C.predict(m, x, batch_size=2)
+    feats, probs = predict(m, x, batch_size=2)
     torch.testing.assert_close(feats, m.features(x))
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
 
@@ -28,7 +29,7 @@ def test_shapes_and_input_convention():
 def test_training_improves_held_out_accuracy():
     train, test = _bars(320, seed=0), _bars(100, seed=1)
     torch.manual_seed(0)
-    before = C.accuracy(C.MnistClassifier(), test)
+    before = C.accuracy(MnistClassifier(), test)
     rng = torch.get_rng_state()
     model, info = C.train_classifier(train, test, epochs=2, batch_size=32, progress=False,
                                      log=lambda *_: None)

@@ -92,7 +92,7 @@ EVAL_CHILD = textwrap.dedent("""
     import sys
     import torch
     import minidiff.data as D
-    import minidiff.models.classifier as C
+    import minidiff.classifier as C
     from minidiff.cli import main
 
     g = torch.Generator().manual_seed(0)

@@ -85,3 +85,9 @@ def test_the_graph_sees_relative_and_function_level_imports():
 def test_only_training_code_imports_train():
     importers = {m for m, deps in import_graph().items() if "minidiff.train" in deps}
     assert importers <= {"minidiff.cli", "minidiff.study"}, importers
+
+
+def test_models_hold_networks_and_load_no_data():
+    graph = import_graph()
+    for m in (m for m in graph if m.startswith("minidiff.models")):
+        assert not graph[m] & {"minidiff.data", "minidiff.checkpoint", "minidiff.files", "minidiff.shipped"}, m

@@ -8,7 +8,8 @@ from minidiff.checkpoint import CheckpointError
 from minidiff.config import ModelConfig, train_config
 from minidiff.diffusion import make_schedule, p_losses
 from minidiff.metrics import macs_per_eval
-from minidiff.models.unet import SimpleUnet, build_from_state_dict, count_parameters
+from minidiff.metrics import count_params
+from minidiff.models.unet import SimpleUnet, build_from_state_dict
 from minidiff.modelfile import load_model, save_model
 from minidiff.train import train
 
@@ -29,9 +30,9 @@ def _macs(model: nn.Module) -> int:  # FlopCounterMode, one image
 # ---------------------------------------------------------------- paper method
 def test_paper_prune_reaches_the_requested_sparsity_and_keeps_every_parameter():
     model = _model()
-    n_params = count_parameters(model)
+    n_params = count_params(model)["total"]
     masks = P.paper_prune(model)
-    assert count_parameters(model) == n_params  # the paper's finding: pruning saves nothing dense
+    assert count_params(model)["total"] == n_params  # the paper's finding: pruning saves nothing dense
     assert not any(hasattr(m, "weight_orig") for m in model.modules())  # prune.remove ran
     report = P.sparsity_report(model)
     assert set(masks) == {f"{n}.weight" for n in report["layers"]}  # every Conv/ConvT/Linear
@@ -122,12 +123,12 @@ def test_paper_prune_rejects_bad_amounts():
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
 def test_structural_prune_removes_channels_and_keeps_a_valid_network(ratio):
     dense = _model()
-    params, macs = count_parameters(dense), _macs(dense)
+    params, macs = count_params(dense)["total"], _macs(dense)
     model = P.structural_prune(_model(), ratio)
-    assert count_parameters(model) < params
+    assert count_params(model)["total"] < params
     assert _macs(model) < macs
     if ratio == 0.5:
-        assert count_parameters(model) < 0.35 * params  # widths halve, so weights fall ~4x
+        assert count_params(model)["total"] < 0.35 * params  # widths halve, so weights fall ~4x
     assert isinstance(model.head, nn.Conv2d) and model.head.out_channels == 1
     assert model.head.kernel_size == (1, 1)
     assert model.time_mlp[0].freqs.numel() == CFG.time_emb_dim // 2  # embedding untouched
@@ -141,7 +142,7 @@ def test_structural_prune_removes_channels_and_keeps_a_valid_network(ratio):
 
 
 def test_structural_prune_is_monotone_in_the_ratio():
-    params = [count_parameters(P.structural_prune(_model(), r)) for r in (0.1, 0.3, 0.5)]
+    params = [count_params(P.structural_prune(_model(), r))["total"] for r in (0.1, 0.3, 0.5)]
     assert params[0] > params[1] > params[2]
 
 
@@ -153,7 +154,7 @@ def test_taylor_importance_uses_loss_gradients_and_leaves_bn_statistics_alone(ti
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(b, tracked[n]) for n, b in model.named_buffers() if n in tracked)
     l1 = P.structural_prune(_model(), 0.3, "l1")
-    assert count_parameters(model) == count_parameters(l1)  # same widths, other channels
+    assert count_params(model)["total"] == count_params(l1)["total"]  # same widths, other channels
     assert not torch.equal(model.stem.weight, l1.stem.weight)
     assert model.eval()(X, T).shape == (3, 1, 28, 28)
 

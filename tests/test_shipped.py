@@ -100,7 +100,7 @@ def test_every_shipped_model_carries_its_card(name):
 
 
 def test_the_shipped_classifier_is_used_without_training(tmp_path, monkeypatch):
-    from minidiff.models import classifier as K
+    from minidiff import classifier as K
     monkeypatch.setattr(K, "train_classifier", lambda *a, **k: pytest.fail("trained instead of loading"))
     model, info = K.load_or_train_classifier(tmp_path / "cache")
     assert info["shipped"] and info["sha256"] == C.load(SHIPPED["classifier"])[1]["sha256"]
@@ -114,7 +114,8 @@ def test_the_shipped_classifier_is_used_without_training(tmp_path, monkeypatch):
 def test_the_shipped_reduced_model_draws_digits_the_classifier_recognises():
     from minidiff.diffusion import make_schedule
     from minidiff.generate import generate
-    from minidiff.models.classifier import load_or_train_classifier, predict
+    from minidiff.classifier import load_or_train_classifier
+    from minidiff.models.classifier import predict
     from minidiff.data import to_model_range, to_uint8
     model = load_model(SHIPPED["reduced"]).model
     x = generate(model, make_schedule(), 32, sampler="ddim", steps=10, eta=1.0, seed=0, progress=False)

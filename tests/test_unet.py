@@ -2,13 +2,14 @@ import pytest
 import torch
 
 from minidiff.config import ModelConfig
-from minidiff.models.unet import SimpleUnet, build_from_state_dict, count_parameters
+from minidiff.metrics import count_params
+from minidiff.models.unet import SimpleUnet, build_from_state_dict
 
 
 @pytest.mark.parametrize("arch, params", [("baseline", 2_529_217), ("reduced", 634_081),
                                           ("shallow", 2_148_097)])
 def test_parameter_counts_are_the_papers(arch, params):
-    assert count_parameters(SimpleUnet(ModelConfig.from_arch(arch))) == params
+    assert count_params(SimpleUnet(ModelConfig.from_arch(arch)))["total"] == params
 
 
 @pytest.mark.parametrize("arch", ["baseline", "reduced", "shallow"])

@@ -450,7 +450,7 @@ def cmd_study(a: argparse.Namespace) -> None:
 
 
 def cmd_classifier(a: argparse.Namespace) -> None:
-    from .models.classifier import cache_path, load_or_train_classifier
+    from .classifier import cache_path, load_or_train_classifier
     if not (0 < a.epochs < float("inf")) or a.batch_size < 1:
         raise UserError(f"--epochs must be > 0 and --batch-size >= 1, got {a.epochs}, {a.batch_size}")
     if not 0 <= a.seed < 2**32:
@@ -467,7 +467,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     from .checkpoint import load
     from .data import load_split
     from .evaluate import evaluate_checkpoint, resolve_steps, write_json
-    from .models.classifier import load_or_train_classifier
+    from .classifier import load_or_train_classifier
     # Check everything a user can get wrong before minutes of classifier training and sampling.
     if a.n is None:
         from .runtime import default_device

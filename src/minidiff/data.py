@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, cache_dir
 
 FILES = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -50,8 +50,9 @@ class DataError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
+    """``$MINIDIFF_DATA``, else the ``mnist`` cache (``files.cache_dir``)."""
     env = os.environ.get("MINIDIFF_DATA")
-    return Path(env) if env else Path.home() / ".cache" / "minidiff" / "mnist"
+    return Path(env) if env else cache_dir("mnist")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -239,6 +240,12 @@ def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float (B, 1, 28, 28) in [-1, 1] -> uint8 (B, 28, 28), clamped and rounded."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of an epoch's data order: a pure function of (seed, epoch), so a resumed
+    run sees the very batches it would have seen."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 def iterate_batches(data: MNIST, batch_size: int, generator: torch.Generator, *,

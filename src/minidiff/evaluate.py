@@ -182,7 +182,7 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
     if teacher_n is not None and teacher_n < 1:
         raise ValueError(f"teacher_n must be >= 1, got {teacher_n}")
     if classifier is None:
-        from .models.classifier import load_or_train_classifier
+        from .classifier import load_or_train_classifier
         classifier, _ = load_or_train_classifier(progress=progress)
     if test_data is None or train_data is None:
         from .data import load_split

@@ -52,6 +52,13 @@ def remove_stale_temporaries(folder: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def cache_dir(name: str) -> Path:
+    """Where minidiff caches ``name`` (data sets, the trained classifier):
+    ``$MINIDIFF_CACHE/NAME``, else ``~/.cache/minidiff/NAME``."""
+    root = os.environ.get("MINIDIFF_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "minidiff") / name
+
+
 def atomic_write_bytes(path: Path, data: bytes, keep_previous: bool = False) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file.
 

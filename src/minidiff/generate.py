@@ -18,11 +18,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import to_uint8
-from .files import atomic_write_bytes
 from .diffusion import Schedule
-from .models.unet import SimpleUnet, fold_batchnorm
-from .runtime import autocast
 from .distributed import gather_cat, shard, world
+from .files import atomic_write_bytes
+from .models.unet import SimpleUnet, fold_batchnorm
+from .runtime import autocast, memory_format
 from .samplers import EpsFn, run_sampler
 
 
@@ -32,7 +32,7 @@ def make_eps_fn(model: torch.nn.Module, precision: str = "fp32", channels_last: 
     channels_last, no autograd, fp32 output."""
     model = fold_batchnorm(model) if fold_bn and isinstance(model, SimpleUnet) else model.eval()
     device = next(model.parameters()).device
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = memory_format(channels_last)
     model.to(memory_format=fmt)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch.nn.utils import prune
 from .checkpoint import save_sparse
 from .data import MNIST, to_model_range
 from .diffusion import Schedule, make_schedule, p_losses
+from .metrics import count_params
 
 METHODS = ("paper", "structural", "sparse")
 IMPORTANCES = ("l1", "taylor")
@@ -116,8 +117,8 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
             entry.update(filters=w.shape[0], zero_filters=int((w.flatten(1) == 0).all(1).sum()))
         layers[name] = entry
         zeros, total = zeros + z, total + w.numel()
-    p_zero = sum(int((p == 0).sum()) for p in model.parameters())
-    p_total = sum(p.numel() for p in model.parameters())
+    counted = count_params(model)
+    p_total, p_zero = counted["total"], counted["total"] - counted["nonzero"]
     return dict(layers=layers, zeros=zeros, weights=total, overall=zeros / max(1, total),
                 zero_params=p_zero, params=p_total, overall_params=p_zero / max(1, p_total))
 
@@ -217,7 +218,7 @@ def prune_checkpoint(ckpt_path: Path | str, method: str, ratio: float, importanc
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     model, sched, meta = load_model(ckpt_path)
     cfg = TrainConfig.from_dict(meta["config"])
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = count_params(model)["total"]
     masks: dict[str, torch.Tensor] = {}
     if method == "structural":
         structural_prune(model, ratio, importance, example_data=data, sched=sched)

@@ -39,6 +39,11 @@ def tune_allocator() -> bool:
     return _allocator_tuned
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """``torch.channels_last`` (NHWC: faster convolutions on CPU) or the default layout."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def cpu_has_native_bf16() -> bool:
     """True if the CPU computes bf16 natively (AVX-512-BF16 or AMX)."""
     try:

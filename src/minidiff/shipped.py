@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODEL_NAMES = ("baseline", "reduced", "shallow")  # the paper's three architectures
-CLASSIFIER = "classifier"                          # the evaluation CNN (models/classifier.py)
+CLASSIFIER = "classifier"                          # the evaluation CNN (minidiff.classifier)
 
 
 def shipped_path(name: str) -> Path:

@@ -128,7 +128,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
         return result
 
     if classifier is None:
-        from .models.classifier import load_or_train_classifier
+        from .classifier import load_or_train_classifier
         classifier = stage("classifier", lambda: load_or_train_classifier(
             epochs=sc.classifier_epochs, train=train_data, test=test_data, progress=progress, log=log)[0])
     from_shipped = sc.start == "shipped"

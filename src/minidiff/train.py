@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import MNIST, batches_per_epoch, iterate_batches, to_model_range
+from .data import MNIST, batches_per_epoch, epoch_generator, iterate_batches, to_model_range
 from .distributed import barrier, mean_across, shard, world
 from .diffusion import make_schedule, p_losses, q_sample
 from .files import atomic_write_bytes, remove_stale_temporaries
@@ -31,7 +31,7 @@ from .generate import generate, save_images
 from .modelfile import save_model
 from .models.unet import SimpleUnet, build_from_state_dict
 from .prune import apply_masks
-from .runtime import autocast, default_device, resolve_precision
+from .runtime import autocast, default_device, memory_format, resolve_precision
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,8 +78,7 @@ def recalibrate_bn(model: torch.nn.Module, data: MNIST, sched, n_batches: int, b
         m.momentum = None  # cumulative moving average
     g = torch.Generator().manual_seed(seed)
     model.train()
-    fmt = torch.channels_last if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
+    fmt = memory_format(next(model.parameters()).is_contiguous(memory_format=torch.channels_last))
     for i, (_, u8) in enumerate(iterate_batches(data, batch_size, g)):
         if i >= n_batches:
             break
@@ -136,7 +135,7 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
                    log=print):
     """Model, EMA, optimizer, noise generator and step: fresh (or from ``init_state``), or
     restored from ``ckpt_path`` (or its ``.prev``) when one exists."""
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg.channels_last)
     torch.manual_seed(cfg.seed)  # weight init; everything else draws from its own generator
     model = (build_from_state_dict(cfg.model, init_state) if init_state is not None
              else SimpleUnet(cfg.model)).to(device)
@@ -198,7 +197,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     sched = make_schedule(cfg.diffusion)
     bpe = batches_per_epoch(len(data), cfg.batch_size)
     total_steps = max(1, math.ceil(cfg.epochs * bpe))
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg.channels_last)
 
     ckpt_path, log_path = out / "checkpoint.safetensors", out / "loss.csv"
     if masks:
@@ -229,8 +228,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     try:
         while step < total_steps and not out_of_time:
             epoch, first_batch = divmod(step, bpe)
-            g_data = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            for _, u8 in iterate_batches(data, cfg.batch_size, g_data, start=first_batch):
+            for _, u8 in iterate_batches(data, cfg.batch_size, epoch_generator(cfg.seed, epoch), start=first_batch):
                 lr = lr_at(step, cfg, total_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr

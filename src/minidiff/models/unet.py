@@ -89,13 +89,6 @@ class SimpleUnet(nn.Module):
         return self.head(h)
 
 
-def count_parameters(model: nn.Module, nonzero: bool = False) -> int:
-    """Total parameter count, or the count of non-zero entries."""
-    if nonzero:
-        return int(sum((p != 0).sum().item() for p in model.parameters()))
-    return sum(p.numel() for p in model.parameters())
-
-
 def _resized(layer: nn.Module, shapes: dict[str, torch.Size]) -> nn.Module:
     """A fresh copy of ``layer`` whose widths follow the weight shapes of a (pruned) state dict."""
     w = shapes.get("weight")

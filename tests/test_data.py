@@ -134,3 +134,16 @@ def test_scaling_convention():
     x = D.to_model_range(u8)
     assert x.shape == (1, 1, 2, 2) and x.min() == -1 and x.max() == 1
     assert torch.equal(D.to_uint8(x), u8)
+
+
+def test_one_cache_root_for_data_and_classifier(monkeypatch, tmp_path):
+    from minidiff.classifier import default_cache_dir as classifier_cache
+    monkeypatch.delenv("MINIDIFF_DATA", raising=False)
+    monkeypatch.delenv("MINIDIFF_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert D.default_cache_dir() == tmp_path / "home" / ".cache" / "minidiff" / "mnist"
+    assert classifier_cache() == tmp_path / "home" / ".cache" / "minidiff" / "classifier"
+    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path / "c"))
+    assert (D.default_cache_dir(), classifier_cache()) == (tmp_path / "c" / "mnist", tmp_path / "c" / "classifier")
+    monkeypatch.setenv("MINIDIFF_DATA", str(tmp_path / "d"))  # the data set's own variable wins
+    assert D.default_cache_dir() == tmp_path / "d"

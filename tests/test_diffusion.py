@@ -112,3 +112,21 @@ def test_ancestral_sampler_equals_diffusers_ddpm(clip):
         x = sch.step(eps_fn(x, tt), int(t), x, generator=g).prev_sample
     # identical updates; the only differences are float32 rounding accumulated over 200 steps
     torch.testing.assert_close(ours, x, atol=3e-3, rtol=1e-3)
+
+
+def test_posterior_mean_coefficients_are_ho_eq7_and_give_algorithm_2():
+    from minidiff.config import DiffusionConfig
+    from minidiff.diffusion import cosine_betas
+    s, c = make_schedule(), DiffusionConfig()
+    b = cosine_betas(c.timesteps, c.cosine_s, c.beta_min, c.beta_max).double()  # before float32 storage
+    a, ab = 1 - b, torch.cumprod(1 - b, 0)
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    c_x0, c_xt = b * ab_prev.sqrt() / (1 - ab), (1 - ab_prev) * a.sqrt() / (1 - ab)
+    torch.testing.assert_close(s.posterior_mean_coef_x0.double(), c_x0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s.posterior_mean_coef_xt.double(), c_xt, rtol=1e-5, atol=1e-7)
+    # written through x̂_0 = (x_t − √(1 − ᾱ_t) ε)/√ᾱ_t, the mean is Algorithm 2's ε-form
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(200, 5, generator=g, dtype=torch.float64), torch.randn(200, 5, generator=g, dtype=torch.float64)
+    x0 = (x - (1 - ab).sqrt()[:, None] * eps) / ab.sqrt()[:, None]
+    algorithm2 = (x - (b / (1 - ab).sqrt())[:, None] * eps) / a.sqrt()[:, None]
+    torch.testing.assert_close(c_x0[:, None] * x0 + c_xt[:, None] * x, algorithm2, rtol=1e-9, atol=1e-9)

@@ -86,8 +86,9 @@ def dpmpp2m_gain(grid: list[int]) -> float:
 @pytest.mark.parametrize("steps, tol", [(5, None), (20, 0.15), (100, 0.04)])
 def test_deterministic_samplers_reproduce_the_data_variance(sampler, gain, steps, tol, spacing):
     x_T = _x_T(4096)  # every element is checked: no need for many
-    x = sampler(exact_eps, SCHED, x_T, steps=steps, clip_x0=False, spacing=spacing)
-    k = gain(timestep_grid(SCHED.T, steps, spacing))
+    grid = timestep_grid(SCHED.T, steps, spacing)
+    x = sampler(exact_eps, SCHED, x_T, grid, clip_x0=False)
+    k = gain(grid)
     # float32 samples against the float64 closed form; DPM-Solver++ without its second-order
     # term is DDIM (Lu et al. 2022), whose gain is 1.7 % lower at 100 steps and 12 % at 20
     torch.testing.assert_close(x, k * x_T, rtol=1e-4, atol=1e-6)
@@ -99,8 +100,8 @@ def test_deterministic_samplers_reproduce_the_data_variance(sampler, gain, steps
 
 
 def test_ddim_eta1_at_full_steps_matches_ancestral_statistics():
-    a = ddim_sample(exact_eps, SCHED, _x_T(seed=2), torch.Generator().manual_seed(3), steps=200, eta=1.0,
-                    clip_x0=False)
+    a = ddim_sample(exact_eps, SCHED, _x_T(seed=2), list(range(199, -1, -1)), torch.Generator().manual_seed(3),
+                    eta=1.0, clip_x0=False)
     b = ddpm_sample(exact_eps, SCHED, _x_T(seed=2), torch.Generator().manual_seed(3), clip_x0=False)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # the same update, step by step
 
@@ -112,9 +113,10 @@ def test_deterministic_samplers_draw_no_randomness(sampler, kw):
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     torch.randn(7, generator=g2)  # a few draws on: generators in different states
     state1, state2, global_state = g1.get_state(), g2.get_state(), torch.get_rng_state()
-    a = sampler(exact_eps, SCHED, x_T, g1, steps=10, **kw)
-    b = sampler(exact_eps, SCHED, x_T, g2, steps=10, **kw)
-    c = sampler(exact_eps, SCHED, x_T, None, steps=10, **kw)  # None: torch's global generator
+    grid = timestep_grid(SCHED.T, 10)
+    a = sampler(exact_eps, SCHED, x_T, grid, g1, **kw)
+    b = sampler(exact_eps, SCHED, x_T, grid, g2, **kw)
+    c = sampler(exact_eps, SCHED, x_T, grid, None, **kw)  # None: torch's global generator
     assert torch.equal(a, b) and torch.equal(a, c)
     # not one draw, even one multiplied by σ = 0
     assert torch.equal(g1.get_state(), state1) and torch.equal(g2.get_state(), state2)
@@ -124,11 +126,12 @@ def test_deterministic_samplers_draw_no_randomness(sampler, kw):
 def test_ddim_with_eta_draws_from_the_generator_given():
     x_T = _x_T(100)
     g, global_state = torch.Generator().manual_seed(1), torch.get_rng_state()
-    a = ddim_sample(exact_eps, SCHED, x_T, g, steps=10, eta=1.0)
+    grid = timestep_grid(SCHED.T, 10)
+    a = ddim_sample(exact_eps, SCHED, x_T, grid, g, eta=1.0)
     assert not torch.equal(g.get_state(), torch.Generator().manual_seed(1).get_state())
     assert torch.equal(torch.get_rng_state(), global_state)
-    again = ddim_sample(exact_eps, SCHED, x_T, torch.Generator().manual_seed(1), steps=10, eta=1.0)
-    other = ddim_sample(exact_eps, SCHED, x_T, torch.Generator().manual_seed(2), steps=10, eta=1.0)
+    again = ddim_sample(exact_eps, SCHED, x_T, grid, torch.Generator().manual_seed(1), eta=1.0)
+    other = ddim_sample(exact_eps, SCHED, x_T, grid, torch.Generator().manual_seed(2), eta=1.0)
     assert torch.equal(a, again)
     assert (a - other).abs().mean() > 0.01  # the noise z is the generator's, not the global one
 
@@ -136,7 +139,7 @@ def test_ddim_with_eta_draws_from_the_generator_given():
 def test_ddpm_refuses_fewer_steps_and_unknown_samplers_are_refused():
     x_T = _x_T(100)
     with pytest.raises(ValueError, match="all 200 steps"):
-        ddpm_sample(exact_eps, SCHED, x_T, steps=20)
+        run_sampler("ddpm", exact_eps, SCHED, x_T, steps=20)
     with pytest.raises(ValueError, match="unknown sampler"):
         run_sampler("euler", exact_eps, SCHED, x_T)
 
@@ -151,8 +154,8 @@ def test_clipping_keeps_samples_in_range_and_is_a_no_op_inside_it():
     # and the clipped DDIM equals the unclipped one at the end
     tiny = lambda x, t: (1 - SCHED.alpha_bars[t].view(-1, 1, 1, 1)).sqrt() * x / (  # noqa: E731
         SCHED.alpha_bars[t].view(-1, 1, 1, 1) * 0.01 + 1 - SCHED.alpha_bars[t].view(-1, 1, 1, 1))
-    a = ddim_sample(tiny, SCHED, x_T, steps=20, clip_x0=True)
-    b = ddim_sample(tiny, SCHED, x_T, steps=20, clip_x0=False)
+    a = ddim_sample(tiny, SCHED, x_T, timestep_grid(SCHED.T, 20), clip_x0=True)
+    b = ddim_sample(tiny, SCHED, x_T, timestep_grid(SCHED.T, 20), clip_x0=False)
     assert a.var().item() == pytest.approx(b.var().item(), rel=0.05)
 
 

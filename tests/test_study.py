@@ -20,8 +20,8 @@ from minidiff import shipped
 from minidiff.config import STUDY_PRESETS, StudyConfig, study_config
 from minidiff.data import MNIST
 from minidiff.models.classifier import MnistClassifier
-from minidiff.report import COLUMNS, READABLE, findings, readable_row
-from minidiff.study import MODELS, PAPER_TABLE, real_confidence, run_study, table_rows
+from minidiff.report import COLUMNS, PAPER_TABLE, READABLE, findings, readable_row, real_confidence, table_rows
+from minidiff.study import MODELS, run_study
 
 FIGURES = ("samples", "denoising", "loss", "digits", "efficiency")
 

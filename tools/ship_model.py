@@ -39,6 +39,22 @@ def _eval_rows(curve: Path, sha: str) -> dict:
     return out
 
 
+def _precision_by_segment(segments: list[dict], default: str) -> str:
+    """How the steps computed: the segments' ``precision`` where the provenance records it (a run
+    may change it on --resume), consecutive equal ones merged; else the config's."""
+    if not segments or not all(s.get("precision") for s in segments):
+        return default
+    merged: list[list] = []
+    for s in segments:
+        if merged and merged[-1][0] == s["precision"]:
+            merged[-1][2] = s["steps"][1]
+        else:
+            merged.append([s["precision"], *s["steps"]])
+    if len(merged) == 1:
+        return merged[0][0]
+    return "; ".join(f"{p} (steps {a:,} to {b:,})" for p, a, b in merged)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -61,6 +77,7 @@ def main(argv=None) -> int:
                  weights=meta.get("weights"),
                  recipe={k: cfg[k] for k in ("batch_size", "lr", "lr_schedule", "warmup_steps", "grad_clip",
                                              "ema_decay", "precision", "bn_recalib_batches")})
+        c["recipe"]["precision"] = _precision_by_segment(prov.get("segments", []), cfg["precision"])
         if a.eval is not None:
             c["evaluation"] = _eval_rows(a.eval, meta["sha256"])
         c["params"] = count_params(load_model(a.model).model)["total"]

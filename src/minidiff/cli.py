@@ -14,7 +14,7 @@ from .config import (ARCHS, DEFAULT_DDIM_ETA, DEFAULT_SPACING, DEFAULT_STEPS, PR
                      SAMPLERS, SPACINGS, STUDY_PRESETS, ConfigError, train_config)
 
 EPILOG_MAIN = """examples:
-  minidiff run                                  # the quick study: every model, Table 1, report.html
+  minidiff run                                  # the study on the shipped trained models: Table 1, report.html
   minidiff train --arch reduced --preset quick --out runs/reduced
   minidiff train --out runs/reduced --resume    # continue an interrupted run
   minidiff sample runs/reduced/model.safetensors -n 64 --out digits.png
@@ -58,7 +58,8 @@ def _positive_minutes(text: str) -> float:
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="MNIST cache directory (default: $MINIDIFF_DATA or ~/.cache/minidiff/mnist)")
+                   help="MNIST cache directory (default: $MINIDIFF_DATA, else $MINIDIFF_CACHE/mnist, "
+                        "else ~/.cache/minidiff/mnist)")
 
 
 _STUDY_PRESET_HELP = ("trained (default): start from the shipped weights, prune and fine-tune the "
@@ -288,14 +289,10 @@ def cmd_train(a: argparse.Namespace) -> None:
                        seed=a.seed)
     init_state = masks = None
     if a.init is not None:
-        from .prune import masks_from_zeros
-        from .modelfile import load_model
-        model, _, meta = load_model(a.init)
+        from .prune import finetune_start
+        init_state, masks, meta = finetune_start(a.init)
         if meta.get("arch") != a.arch:
             raise UserError(f"--init {a.init} is a {meta.get('arch')} model; pass --arch {meta.get('arch')}")
-        init_state = model.state_dict()
-        masked = (meta.get("pruning") or {}).get("masked")
-        masks = masks_from_zeros(model, masked) if masked else None
     if a.resume:
         fixed = [f"--{k.replace('_', '-')}" for k in ("batch_size", "lr", "ema_decay", "train_subset", "seed")
                  if getattr(a, k) is not None]

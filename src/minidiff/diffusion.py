@@ -41,6 +41,9 @@ class Schedule:
     sqrt_alpha_bars: torch.Tensor       # √ᾱ_t
     sqrt_one_minus_alpha_bars: torch.Tensor  # √(1 − ᾱ_t)
     posterior_variance: torch.Tensor    # β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t); β̃_0 = 0
+    # μ̃_t(x_t, x_0) = coef_x0 · x_0 + coef_xt · x_t, the posterior mean (Ho et al. eq. 7)
+    posterior_mean_coef_x0: torch.Tensor   # β_t √ᾱ_{t−1} / (1 − ᾱ_t)
+    posterior_mean_coef_xt: torch.Tensor   # (1 − ᾱ_{t−1}) √α_t / (1 − ᾱ_t)
 
     @property
     def T(self) -> int:
@@ -59,9 +62,10 @@ def make_schedule(cfg: DiffusionConfig | None = None, betas: torch.Tensor | None
     ab = torch.cumprod(a, 0)
     ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
     post_var = b * (1 - ab_prev) / (1 - ab)
-    f32 = lambda x: x.to(torch.float32)  # noqa: E731
+    coef_x0, coef_xt = b * ab_prev.sqrt() / (1 - ab), (1 - ab_prev) * a.sqrt() / (1 - ab)
+    f32 = lambda x: x.to(torch.float32)  # noqa: E731  (computed in float64, stored in float32)
     return Schedule(f32(b), f32(a), f32(ab), f32(ab_prev), f32(ab.sqrt()), f32((1 - ab).sqrt()),
-                    f32(post_var))
+                    f32(post_var), f32(coef_x0), f32(coef_xt))
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .data import MNIST, to_model_range, to_uint8  # noqa: E402
 from .diffusion import Schedule, predict_x0, q_sample  # noqa: E402
 from .files import save_figure  # noqa: E402
 from .generate import initial_noise, make_eps_fn  # noqa: E402
-from .samplers import ddim_sample, ddpm_sample  # noqa: E402
+from .samplers import ddim_sample, ddpm_sample, timestep_grid  # noqa: E402
 
 TS = (0, 10, 25, 50, 100, 150, 199)
 
@@ -108,7 +108,7 @@ def plot_steps(model, sched: Schedule, path: Path, n: int = 4, seed: int = 0) ->
     x_T = initial_noise(n, seed)
     cols, titles = [], []
     for steps in (2, 5, 10, 20, 50):
-        cols.append(ddim_sample(eps_fn, sched, x_T, steps=steps))
+        cols.append(ddim_sample(eps_fn, sched, x_T, timestep_grid(sched.T, steps)))
         titles.append(f"DDIM {steps}")
     cols.append(ddpm_sample(eps_fn, sched, x_T, torch.Generator().manual_seed(seed + 1)))
     titles.append("DDPM 200")

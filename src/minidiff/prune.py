@@ -100,6 +100,17 @@ def masks_from_zeros(model: nn.Module, names: list[str] | None = None) -> dict[s
     return {n: model.get_parameter(n).detach() != 0 for n in names}
 
 
+def finetune_start(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None,
+                                               dict[str, Any]]:
+    """What fine-tuning a model file starts from: its weights, the masks that keep its pruned
+    weights at zero (None unless it was paper-pruned) and its header (``train(init_state=...,
+    masks=...)``; ``minidiff train --init`` and the study's pruned stages)."""
+    from .modelfile import load_model
+    model, _, meta = load_model(path)
+    masked = (meta.get("pruning") or {}).get("masked")
+    return model.state_dict(), masks_from_zeros(model, masked) if masked else None, meta
+
+
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
     """Fraction of zero weights per Conv/ConvTranspose/Linear layer and overall.
 

@@ -1,4 +1,6 @@
-"""The study's figures and its self-contained ``report.html`` (every image embedded).
+"""Everything the study renders: Table 1 (CSV, markdown, HTML), the paper's reference numbers,
+the "recognisable digits" rule, the figures and the self-contained ``report.html`` (every image
+embedded). ``study`` runs the stages and hands their results here.
 
 Figures, all drawn from files the study already wrote (nothing is re-measured here):
 a sample grid per model (the first 64 evaluation samples), the training loss curves, the digit
@@ -10,7 +12,9 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,65 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .files import atomic_write_bytes, save_figure  # noqa: E402
+from .files import atomic_write_bytes, save_figure, write_text  # noqa: E402
+
+# The paper's Table 1, its own numbers for reference. Its "MB" is MiB; its pseudo-FID is not a
+# Fréchet distance and its SSIM compares unrelated images (SPEC §4); latency: 10,000 samples.
+PAPER_TABLE = {
+    "baseline": dict(params=2_529_217, size_mib=9.72, latency_s=57.6128, ssim=0.3475, pseudo_fid=10.75),
+    "paper_pruned": dict(params=2_529_217, size_mib=9.72, latency_s=57.6229, ssim=0.3674, pseudo_fid=2.77),
+    "reduced": dict(params=634_081, size_mib=2.5, latency_s=31.2825, ssim=0.3688, pseudo_fid=1.76),
+    "shallow": dict(params=2_148_097, size_mib=8.2, latency_s=81.5870, ssim=0.3659, pseudo_fid=2.39),
+}
+
+
+# "Recognisable digits", by minidiff's classifier: confident on average, and no digit missing.
+RECOGNISABLE = dict(mean_confidence=0.9, min_class_share=0.05)
+
+
+def real_confidence(results: dict[str, Any]) -> str:
+    """The classifier's mean confidence on the real test images (the same for every model),
+    formatted; "not recorded" for evaluations written before it was."""
+    value = next(iter(results.values()))["classifier"].get("test_mean_confidence")
+    return "not recorded" if value is None else f"{value:.3f}"
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per model: the paper's Table 1 columns plus MACs, sampler and quality."""
+    rows = []
+    for name, r in results.items():
+        eff, q, s = r["efficiency"], r["quality"], r["sampling"]
+        conf = q["digit_distribution"]["mean_confidence"]
+        counts = q["digit_distribution"]["counts"]
+        rows.append({
+            "model": name, "images_seen": r.get("images_seen", {}).get("total"),
+            "finetune_images": r.get("images_seen", {}).get("finetune"),
+            "params": eff["params_total"], "nonzero_params": eff["params_nonzero"],
+            "sparsity": round(r.get("sparsity_after_finetune", 0.0), 4),
+            "checkpoint_bytes": eff["checkpoint_bytes"], "macs_per_eval": eff["macs_per_eval"],
+            "sampler": s["sampler"], "steps": s["steps"], "n": s["n"],
+            "latency_s": round(r["timing"]["generate_s"], 2),
+            "pseudo_fid": round(q["pseudo_fid"]["value"], 3),
+            "fid_floor": round(q["pseudo_fid"]["floor"]["value"], 3),
+            "precision": round(q["precision_recall"]["precision"], 3),
+            "recall": round(q["precision_recall"]["recall"], 3),
+            "inception_score": round(q["inception_score"]["value"], 3),
+            "ssim_paper": round(q["ssim_paper"]["mean"], 4),
+            "teacher_ssim": round(r["teacher_consistency"]["ssim"]["mean"], 4)
+            if r.get("teacher_consistency") else None,
+            "mean_confidence": round(conf, 4),
+            "min_class_share": round(min(counts) / s["n"], 4),
+            "max_class_share": round(max(counts) / s["n"], 4),
+            "recognisable": "yes" if conf >= RECOGNISABLE["mean_confidence"]
+            and min(counts) / s["n"] >= RECOGNISABLE["min_class_share"] else "no",
+        })
+    return rows
+
+
+def paper_rows() -> list[dict[str, Any]]:
+    return [{"model": k, "params": f"{v['params']:,}", "size (MiB)": v["size_mib"],
+             "latency 10k (s)": v["latency_s"], "SSIM": v["ssim"], "pseudo-FID": v["pseudo_fid"]}
+            for k, v in PAPER_TABLE.items()]
 
 COLUMNS = {  # results column → header in the report
     "model": "model", "images_seen": "images seen", "finetune_images": "of which fine-tuning",
@@ -222,3 +284,79 @@ are not comparable with the ones above.</p>
     path = out / "report.html"
     atomic_write_bytes(path, page.encode("utf-8"))
     return path
+
+
+def _loss_curves(out: Path, names) -> dict[str, Path]:
+    curves = {}
+    for name in names:
+        for sub, label in (("scratch", f"{name} (from scratch)"), ("", name if name in (
+                "baseline",) else f"{name} (fine-tune)")):
+            path = out / name / sub / "loss.csv"
+            if path.exists():
+                curves[label] = path
+    return curves
+
+
+def write_study_report(out: Path, preset: str, sc, results: dict[str, Any],
+                       models: dict[str, Path | None], timings: dict[str, float]) -> Path:
+    """Draw the study's figures into ``out/figures`` and write ``out/report.html``; ``models``
+    names every model of the study (None: not in this run), the baseline first."""
+    from .figures import plot_reverse
+    from .modelfile import load_model
+
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    rows = table_rows(results)
+    grids = {name: out / name / "samples.png" for name in results if (out / name / "samples.png").exists()}
+    counts = {name: r["quality"]["digit_distribution"]["counts"] for name, r in results.items()}
+    baseline, sched, _ = load_model(models["baseline"])
+    figures = {
+        "samples": (plot_sample_grids(grids, figs / "samples.png"),
+                    "The first 64 evaluation samples of each model (same initial noise)."),
+        "denoising": (plot_reverse(baseline, sched, figs / "denoising.png"),
+                      "The baseline's ancestral sampler (200 steps) from x_T to x_0, four samples."),
+        "loss": (plot_losses(_loss_curves(out, models), figs / "loss.png"),
+                 "Training loss of every training run in the study."),
+        "digits": (plot_digit_counts(counts, figs / "digits.png"),
+                   "What minidiff's classifier sees in each model's samples."),
+        "efficiency": (plot_efficiency(rows, figs / "efficiency.png"),
+                       "Measured sampling time and parameters against pseudo-FID."),
+    }
+    steps_fig = out / "bench_sampling" / "pseudo_fid_vs_steps.png"  # benchmarks/bench_sampling.py --out OUT/bench_sampling
+    if steps_fig.exists():
+        figures["steps"] = (steps_fig, "Pseudo-FID against sampling steps for each sampler "
+                                       "(benchmarks/bench_sampling.py on the baseline).")
+    d = next(iter(results.values()))["timing"]
+    device = (f"{d['device'].get('device')} ({d['device'].get('type')}, {d['threads']} threads, "
+              f"{d['device'].get('capability')}), batch {d['batch_size']}")
+    study = {"preset": preset, "device": device, "study": asdict(sc),
+             "missing": [m for m in models if m not in results],
+             "recognisable": dict(RECOGNISABLE, real_test=real_confidence(results))}
+    return write_report(out, rows, paper_rows(), timings, figures, study)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows of equal keys as the lines of a markdown table (None as an empty cell)."""
+    cols = list(rows[0])
+    return (["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            + ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows])
+
+
+def write_tables(out: Path, results: dict[str, Any], timings: dict[str, float]) -> None:
+    """``results.json`` (every evaluation and the stage times), ``results.csv`` and ``table.md``."""
+    rows = table_rows(results)
+    write_text(out / "results.json", json.dumps({"models": results, "timings": timings}, indent=2))
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text(out / "results.csv", buf.getvalue())
+    lines = markdown_table(rows)
+    lines += ["", f"recognisable: mean classifier confidence >= {RECOGNISABLE['mean_confidence']} and "
+              f"every digit >= {RECOGNISABLE['min_class_share']:.0%} of the samples "
+              f"(the real test digits: {real_confidence(results)})."]
+    lines += ["", "The paper's own Table 1 for reference (its pseudo-FID is not a Fréchet distance and "
+              "its SSIM compares unrelated images; not comparable with the columns above):", ""]
+    lines += markdown_table(paper_rows())
+    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+    write_text(out / "table.md", "\n".join(lines) + "\n")

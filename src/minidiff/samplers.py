@@ -73,44 +73,45 @@ def _batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
+def model_predictions(eps_fn: EpsFn, s: Schedule, x: torch.Tensor, t: int,
+                      clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's ε̂ at (x_t, t) and its estimate x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t. With
+    ``clip_x0``, x̂_0 is clipped to [−1, 1] and ε̂ recomputed to agree with it (every sampler then
+    continues from the same pair)."""
+    tt = _batch_t(t, x)
+    eps = eps_fn(x, tt)
+    x0 = predict_x0(s, x, tt, eps)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - s.sqrt_alpha_bars[t] * x0) / s.sqrt_one_minus_alpha_bars[t]
+    return eps, x0
+
+
 def ddpm_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
-                generator: torch.Generator | None = None, steps: int | None = None,
-                callback=None, clip_x0: bool = True) -> torch.Tensor:
-    """Ancestral sampling, Ho et al. Algorithm 2 (the paper's sampler, §3.1.2):
+                generator: torch.Generator | None = None, callback=None, clip_x0: bool = True) -> torch.Tensor:
+    """Ancestral sampling, Ho et al. Algorithm 2 (the paper's sampler, §3.1.2), every t from T−1
+    down to 0: x_{t−1} = μ̃_t(x_t, x̂_0) + √β̃_t · z, z = 0 at the last step, with the posterior
+    mean (eq. 7) μ̃_t = β_t √ᾱ_{t−1}/(1 − ᾱ_t) · x̂_0 + (1 − ᾱ_{t−1}) √α_t/(1 − ᾱ_t) · x_t.
 
-    x_{t−1} = 1/√α_t · (x_t − β_t/√(1 − ᾱ_t) · ε_θ(x_t, t)) + √β̃_t · z,  z = 0 at the last step.
-
-    With ``clip_x0`` the same posterior mean is written through a clipped x̂_0 (eq. 7):
-    μ̃_t = β_t √ᾱ_{t−1}/(1 − ᾱ_t) · x̂_0 + (1 − ᾱ_{t−1}) √α_t/(1 − ᾱ_t) · x_t.
+    With x̂_0 unclipped this is Algorithm 2's 1/√α_t · (x_t − β_t/√(1 − ᾱ_t) · ε̂) exactly.
     """
-    if steps not in (None, sched.T):
-        raise ValueError(f"the ddpm sampler runs all {sched.T} steps; use ddim or dpmpp2m for fewer")
     s = sched.to(x_T.device)
     x = x_T
     for t in range(sched.T - 1, -1, -1):
-        tt = _batch_t(t, x)
-        eps = eps_fn(x, tt)
-        x0 = predict_x0(s, x, tt, eps)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-            mean = (s.betas[t] * s.alpha_bars_prev[t].sqrt() * x0
-                    + (1 - s.alpha_bars_prev[t]) * s.alphas[t].sqrt() * x) / (1 - s.alpha_bars[t])
-        else:
-            mean = (x - s.betas[t] / s.sqrt_one_minus_alpha_bars[t] * eps) / s.alphas[t].sqrt()
+        _, x0 = model_predictions(eps_fn, s, x, t, clip_x0)
+        x = s.posterior_mean_coef_x0[t] * x0 + s.posterior_mean_coef_xt[t] * x
         if t > 0:
-            z = noise_like(x, generator)
-            x = mean + s.posterior_variance[t].sqrt() * z
-        else:
-            x = mean
+            x = x + s.posterior_variance[t].sqrt() * noise_like(x, generator)
         if callback is not None:
             callback(t, x, x0)
     return x
 
 
-def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
-                generator: torch.Generator | None = None, steps: int = 50, eta: float = 0.0,
-                callback=None, clip_x0: bool = True, spacing: str = DEFAULT_SPACING) -> torch.Tensor:
-    """DDIM, Song et al. 2021 eq. 12, from t to the next grid point t' (ᾱ_{t'} = 1 past the end):
+def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, timesteps: Sequence[int],
+                generator: torch.Generator | None = None, eta: float = 0.0,
+                callback=None, clip_x0: bool = True) -> torch.Tensor:
+    """DDIM, Song et al. 2021 eq. 12, on the decreasing grid ``timesteps`` (``timestep_grid``),
+    from t to the next grid point t' (ᾱ_{t'} = 1 past the end):
 
     x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ²) ε̂ + σ z,
     σ = η √((1 − ᾱ_{t'})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t'}).
@@ -118,49 +119,40 @@ def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     s = sched.to(x_T.device)
-    grid = timestep_grid(sched.T, steps, spacing)
     x = x_T
-    for i, t in enumerate(grid):
-        tt = _batch_t(t, x)
-        eps = eps_fn(x, tt)
-        x0 = predict_x0(s, x, tt, eps)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - s.sqrt_alpha_bars[t] * x0) / s.sqrt_one_minus_alpha_bars[t]  # ε consistent with x̂_0
+    for i, t in enumerate(timesteps):
+        eps, x0 = model_predictions(eps_fn, s, x, t, clip_x0)
         ab_t = s.alpha_bars[t]
-        ab_next = s.alpha_bars[grid[i + 1]] if i + 1 < len(grid) else torch.ones_like(ab_t)
+        ab_next = s.alpha_bars[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.ones_like(ab_t)
         sigma = eta * ((1 - ab_next) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_next).sqrt()
         x = ab_next.sqrt() * x0 + (1 - ab_next - sigma ** 2).clamp(min=0).sqrt() * eps
-        if eta > 0 and i + 1 < len(grid):
+        if eta > 0 and i + 1 < len(timesteps):
             x = x + sigma * noise_like(x, generator)
         if callback is not None:
             callback(t, x, x0)
     return x
 
 
-def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
-                   generator: torch.Generator | None = None, steps: int = 20,
-                   callback=None, clip_x0: bool = True, spacing: str = DEFAULT_SPACING) -> torch.Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2, in data-prediction form.
+def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, timesteps: Sequence[int],
+                   generator: torch.Generator | None = None, callback=None,
+                   clip_x0: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2, in data-prediction form, on the decreasing
+    grid ``timesteps``. With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), λ_t = log(α_t/σ_t), h = λ_t − λ_s and
+    r = h_prev/h:
 
-    With α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t), λ_t = log(α_t/σ_t), h = λ_t − λ_s and r = h_prev/h:
     D = (1 + 1/(2r)) x̂_0(s) − 1/(2r) x̂_0(s_prev)   (D = x̂_0(s) on the first step),
     x_t = (σ_t/σ_s) x_s − α_t (e^{−h} − 1) D.
     """
     s = sched.to(x_T.device)
-    grid = timestep_grid(sched.T, steps, spacing)
     alpha, sigma = s.sqrt_alpha_bars, s.sqrt_one_minus_alpha_bars
     lam = (alpha / sigma).log()
     x, x0_prev, h_prev = x_T, None, None
-    for i, t in enumerate(grid):
-        tt = _batch_t(t, x)
-        x0 = predict_x0(s, x, tt, eps_fn(x, tt))
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-        if i + 1 == len(grid):
+    for i, t in enumerate(timesteps):
+        _, x0 = model_predictions(eps_fn, s, x, t, clip_x0)
+        if i + 1 == len(timesteps):
             x = x0
         else:
-            tn = grid[i + 1]
+            tn = timesteps[i + 1]
             h = lam[tn] - lam[t]
             if x0_prev is None:
                 d = x0
@@ -188,12 +180,17 @@ def resolve_steps(sampler: str, steps: int | None, T: int) -> int:
 
 
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample}
+STRIDED = ("ddim", "dpmpp2m")  # the samplers that run on a grid of fewer than T timesteps
 
 
 def run_sampler(name: str, eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
                 generator: torch.Generator | None = None, steps: int | None = None,
-                **kw) -> torch.Tensor:
-    """Dispatch by name; ``steps=None`` means the sampler's default (T for ddpm)."""
+                spacing: str = DEFAULT_SPACING, **kw) -> torch.Tensor:
+    """Dispatch by name; ``steps=None`` means the sampler's default (T for ddpm, which has no
+    grid; the others run on ``timestep_grid(T, steps, spacing)``)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](eps_fn, sched, x_T, generator, steps=resolve_steps(name, steps, sched.T), **kw)
+    steps = resolve_steps(name, steps, sched.T)
+    if name in STRIDED:
+        return SAMPLERS[name](eps_fn, sched, x_T, timestep_grid(sched.T, steps, spacing), generator, **kw)
+    return SAMPLERS[name](eps_fn, sched, x_T, generator, **kw)

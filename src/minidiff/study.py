@@ -14,8 +14,6 @@ one process, so the efficiency columns compare like with like.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import asdict
@@ -24,24 +22,18 @@ from typing import Any, Callable
 
 from . import checkpoint as ckpt
 from . import modelfile, shipped
-from .files import write_text
 from .config import StudyConfig, TrainConfig, study_config, train_config
 from .data import MNIST
 from .evaluate import evaluate_checkpoint, write_json
-from .prune import masks_from_zeros, prune_checkpoint, sparsity_report
+from .files import write_text
 from .modelfile import load_model
+from .prune import PAPER_UNSTRUCTURED, finetune_start, prune_checkpoint, sparsity_report
+from .report import table_rows, write_study_report, write_tables
 from .train import train
 
 MODELS = ("baseline", "paper_pruned", "structural", "reduced", "shallow")
 STAGES = ("classifier", *MODELS, "evaluate", "report")
-# The paper's Table 1, its own numbers for reference. Its "MB" is MiB; its pseudo-FID is not a
-# Fréchet distance and its SSIM compares unrelated images (SPEC §4); latency: 10,000 samples.
-PAPER_TABLE = {
-    "baseline": dict(params=2_529_217, size_mib=9.72, latency_s=57.6128, ssim=0.3475, pseudo_fid=10.75),
-    "paper_pruned": dict(params=2_529_217, size_mib=9.72, latency_s=57.6229, ssim=0.3674, pseudo_fid=2.77),
-    "reduced": dict(params=634_081, size_mib=2.5, latency_s=31.2825, ssim=0.3688, pseudo_fid=1.76),
-    "shallow": dict(params=2_148_097, size_mib=8.2, latency_s=81.5870, ssim=0.3659, pseudo_fid=2.39),
-}
+
 
 
 def _read_json(path: Path, default: Any, log=print) -> Any:
@@ -98,9 +90,8 @@ def _pruned_stage(out: Path, src: Path, method: str, ratio: float, cfg: TrainCon
     if not pruned.exists():
         out.mkdir(parents=True, exist_ok=True)
         prune_checkpoint(src, method, ratio, out_path=pruned)
-    model, _, meta = load_model(pruned)
-    masks = masks_from_zeros(model, meta["pruning"]["masked"]) if meta["pruning"]["masked"] else None
-    return _train_stage(out, cfg, data, progress, log, init_state=model.state_dict(), masks=masks)
+    init_state, masks, _ = finetune_start(pruned)
+    return _train_stage(out, cfg, data, progress, log, init_state=init_state, masks=masks)
 
 
 def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST, *,
@@ -138,7 +129,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
                                    sc, preset, "baseline"), train_data, progress, log))
     ft = _finetune(sc, preset, "baseline", sc.prune_ft_epochs, sc.prune_ft_lr)
     models["paper_pruned"] = stage("paper_pruned", lambda: _pruned_stage(
-        out / "paper_pruned", models["baseline"], "paper", 0.30, ft, train_data, progress, log))
+        out / "paper_pruned", models["baseline"], "paper", PAPER_UNSTRUCTURED, ft, train_data, progress, log))
     models["structural"] = stage("structural", lambda: _pruned_stage(
         out / "structural", models["baseline"], "structural", sc.structural_ratio, ft, train_data,
         progress, log))
@@ -157,9 +148,9 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     results = stage("evaluate", lambda: _evaluate_all(out, models, _lineage(out, models, from_shipped), sc,
                                                       classifier, test_data, train_data, progress, log))
     if results is not None:
-        _write_results(out, results, timings)
+        write_tables(out, results, timings)
         stage("report", lambda: write_study_report(out, preset, sc, results, models, timings))
-        _write_results(out, results, timings)  # again, with the report stage's time
+        write_tables(out, results, timings)  # again, with the report stage's time
         log("recognisable digits (mean confidence, smallest class share): " + "; ".join(
             f"{r['model']} {r['recognisable']} ({r['mean_confidence']:.3f}, {r['min_class_share']:.1%})"
             for r in table_rows(results)))
@@ -205,123 +196,3 @@ def _evaluate_all(out: Path, models: dict[str, Path], lineage: dict[str, list[Pa
         write_json(r, dest)
         results[name] = json.loads(dest.read_text())
     return results
-
-
-# "Recognisable digits", by minidiff's classifier: confident on average, and no digit missing.
-RECOGNISABLE = dict(mean_confidence=0.9, min_class_share=0.05)
-
-
-def real_confidence(results: dict[str, Any]) -> str:
-    """The classifier's mean confidence on the real test images (the same for every model),
-    formatted; "not recorded" for evaluations written before it was."""
-    value = next(iter(results.values()))["classifier"].get("test_mean_confidence")
-    return "not recorded" if value is None else f"{value:.3f}"
-
-
-def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat row per model: the paper's Table 1 columns plus MACs, sampler and quality."""
-    rows = []
-    for name, r in results.items():
-        eff, q, s = r["efficiency"], r["quality"], r["sampling"]
-        conf = q["digit_distribution"]["mean_confidence"]
-        counts = q["digit_distribution"]["counts"]
-        rows.append({
-            "model": name, "images_seen": r.get("images_seen", {}).get("total"),
-            "finetune_images": r.get("images_seen", {}).get("finetune"),
-            "params": eff["params_total"], "nonzero_params": eff["params_nonzero"],
-            "sparsity": round(r.get("sparsity_after_finetune", 0.0), 4),
-            "checkpoint_bytes": eff["checkpoint_bytes"], "macs_per_eval": eff["macs_per_eval"],
-            "sampler": s["sampler"], "steps": s["steps"], "n": s["n"],
-            "latency_s": round(r["timing"]["generate_s"], 2),
-            "pseudo_fid": round(q["pseudo_fid"]["value"], 3),
-            "fid_floor": round(q["pseudo_fid"]["floor"]["value"], 3),
-            "precision": round(q["precision_recall"]["precision"], 3),
-            "recall": round(q["precision_recall"]["recall"], 3),
-            "inception_score": round(q["inception_score"]["value"], 3),
-            "ssim_paper": round(q["ssim_paper"]["mean"], 4),
-            "teacher_ssim": round(r["teacher_consistency"]["ssim"]["mean"], 4)
-            if r.get("teacher_consistency") else None,
-            "mean_confidence": round(conf, 4),
-            "min_class_share": round(min(counts) / s["n"], 4),
-            "max_class_share": round(max(counts) / s["n"], 4),
-            "recognisable": "yes" if conf >= RECOGNISABLE["mean_confidence"]
-            and min(counts) / s["n"] >= RECOGNISABLE["min_class_share"] else "no",
-        })
-    return rows
-
-
-def paper_rows() -> list[dict[str, Any]]:
-    return [{"model": k, "params": f"{v['params']:,}", "size (MiB)": v["size_mib"],
-             "latency 10k (s)": v["latency_s"], "SSIM": v["ssim"], "pseudo-FID": v["pseudo_fid"]}
-            for k, v in PAPER_TABLE.items()]
-
-
-def _loss_curves(out: Path) -> dict[str, Path]:
-    curves = {}
-    for name in MODELS:
-        for sub, label in (("scratch", f"{name} (from scratch)"), ("", name if name in (
-                "baseline",) else f"{name} (fine-tune)")):
-            path = out / name / sub / "loss.csv"
-            if path.exists():
-                curves[label] = path
-    return curves
-
-
-def write_study_report(out: Path, preset: str, sc: StudyConfig, results: dict[str, Any],
-                       models: dict[str, Path], timings: dict[str, float]) -> Path:
-    """Draw the study's figures into ``out/figures`` and write ``out/report.html``."""
-    from . import report
-    from .figures import plot_reverse
-
-    figs = out / "figures"
-    figs.mkdir(exist_ok=True)
-    rows = table_rows(results)
-    grids = {name: out / name / "samples.png" for name in results if (out / name / "samples.png").exists()}
-    counts = {name: r["quality"]["digit_distribution"]["counts"] for name, r in results.items()}
-    baseline, sched, _ = load_model(models["baseline"])
-    figures = {
-        "samples": (report.plot_sample_grids(grids, figs / "samples.png"),
-                    "The first 64 evaluation samples of each model (same initial noise)."),
-        "denoising": (plot_reverse(baseline, sched, figs / "denoising.png"),
-                      "The baseline's ancestral sampler (200 steps) from x_T to x_0, four samples."),
-        "loss": (report.plot_losses(_loss_curves(out), figs / "loss.png"),
-                 "Training loss of every training run in the study."),
-        "digits": (report.plot_digit_counts(counts, figs / "digits.png"),
-                   "What minidiff's classifier sees in each model's samples."),
-        "efficiency": (report.plot_efficiency(rows, figs / "efficiency.png"),
-                       "Measured sampling time and parameters against pseudo-FID."),
-    }
-    steps_fig = out / "bench_sampling" / "pseudo_fid_vs_steps.png"  # benchmarks/bench_sampling.py --out OUT/bench_sampling
-    if steps_fig.exists():
-        figures["steps"] = (steps_fig, "Pseudo-FID against sampling steps for each sampler "
-                                       "(benchmarks/bench_sampling.py on the baseline).")
-    d = next(iter(results.values()))["timing"]
-    device = (f"{d['device'].get('device')} ({d['device'].get('type')}, {d['threads']} threads, "
-              f"{d['device'].get('capability')}), batch {d['batch_size']}")
-    study = {"preset": preset, "device": device, "study": asdict(sc),
-             "missing": [m for m in MODELS if m not in results],
-             "recognisable": dict(RECOGNISABLE, real_test=real_confidence(results))}
-    return report.write_report(out, rows, paper_rows(), timings, figures, study)
-
-
-def _write_results(out: Path, results: dict[str, Any], timings: dict[str, float]) -> None:
-    rows = table_rows(results)
-    write_text(out / "results.json", json.dumps({"models": results, "timings": timings}, indent=2))
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    write_text(out / "results.csv", buf.getvalue())
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
-    lines += ["", f"recognisable: mean classifier confidence >= {RECOGNISABLE['mean_confidence']} and "
-              f"every digit >= {RECOGNISABLE['min_class_share']:.0%} of the samples "
-              f"(the real test digits: {real_confidence(results)})."]
-    lines += ["", "The paper's own Table 1 for reference (its pseudo-FID is not a Fréchet distance and "
-              "its SSIM compares unrelated images; not comparable with the columns above):", "",
-              "| model | params | size (MiB) | latency 10k (s) | SSIM | pseudo-FID |", "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['params']:,} | {v['size_mib']} | {v['latency_s']} | {v['ssim']} | {v['pseudo_fid']} |"
-              for k, v in PAPER_TABLE.items()]
-    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
-    write_text(out / "table.md", "\n".join(lines) + "\n")

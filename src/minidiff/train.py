@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from .distributed import barrier, mean_across, shard, world
 from .diffusion import make_schedule, p_losses, q_sample
 from .files import atomic_write_bytes, remove_stale_temporaries
 from .generate import generate, save_images
-from .modelfile import save_model
+from .modelfile import model_header, save_model
 from .models.unet import SimpleUnet, build_from_state_dict
 from .prune import apply_masks
 from .runtime import autocast, default_device, memory_format, resolve_precision
@@ -96,46 +97,80 @@ def _sampling_weights(cfg: TrainConfig) -> str:
     return "ema" if cfg.ema_decay > 0 else "raw"
 
 
-def _sampling_model(model, ema, cfg: TrainConfig, data: MNIST, sched) -> torch.nn.Module:
+def _sampling_model(state: TrainState, cfg: TrainConfig, data: MNIST, sched) -> torch.nn.Module:
     """The weights to sample from: the EMA (with BN re-estimated) if EMA is on, else the model."""
-    if cfg.ema_decay == 0:
-        return copy.deepcopy(model).eval()
-    return recalibrate_bn(copy.deepcopy(ema), data, sched, cfg.bn_recalib_batches, cfg.batch_size,
+    if state.ema is None:
+        return copy.deepcopy(state.model).eval()
+    return recalibrate_bn(copy.deepcopy(state.ema), data, sched, cfg.bn_recalib_batches, cfg.batch_size,
                           seed=cfg.seed + 7)
 
 
-def _save_training(path: Path, model, ema, opt, cfg, step, g_noise, total_steps) -> None:
-    """The resumable state; the EMA copy only when EMA is on (it is never read otherwise)."""
-    opt_t, groups = ckpt.optimizer_to_tensors(opt)
-    tensors = {**ckpt.with_prefix(model.state_dict(), "model"),
-               **(ckpt.with_prefix(ema.state_dict(), "ema") if cfg.ema_decay > 0 else {}),
-               **ckpt.with_prefix(opt_t, "optim"), "rng.noise": g_noise.get_state(),
+@dataclass
+class TrainState:
+    """What a run carries from step to step, and what its checkpoint restores."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module | None       # the EMA shadow; None when EMA is off
+    opt: torch.optim.Optimizer
+    g_noise: torch.Generator          # draws t and ε (on the CPU, whatever the device)
+    step: int = 0
+
+
+def _save_training(path: Path, st: TrainState, cfg: TrainConfig, total_steps: int) -> None:
+    """The resumable state: model, EMA (when on), optimizer and both generators."""
+    opt_t, groups = ckpt.optimizer_to_tensors(st.opt)
+    tensors = {**ckpt.with_prefix(st.model.state_dict(), "model"),
+               **(ckpt.with_prefix(st.ema.state_dict(), "ema") if st.ema is not None else {}),
+               **ckpt.with_prefix(opt_t, "optim"), "rng.noise": st.g_noise.get_state(),
                "rng.torch": torch.get_rng_state()}
-    meta = dict(kind="training", arch=cfg.arch, model=cfg.to_dict()["model"], config=cfg.to_dict(),
-                step=step, total_steps=total_steps, optim_groups=groups)
+    meta = dict(model_header(cfg, st.step, total_steps=total_steps, optim_groups=groups), kind="training")
     ckpt.save(path, tensors, meta, keep_previous=True)
 
 
 _LOG_HEADER = "step,epoch,loss,lr,images_per_s,elapsed_s"
 
 
-def _log_rows(path: Path, keep_until: int) -> None:
-    """On resume, drop log rows written after the checkpoint (they will be written again)."""
-    if not path.exists():
+def _start_log(path: Path, step: int) -> None:
+    """A new ``loss.csv``; on resume, the old one without the rows written after the checkpoint
+    (they will be written again)."""
+    if step == 0 or not path.exists():
+        path.write_text(_LOG_HEADER + "\n")
         return
     header, *rows = path.read_text().splitlines() or [""]
     # a SIGKILL can leave the file empty (write_text truncates first) or a row cut short
     kept = [_LOG_HEADER] + [ln for ln in rows if ln.count(",") == _LOG_HEADER.count(",")
-                            and ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= keep_until]
+                            and ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= step]
     atomic_write_bytes(path, ("\n".join(kept) + "\n").encode())
+
+
+@dataclass
+class _Meter:
+    """Images per second since the start, and the mean loss since the last log row."""
+
+    t_start: float = field(default_factory=time.perf_counter)
+    seen: int = 0
+    loss_sum: float = 0.0
+    n: int = 0
+
+    def add(self, loss: float, images: int) -> None:
+        self.seen, self.loss_sum, self.n = self.seen + images, self.loss_sum + loss, self.n + 1
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def row(self, step: int, bpe: int, lr: float) -> str:
+        """The next ``loss.csv`` row; starts a new loss window."""
+        e = self.elapsed()
+        line = f"{step},{step / bpe:.4f},{self.loss_sum / self.n:.6f},{lr:.6g},{self.seen / e:.1f},{e:.1f}\n"
+        self.loss_sum, self.n = 0.0, 0
+        return line
 
 
 def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.device,
                    init_state: dict[str, torch.Tensor] | None, masks: dict[str, torch.Tensor] | None,
-                   log=print):
-    """Model, EMA, optimizer, noise generator and step: fresh (or from ``init_state``), or
-    restored from ``ckpt_path`` (or its ``.prev``) when one exists."""
-    fmt = memory_format(cfg.channels_last)
+                   log=print) -> TrainState:
+    """Fresh (or from ``init_state``), or restored from ``ckpt_path`` (or its ``.prev``) when
+    one exists."""
     torch.manual_seed(cfg.seed)  # weight init; everything else draws from its own generator
     model = (build_from_state_dict(cfg.model, init_state) if init_state is not None
              else SimpleUnet(cfg.model)).to(device)
@@ -147,19 +182,42 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
         except ValueError as e:
             raise ckpt.CheckpointError(f"{ckpt_path}: cannot resume from this checkpoint: {e}") from None
         step = meta["step"]
-    model = model.to(memory_format=fmt)
+    model = model.to(memory_format=memory_format(cfg.channels_last))
     if masks:
         apply_masks(model, masks)  # before the EMA copy, so the EMA starts sparse as well
-    ema = copy.deepcopy(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    g_noise = torch.Generator().manual_seed(cfg.seed)
+    st = TrainState(model, copy.deepcopy(model) if cfg.ema_decay > 0 else None,
+                    torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed), step)
     if state is not None:
-        if cfg.ema_decay > 0:
-            ema.load_state_dict(ckpt.split_prefix(state, "ema"))
-        ckpt.optimizer_from_tensors(opt, ckpt.split_prefix(state, "optim"), meta["optim_groups"])
-        g_noise.set_state(state["rng.noise"])
+        if st.ema is not None:
+            st.ema.load_state_dict(ckpt.split_prefix(state, "ema"))
+        ckpt.optimizer_from_tensors(st.opt, ckpt.split_prefix(state, "optim"), meta["optim_groups"])
+        st.g_noise.set_state(state["rng.noise"])
         torch.set_rng_state(state["rng.torch"])
-    return model, ema, opt, g_noise, step
+    return st
+
+
+def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sched, cfg: TrainConfig,
+                    lr: float, precision: str, part, masks) -> torch.Tensor:
+    """One step on batch ``x0``: loss, backward, clip, Adam, masks, EMA. Returns the loss
+    averaged over every process (raises TrainingDiverged before stepping if it is not finite)."""
+    for group in st.opt.param_groups:
+        group["lr"] = lr
+    with autocast(precision, x0.device):
+        loss = p_losses(net, sched, x0, st.g_noise, part)
+    loss_all = mean_across(loss)  # what a single process would report
+    if not torch.isfinite(loss_all):
+        raise TrainingDiverged(f"loss became {loss_all.item()} at step {st.step} (lr {lr:.3g})")
+    st.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
+    st.opt.step()
+    if masks:
+        apply_masks(st.model, masks)
+    if st.ema is not None:
+        ema_update(st.ema, st.model, cfg.ema_decay, st.step)
+    st.step += 1
+    return loss_all
 
 
 def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = False,
@@ -181,6 +239,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     Under torchrun (``minidiff.distributed``) every rank trains its slice of each global batch
     of ``cfg.batch_size`` with DistributedDataParallel, and only rank 0 writes.
     """
+    # -- set-up: processes, device, precision, data, schedule, the run directory
     out = Path(out)
     rank, n_ranks = world()
     main = rank == 0
@@ -197,112 +256,102 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     sched = make_schedule(cfg.diffusion)
     bpe = batches_per_epoch(len(data), cfg.batch_size)
     total_steps = max(1, math.ceil(cfg.epochs * bpe))
-    fmt = memory_format(cfg.channels_last)
-
+    sample_every = max(1, round(cfg.sample_every * bpe)) if cfg.sample_every > 0 else 0
     ckpt_path, log_path = out / "checkpoint.safetensors", out / "loss.csv"
+
+    # -- state: fresh, from init_state (fine-tuning), or resumed from the checkpoint
     if masks:
         masks = {k: v.to(device) for k, v in masks.items()}
-    model, ema, opt, g_noise, step = _initial_state(cfg, ckpt_path if resume else None, device,
-                                                    init_state, masks, log)
+    st = _initial_state(cfg, ckpt_path if resume else None, device, init_state, masks, log)
     if main:
-        if step:
-            log(f"resuming {out} at step {step}/{total_steps}")
+        if st.step:
+            log(f"resuming {out} at step {st.step}/{total_steps}")
         atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
-        if step == 0 or not log_path.exists():
-            log_path.write_text(_LOG_HEADER + "\n")
-        else:
-            _log_rows(log_path, step)
-    net = model
+        _start_log(log_path, st.step)
+    net, part = st.model, None
     if n_ranks > 1:
         from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    part = shard(cfg.batch_size) if n_ranks > 1 else None
+        net = DistributedDataParallel(st.model, device_ids=[device.index] if device.type == "cuda" else None)
+        part = shard(cfg.batch_size)
 
-    sample_every = max(1, round(cfg.sample_every * bpe)) if cfg.sample_every > 0 else 0
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.arch}", unit="step",
+    # -- the loop: one optimiser step per batch; a log row, a checkpoint and a grid at their intervals
+    bar = tqdm(total=total_steps, initial=st.step, desc=f"train {cfg.arch}", unit="step",
                disable=not (progress and main))
-    t_start, seen, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
-    deadline = None if minutes is None else t_start + 60 * minutes
+    meter = _Meter()
+    deadline = None if minutes is None else meter.t_start + 60 * minutes
     out_of_time = False
-    model.train()
+    st.model.train()
     try:
-        while step < total_steps and not out_of_time:
-            epoch, first_batch = divmod(step, bpe)
+        while st.step < total_steps and not out_of_time:
+            epoch, first_batch = divmod(st.step, bpe)
             for _, u8 in iterate_batches(data, cfg.batch_size, epoch_generator(cfg.seed, epoch), start=first_batch):
-                lr = lr_at(step, cfg, total_steps)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                x0 = to_model_range(u8).to(device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
-                with autocast(precision, device):
-                    loss = p_losses(net, sched, x0, g_noise, part)
-                loss_all = mean_across(loss)  # what a single process would report
-                if not torch.isfinite(loss_all):
-                    bar.close()
-                    raise TrainingDiverged(f"loss became {loss_all.item()} at step {step} (lr {lr:.3g}); "
-                                           f"the last good checkpoint is {ckpt_path}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                if masks:
-                    apply_masks(model, masks)
-                if cfg.ema_decay > 0:
-                    ema_update(ema, model, cfg.ema_decay, step)
-                step += 1
-                seen += x0.shape[0]
-                window_loss, window_n = window_loss + loss_all.item(), window_n + 1
-                elapsed = time.perf_counter() - t_start
+                lr = lr_at(st.step, cfg, total_steps)
+                x0 = to_model_range(u8).to(device).contiguous(memory_format=memory_format(cfg.channels_last))
+                try:
+                    loss = _optimizer_step(st, net, x0, sched, cfg, lr, precision, part, masks).item()
+                except TrainingDiverged as e:
+                    raise TrainingDiverged(f"{e}; the last good checkpoint is {ckpt_path}") from None
+                meter.add(loss, x0.shape[0])
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_all.item():.4f}", img_s=f"{seen / elapsed:.0f}")
-                if step % 10 == 0 or step == total_steps:
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{meter.seen / meter.elapsed():.0f}")
+                if st.step % 10 == 0 or st.step == total_steps:
+                    row = meter.row(st.step, bpe, lr)
                     if main:
                         with open(log_path, "a") as f:
-                            f.write(f"{step},{step / bpe:.4f},{window_loss / window_n:.6f},{lr:.6g},"
-                                    f"{seen / elapsed:.1f},{elapsed:.1f}\n")
-                    window_loss, window_n = 0.0, 0
-                out_of_time = deadline is not None and time.perf_counter() >= deadline and step < total_steps
-                if main and (step % cfg.ckpt_every_steps == 0 or step % bpe == 0 or step == total_steps
-                             or out_of_time):
-                    _save_training(ckpt_path, model, ema, opt, cfg, step, g_noise, total_steps)
-                if main and sample_every and step % sample_every == 0 and total_steps - step >= sample_every // 2:
-                    snap = _grid(model, ema, cfg, data, sched, out / "samples" / f"step_{step:06d}.png",
-                                 precision, n=36)
-                    # the weights behind the grid, so quality can be measured against images seen
-                    (out / "snapshots").mkdir(exist_ok=True)
-                    save_model(out / "snapshots" / f"step_{step:06d}.safetensors", snap, cfg, step,
-                               weights=_sampling_weights(cfg))
-                    model.train()
-                if step >= total_steps or out_of_time:
+                            f.write(row)
+                out_of_time = deadline is not None and time.perf_counter() >= deadline and st.step < total_steps
+                if main and (st.step % cfg.ckpt_every_steps == 0 or st.step % bpe == 0
+                             or st.step == total_steps or out_of_time):
+                    _save_training(ckpt_path, st, cfg, total_steps)
+                if (main and sample_every and st.step % sample_every == 0
+                        and total_steps - st.step >= sample_every // 2):
+                    _snapshot(st, cfg, data, sched, out, precision)
+                if st.step >= total_steps or out_of_time:
                     break
     finally:
         bar.close()
+
+    # -- the end: stopped by the clock (the checkpoint resumes it), or the model files and a grid
     if out_of_time:
         if main:
-            log(f"stopped after {minutes:g} min at step {step}/{total_steps} "
-                f"(epoch {step / bpe:.2f} of {cfg.epochs:g}, {step * cfg.batch_size:,} images); "
+            log(f"stopped after {minutes:g} min at step {st.step}/{total_steps} "
+                f"(epoch {st.step / bpe:.2f} of {cfg.epochs:g}, {st.step * cfg.batch_size:,} images); "
                 f"the checkpoint {ckpt_path} resumes it exactly (--resume)")
         barrier()
         return None
-    path = out / "model.safetensors"
     if main:
-        final = _sampling_model(model, ema, cfg, data, sched)
-        save_model(path, final, cfg, step, weights=_sampling_weights(cfg))
-        if cfg.ema_decay > 0:  # the raw weights too, to compare with the EMA's
-            save_model(out / "model_raw.safetensors", copy.deepcopy(model).eval(), cfg, step, weights="raw")
-        _grid(model, ema, cfg, data, sched, out / "samples.png", precision, final=final)
+        _write_model_files(st, cfg, data, sched, out, precision)
     barrier()  # no rank returns before the model file exists
-    return path
+    return out / "model.safetensors"
 
 
-def _grid(model, ema, cfg, data, sched, path: Path, precision: str, final=None, n: int = 64) -> torch.nn.Module:
-    """Sample a grid into ``path``; returns the sampling model it used."""
-    m = final if final is not None else _sampling_model(model, ema, cfg, data, sched)
+def _write_model_files(st: TrainState, cfg: TrainConfig, data: MNIST, sched, out: Path, precision: str) -> None:
+    """``model.safetensors`` (the sampling weights), ``model_raw.safetensors`` beside an EMA's,
+    and ``samples.png``."""
+    final = _sampling_model(st, cfg, data, sched)
+    save_model(out / "model.safetensors", final, cfg, st.step, weights=_sampling_weights(cfg))
+    if st.ema is not None:  # the raw weights too, to compare with the EMA's
+        save_model(out / "model_raw.safetensors", copy.deepcopy(st.model).eval(), cfg, st.step, weights="raw")
+    _grid(final, cfg, sched, out / "samples.png", precision)
+
+
+def _snapshot(st: TrainState, cfg: TrainConfig, data: MNIST, sched, out: Path, precision: str) -> None:
+    """A grid of the sampling weights now, and those weights beside it in ``snapshots/`` (so
+    quality can be measured against images seen)."""
+    name = f"step_{st.step:06d}"
+    snap = _sampling_model(st, cfg, data, sched)
+    _grid(snap, cfg, sched, out / "samples" / f"{name}.png", precision, n=36)
+    (out / "snapshots").mkdir(exist_ok=True)
+    save_model(out / "snapshots" / f"{name}.safetensors", snap, cfg, st.step, weights=_sampling_weights(cfg))
+    st.model.train()
+
+
+def _grid(model: torch.nn.Module, cfg: TrainConfig, sched, path: Path, precision: str, n: int = 64) -> None:
+    """Sample ``n`` images from ``model`` with the config's sampler into a grid at ``path``."""
     eta = {"eta": cfg.sample_eta} if cfg.sampler == "ddim" else {}
-    x = generate(m, sched, n, sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed,
+    x = generate(model, sched, n, sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed,
                  precision=precision, progress=False, **eta)
     save_images(x, path)
-    return m
 
 
 def export_model(run: Path | str, data: MNIST, path: Path | str | None = None) -> Path:
@@ -311,11 +360,10 @@ def export_model(run: Path | str, data: MNIST, path: Path | str | None = None) -
     ``RUN/model.safetensors``); the file records the step it was taken at."""
     run = Path(run)
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    model, ema, _, _, step = _initial_state(cfg, run / "checkpoint.safetensors", torch.device("cpu"),
-                                            None, None)
-    if step == 0:
+    st = _initial_state(cfg, run / "checkpoint.safetensors", torch.device("cpu"), None, None)
+    if st.step == 0:
         raise ckpt.CheckpointError(f"{run}: no training checkpoint to export")
-    final = _sampling_model(model, ema, cfg, data.subset(cfg.train_subset), make_schedule(cfg.diffusion))
-    return save_model(Path(path) if path else run / "model.safetensors", final, cfg, step,
+    final = _sampling_model(st, cfg, data.subset(cfg.train_subset), make_schedule(cfg.diffusion))
+    return save_model(Path(path) if path else run / "model.safetensors", final, cfg, st.step,
                       weights=_sampling_weights(cfg))
 

@@ -127,3 +127,18 @@ def test_run_is_the_whole_study(argv, out, monkeypatch, tmp_path, capsys):
     preset = argv[argv.index("--preset") + 1] if "--preset" in argv else "trained"
     assert [(c[0], str(c[1]), c[2], c[3]) for c in calls] == [(preset, out, "train", "test")]
     assert f"{out}/report.html" in captured.out
+
+
+def test_train_flags_come_from_the_configs_fields(capsys):
+    from minidiff.config import TRAIN_FLAGS, train_config
+    assert TRAIN_FLAGS == ("epochs", "batch_size", "lr", "ema_decay", "precision", "train_subset", "seed")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{k.replace('_', '-')}" in text for k in TRAIN_FLAGS)
+    # each flag reaches its field
+    a = cli._parser().parse_args(["train", "--out", "x", "--epochs", "0.5", "--batch-size", "8", "--lr", "0.002",
+                                  "--ema-decay", "0.9", "--precision", "bf16", "--train-subset", "32", "--seed", "3"])
+    cfg = train_config(a.preset, a.arch, **{k: getattr(a, k) for k in TRAIN_FLAGS})
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.ema_decay, cfg.precision, cfg.train_subset, cfg.seed) == (
+        0.5, 8, 0.002, 0.9, "bf16", 32, 3)

@@ -298,6 +298,7 @@ def test_the_trained_study_starts_from_the_shipped_weights(trained):
     for name in ("paper_pruned", "structural"):  # fine-tuned from the shipped baseline: 1 step of 16
         _, meta = ckpt.load(out / name / "model.safetensors")
         assert meta["step"] == 1 and meta["config"]["batch_size"] == 16
+        assert (meta["config"]["sampler"], meta["config"]["sample_steps"]) == ("ddim", 3)  # the study's sampler
         assert res["results"][name]["images_seen"] == {"total": base_images + 16, "finetune": 16}
     for name in {"reduced", "shallow"} - set(ships):
         assert f"{name}: this installation ships no {name} weights yet; its row is left out" in logs

@@ -2,17 +2,18 @@
 
   python tools/models_doc.py            # after tools/ship_model.py
 Every number in the page comes from a card (src/minidiff/weights/*.safetensors); the grids are
-drawn here: 64 samples, DDIM η = 1, 20 steps, seed 0, fp32.
+drawn here: 64 samples, DDIM η = 1, 20 steps, seed 0, fp32, and docs/figures/shipped.png puts
+them side by side (the README's first picture).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from minidiff.diffusion import make_schedule
 from minidiff.generate import generate, save_images
-from minidiff.shipped import MODEL_NAMES, available, card
 from minidiff.modelfile import load_model
+from minidiff.report import plot_sample_grids
+from minidiff.shipped import MODEL_NAMES, available, card
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -27,16 +28,16 @@ def _ev(c: dict, key: str) -> str:
 
 def main() -> int:
     files = available()
-    rows, sections = [], []
+    rows, sections, grids = [], [], {}
     for name in MODEL_NAMES:
         if name not in files:
             rows.append(f"| {name} | not shipped yet | | | | | | | |")
             continue
         c = card(files[name])
-        model, _, meta = load_model(files[name])
-        grid = DOCS / "figures" / f"model_{name}.png"
-        save_images(generate(model, make_schedule(), 64, sampler="ddim", steps=20, eta=1.0, seed=0,
-                             progress=False), grid)
+        model, sched, meta = load_model(files[name])
+        grid = grids[name] = DOCS / "figures" / f"model_{name}.png"
+        save_images(generate(model, sched, 64, sampler="ddim", steps=20, eta=1.0, seed=0,
+                             precision="fp32", progress=False), grid)
         state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned, in progress"
         rows.append(f"| {name} | {c['params']:,} | {c['file_bytes']:,} | {c['epochs']:.2f} ({state}); "
                     f"{c['images_seen']:,} images, {c['optimizer_steps']:,} steps | "
@@ -65,7 +66,8 @@ def main() -> int:
                 f"`{clf['file_sha256'][:16]}…`) reaches {clf['test_accuracy']:.2%} on the 10,000 test digits; "
                 f"{clf.get('notes', '')}") if clf else ""
     (DOCS / "models.md").write_text(head + "\n" + table + clf_line + "\n\n" + "\n".join(sections))
-    print(DOCS / "models.md")
+    # the README's first picture: every shipped model's grid side by side
+    print(DOCS / "models.md", plot_sample_grids(grids, DOCS / "figures" / "shipped.png"))
     return 0
 
 

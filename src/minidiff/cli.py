@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from .config import (ARCHS, DEFAULT_DDIM_ETA, DEFAULT_SPACING, DEFAULT_STEPS, PRECISIONS, PRESETS,
-                     SAMPLERS, SPACINGS, STUDY_PRESETS, ConfigError, train_config)
+                     RESUME_FLAGS, SAMPLERS, SPACINGS, STUDY_PRESETS, TRAIN_FLAGS, ConfigError, TrainConfig,
+                     train_config)
 
 EPILOG_MAIN = """examples:
   minidiff run                                  # the study on the shipped trained models: Table 1, report.html
@@ -71,14 +73,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", choices=PRESETS,
                    help="numbers for a budget: smoke (seconds), quick (CPU minutes), paper (SPEC §2)")
     p.add_argument("--arch", default="baseline", choices=list(ARCHS), help="SimpleUnet variant")
-    p.add_argument("--epochs", type=float, help="epochs (fractions allowed); overrides the preset")
-    p.add_argument("--batch-size", type=int, help="training batch size")
-    p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="auto = bf16 where the CPU/GPU computes it natively, else fp32")
-    p.add_argument("--ema-decay", type=float, help="EMA decay; 0 disables EMA")
-    p.add_argument("--train-subset", type=int, help="use only the first N training images (0 = all)")
-    p.add_argument("--seed", type=int, help="seed for weights, data order and noise")
+    types = {f.name: f for f in fields(TrainConfig)}
+    for name in TRAIN_FLAGS:  # one flag per overridable config field, its help from the field
+        f = types[name]
+        kind = dict(choices=PRECISIONS) if name == "precision" else dict(type={"int": int, "float": float}[f.type])
+        p.add_argument(f"--{name.replace('_', '-')}", help=f.metadata["flag"], **kind)
     _add_data_dir(p)
 
 
@@ -284,9 +283,7 @@ def _writable_dir(path: Path) -> Path:
 def cmd_train(a: argparse.Namespace) -> None:
     from .data import load_split
     from .train import train
-    cfg = train_config(a.preset, a.arch, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                       precision=a.precision, ema_decay=a.ema_decay, train_subset=a.train_subset,
-                       seed=a.seed)
+    cfg = train_config(a.preset, a.arch, **{k: getattr(a, k) for k in TRAIN_FLAGS})
     init_state = masks = None
     if a.init is not None:
         from .prune import finetune_start
@@ -294,12 +291,11 @@ def cmd_train(a: argparse.Namespace) -> None:
         if meta.get("arch") != a.arch:
             raise UserError(f"--init {a.init} is a {meta.get('arch')} model; pass --arch {meta.get('arch')}")
     if a.resume:
-        fixed = [f"--{k.replace('_', '-')}" for k in ("batch_size", "lr", "ema_decay", "train_subset", "seed")
-                 if getattr(a, k) is not None]
+        fixed = [f"--{k.replace('_', '-')}" for k in TRAIN_FLAGS if k not in RESUME_FLAGS and getattr(a, k) is not None]
         if fixed:
             raise UserError(f"{', '.join(fixed)}: a resumed run keeps its saved recipe "
                             f"({a.out / 'config.json'}); only --epochs and --precision may change")
-        cfg = _resume_config(a.out, cfg, epochs=a.epochs, precision=a.precision)
+        cfg = _resume_config(a.out, cfg, **{k: getattr(a, k) for k in RESUME_FLAGS})
     _writable_dir(a.out)
     from .distributed import init_from_env
     device = init_from_env()  # torchrun: join the process group, one device per rank

@@ -102,28 +102,35 @@ class DiffusionConfig:
         _check(0 <= self.cosine_s < float("inf"), f"cosine_s must be >= 0 and finite, got {self.cosine_s}")
 
 
+def _flag(help: str) -> Any:
+    """Metadata of a TrainConfig field that the command line may override (``--field-name``)."""
+    return {"flag": help}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Paper defaults: Adam, batch 128, lr 1e-3, constant LR, no EMA/clipping."""
 
     arch: str = "baseline"
-    epochs: float = 50.0            # fractional epochs allowed (CPU presets)
-    batch_size: int = 128
-    lr: float = 1e-3
+    epochs: float = field(default=50.0, metadata=_flag("epochs (fractions allowed); overrides the preset"))
+    batch_size: int = field(default=128, metadata=_flag("training batch size"))
+    lr: float = field(default=1e-3, metadata=_flag("peak learning rate (Adam)"))
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     grad_clip: float = 0.0          # 0 = no clipping (paper)
-    ema_decay: float = 0.0          # 0 = no EMA: samples come from the raw weights (paper)
-    precision: str = "fp32"
+    ema_decay: float = field(default=0.0, metadata=_flag(  # 0: samples come from the raw weights (paper)
+        "EMA decay; 0 disables EMA"))
+    precision: str = field(default="fp32", metadata=_flag(
+        "auto = bf16 where the CPU/GPU computes it natively, else fp32"))
     channels_last: bool = True      # same math, ~15 % faster on CPU (SPEC §3)
-    train_subset: int = 0           # 0 = all 60,000 training images
+    train_subset: int = field(default=0, metadata=_flag("use only the first N training images (0 = all)"))
     bn_recalib_batches: int = 40    # re-estimate BN statistics of EMA weights (SPEC §8)
     sample_every: float = 1.0       # epochs between sample grids; 0 = only at the end
     ckpt_every_steps: int = 500     # also checkpoint at every epoch end
     sampler: str = "ddim"           # for grids during training
     sample_steps: int = 50
     sample_eta: float = 0.0         # DDIM η for those grids (other samplers ignore it)
-    seed: int = 0
+    seed: int = field(default=0, metadata=_flag("seed for weights, data order and noise"))
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -198,6 +205,12 @@ _PRESET_TRAIN: dict[str, dict[str, Any]] = {
                   grad_clip=0.0, ema_decay=0.0, precision="fp32", sample_every=10,
                   ckpt_every_steps=1000, sampler="ddpm", sample_steps=200),
 }
+
+
+# The fields ``minidiff train`` may override, in the order its --help lists them.
+TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig) if "flag" in f.metadata)
+# The ones a resumed run may still change: how far it goes and how it computes, not its recipe.
+RESUME_FLAGS = ("epochs", "precision")
 
 
 def train_config(preset: str = "quick", arch: str = "baseline", **overrides: Any) -> TrainConfig:

@@ -49,7 +49,12 @@ def _read_json(path: Path, default: Any, log=print) -> Any:
 
 
 def _train_config(sc: StudyConfig, preset: str, arch: str, **overrides) -> TrainConfig:
-    """The study's training numbers: its train preset's (or its own), its precision if set."""
+    """The study's training numbers: its train preset's (or its own), its precision if set.
+    Starting from the shipped weights, the grid each fine-tune draws at its end uses the study's
+    sampler (the paper preset's 200-step ancestral grid would cost more than the fine-tune)."""
+    if sc.start == "shipped":
+        overrides = dict(dict(sampler=sc.eval_sampler, sample_steps=sc.eval_steps, sample_eta=sc.eval_eta),
+                         **overrides)
     return train_config(sc.train_preset or preset, arch, precision=sc.train_precision or None, **overrides)
 
 

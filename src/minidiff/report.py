@@ -201,7 +201,7 @@ def findings(rows: list[dict[str, Any]], missing: list[str]) -> list[str]:
     def ms(r):
         return 1000 * r["latency_s"] / r["n"]
 
-    seen = f", trained on {base['images_seen']:,} images" if base.get("images_seen") else ""
+    seen = f", trained on {base['images_seen']:,} images," if base.get("images_seen") else ""
     out = [f"The baseline{seen} {'draws' if base['recognisable'] == 'yes' else 'does not draw'} "
            f"recognisable digits: mean confidence {base['mean_confidence']:.3f}, each digit "
            f"{_share_range(base).replace(' – ', ' to ')} of the samples, pseudo-FID "

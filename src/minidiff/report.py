@@ -173,6 +173,10 @@ READABLE = ("model", "images seen", "params (non-zero)", "size", "time / sample"
             "precision / recall", "mean confidence", "digit shares", "SSIM vs baseline", "recognisable")
 
 
+def _ms_per_sample(r: dict[str, Any]) -> float:
+    return 1000 * r["latency_s"] / r["n"]
+
+
 def _share_range(r: dict[str, Any]) -> str:
     return f"{r['min_class_share']:.1%} – {r['max_class_share']:.1%}"
 
@@ -185,7 +189,7 @@ def readable_row(r: dict[str, Any]) -> dict[str, str]:
         seen += f" (fine-tuning {r['finetune_images']:,})"
     return dict(zip(READABLE, (
         r["model"], seen, f"{r['params']:,}{nonzero}", f"{r['checkpoint_bytes'] / 1e6:.1f} MB",
-        f"{1000 * r['latency_s'] / r['n']:.1f} ms", f"{r['pseudo_fid']:.2f} (floor {r['fid_floor']:.2f})",
+        f"{_ms_per_sample(r):.1f} ms", f"{r['pseudo_fid']:.2f} (floor {r['fid_floor']:.2f})",
         f"{r['precision']:.2f} / {r['recall']:.2f}", f"{r['mean_confidence']:.3f}", _share_range(r),
         "" if r["teacher_ssim"] is None else f"{r['teacher_ssim']:.3f}", r["recognisable"])))
 
@@ -193,14 +197,10 @@ def readable_row(r: dict[str, Any]) -> dict[str, str]:
 def findings(rows: list[dict[str, Any]], missing: list[str]) -> list[str]:
     """What the study found, in a few sentences written from its own numbers (``rows`` as
     ``study.table_rows`` gives them, the baseline first)."""
-    by = {r["model"]: r for r in rows}
-    base = by.get("baseline")
+    base = next((r for r in rows if r["model"] == "baseline"), None)
     if base is None:
         return []
-
-    def ms(r):
-        return 1000 * r["latency_s"] / r["n"]
-
+    ms = _ms_per_sample
     seen = f", trained on {base['images_seen']:,} images," if base.get("images_seen") else ""
     out = [f"The baseline{seen} {'draws' if base['recognisable'] == 'yes' else 'does not draw'} "
            f"recognisable digits: mean confidence {base['mean_confidence']:.3f}, each digit "

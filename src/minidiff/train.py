@@ -280,13 +280,14 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     meter = _Meter()
     deadline = None if minutes is None else meter.t_start + 60 * minutes
     out_of_time = False
+    fmt = memory_format(cfg.channels_last)
     st.model.train()
     try:
         while st.step < total_steps and not out_of_time:
             epoch, first_batch = divmod(st.step, bpe)
             for _, u8 in iterate_batches(data, cfg.batch_size, epoch_generator(cfg.seed, epoch), start=first_batch):
                 lr = lr_at(st.step, cfg, total_steps)
-                x0 = to_model_range(u8).to(device).contiguous(memory_format=memory_format(cfg.channels_last))
+                x0 = to_model_range(u8).to(device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
                 try:
                     loss = _optimizer_step(st, net, x0, sched, cfg, lr, precision, part, masks).item()
                 except TrainingDiverged as e:

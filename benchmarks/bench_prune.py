@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from minidiff import prune as P
-    from minidiff.config import ModelConfig
+    from minidiff.config import ModelConfig, SamplingSpec
     from minidiff.generate import generate
     from minidiff.metrics import count_params, macs_per_eval, measure_latency
     from minidiff.models.unet import build_from_state_dict
@@ -55,8 +55,8 @@ def main() -> None:
     dense, sched, meta = load_model(a.ckpt)
 
     def sample(model):
-        return generate(model, sched, a.n, sampler="ddim", steps=a.steps, seed=0, batch_size=a.n,
-                        precision=a.precision, progress=False)
+        return generate(model, sched, a.n, SamplingSpec("ddim", a.steps, eta=0.0, batch_size=a.n,
+                                                        precision=a.precision), progress=False)
 
     reference = sample(dense).clamp(-1, 1)  # pixels as they are saved
     entries = []  # (label, model, file, timed)

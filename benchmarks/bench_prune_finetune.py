@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from minidiff.config import TrainConfig, with_overrides
 from minidiff.data import batches_per_epoch, load_split
-from minidiff.evaluate import evaluate_checkpoint
+from minidiff.evaluate import DEFAULT_SAMPLING, evaluate_checkpoint
 from minidiff.classifier import load_or_train_classifier
 from minidiff.prune import prune_checkpoint
 from minidiff.runtime import tune_allocator
@@ -58,8 +59,8 @@ def main() -> None:
     rows = {}
     for name, path in (("unpruned", a.ckpt), ("pruned, no fine-tuning", pruned),
                        ("pruned + fine-tuned", ft), ("pruned arch from scratch", scratch)):
-        r = evaluate_checkpoint(path, n=a.n, sampler=a.sampler, steps=a.steps, classifier=clf,
-                                test_data=test_data, train_data=train_data, progress=False)
+        r = evaluate_checkpoint(path, n=a.n, spec=replace(DEFAULT_SAMPLING, sampler=a.sampler, steps=a.steps),
+                                classifier=clf, test_data=test_data, train_data=train_data, progress=False)
         rows[name] = dict(params=r["efficiency"]["params_total"], macs=r["efficiency"]["macs_per_eval"],
                           bytes=r["efficiency"]["checkpoint_bytes"], seconds=r["timing"]["generate_s"],
                           fid=r["quality"]["pseudo_fid"]["value"], floor=r["quality"]["pseudo_fid"]["floor"]["value"])

@@ -68,6 +68,13 @@ def parse_sampler(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
+def spec_of(sampler: str, steps: int, options: dict, **kw):
+    """The SamplingSpec of a configuration: η = 0 for ddim unless ``options`` name it."""
+    from minidiff.config import SamplingSpec
+    eta = options.get("eta", 0.0) if sampler == "ddim" else None
+    return SamplingSpec(sampler, steps, eta=eta, **{k: v for k, v in options.items() if k != "eta"}, **kw)
+
+
 def label(sampler: str, options: dict) -> str:
     return sampler + "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}"
                              for k, v in sorted(options.items()))
@@ -99,8 +106,8 @@ def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n:
     t0 = time.perf_counter()
     # naive: the paper's exact ε-form (no x̂0 clipping), BN unfused, NCHW
     naive_kw = dict(fold_bn=False, channels_last=False, clip_x0=False) if naive else {}
-    generate(model, sched, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch,
-             precision="fp32", progress=False, **naive_kw, **(options or {}))
+    generate(model, sched, n, spec_of(sampler, steps, options or {}, seed=seed, batch_size=batch),
+             progress=False, **naive_kw)
     seconds = time.perf_counter() - t0
     return dict(config="naive" if naive else "minidiff", sampler=label(sampler, options or {}),
                 sampler_name=sampler, steps=steps, batch=batch, options=options or {},
@@ -171,7 +178,7 @@ def pseudo_fids(ckpt: str, configs: list[tuple[str, int, dict]], n: int, seed: i
         print(f"quality: {label(sampler, options)} {steps} steps, {n} samples ...", file=sys.stderr,
               flush=True)
         t0 = time.perf_counter()
-        x = generate(model, sched, n, sampler=sampler, steps=steps, seed=seed, progress=False, **options)
+        x = generate(model, sched, n, spec_of(sampler, steps, options, seed=seed), progress=False)
         fake_f, _ = predict(classifier, to_model_range(to_uint8(x)))  # the images a user gets
         rows.append(dict(sampler=label(sampler, options), steps=steps,
                          pseudo_fid=M.frechet_distance(fake_f, real_f), generate_s=time.perf_counter() - t0))
@@ -250,12 +257,11 @@ def main() -> None:
 
     from minidiff.evaluate import write_json
     from minidiff.runtime import tune_allocator
-    from minidiff.samplers import resolve_steps
     from minidiff.modelfile import load_model
 
     tune_allocator()  # this process only samples for quality; the timed workers set their own
     T = load_model(a.ckpt).meta["config"]["diffusion"]["timesteps"]
-    configs = [("ddpm", T, {})] + [(s, resolve_steps(s, int(k), T), o) for s, o in
+    configs = [("ddpm", T, {})] + [(s, spec_of(s, int(k), o).for_schedule(T).steps, o) for s, o in
                                     map(parse_sampler, a.samplers.split(","))
                                     for k in a.steps.split(",")]
     k = min(a.extrapolate_from, a.n_speed)

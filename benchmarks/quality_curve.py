@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from minidiff import checkpoint as ckpt
+from minidiff.config import SamplingSpec
 from minidiff.data import load_split
 from minidiff.files import atomic_write_bytes
 from minidiff.evaluate import METRICS_VERSION, evaluate_checkpoint
@@ -84,14 +85,14 @@ def main(argv=None) -> int:
     rows = json.loads(store.read_text()) if store.exists() else []
     clf, _ = load_or_train_classifier()
     test, train = load_split("test"), load_split("train")
-    opts = {"eta": a.eta} if a.sampler == "ddim" else {}
+    spec = SamplingSpec(a.sampler, a.steps, eta=a.eta if a.sampler == "ddim" else None, precision=a.precision)
     for path in a.models:
         meta = ckpt.load(path)[1]
         if any(r["sha256"] == meta["sha256"] and r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps
                and r["sampling"]["n"] == a.n and r.get("metrics_version", 1) == METRICS_VERSION for r in rows):
             continue
-        r = evaluate_checkpoint(path, n=a.n, sampler=a.sampler, steps=a.steps, seed=0, classifier=clf,
-                                test_data=test, train_data=train, precision=a.precision, progress=False, **opts)
+        r = evaluate_checkpoint(path, n=a.n, spec=spec, classifier=clf, test_data=test, train_data=train,
+                                progress=False)
         rows.append(row_of(path, meta, a.label, r))
         print(json.dumps({k: rows[-1][k] for k in ("label", "epochs", "mean_confidence", "smallest_share",
                                                      "largest_share", "pseudo_fid", "floor")}), flush=True)

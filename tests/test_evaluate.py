@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from minidiff import evaluate as E
 from minidiff import metrics as M
 from minidiff.checkpoint import tensors_digest
-from minidiff.config import TrainConfig, train_config
+from minidiff.config import ConfigError, SamplingSpec, TrainConfig, train_config
 from minidiff.data import MNIST, to_model_range, to_uint8
 from minidiff.generate import generate, initial_noise
 from minidiff.models.classifier import MnistClassifier
@@ -28,11 +29,17 @@ def tiny_run(tmp_path_factory):
     return path, MnistClassifier().eval(), data
 
 
+SPEC_FIELDS = {f.name for f in fields(SamplingSpec)}
+
+
 def _evaluate(tiny_run, **kw):
+    """evaluate_checkpoint on the tiny run; keyword arguments that are SamplingSpec fields go
+    into its spec (DDIM η = 0 at 3 steps, seed 5, batch 16, fp32), the others to the call."""
     path, clf, data = tiny_run
-    args = dict(n=24, sampler="ddim", steps=3, seed=5, batch_size=16, classifier=clf, test_data=data,
-                train_data=data, precision="fp32", progress=False)
-    return E.evaluate_checkpoint(path, **{**args, **kw})
+    spec = dict(sampler="ddim", steps=3, eta=0.0, seed=5, batch_size=16, precision="fp32")
+    spec.update({k: kw.pop(k) for k in list(kw) if k in SPEC_FIELDS})
+    args = dict(n=24, classifier=clf, test_data=data, train_data=data, progress=False)
+    return E.evaluate_checkpoint(path, spec=SamplingSpec(**spec), **{**args, **kw})
 
 
 def _drop_timing(result):
@@ -197,14 +204,14 @@ def test_teacher_samples_are_drawn_once_and_give_the_same_answer(tiny_run):
     assert first["sampling"]["eta"] == 1.0
 
 
-def test_resolve_steps():
-    assert E.resolve_steps("ddpm", None, 200) == 200
-    assert E.resolve_steps("ddim", None, 200) == 20
-    assert E.resolve_steps("dpmpp2m", 20, 200) == 20
-    with pytest.raises(ValueError, match="ddpm"):
-        E.resolve_steps("ddpm", 20, 200)
-    with pytest.raises(ValueError, match=r"\[1, 200\]"):
-        E.resolve_steps("ddim", 0, 200)
+def test_sampling_spec_resolves_steps_for_a_schedule():
+    assert SamplingSpec("ddpm").for_schedule(200).steps == 200
+    assert SamplingSpec("ddim").for_schedule(200).steps == 20
+    assert SamplingSpec("dpmpp2m", 20).for_schedule(200).steps == 20
+    with pytest.raises(ConfigError, match="ddpm"):
+        SamplingSpec("ddpm", 20).for_schedule(200)
+    with pytest.raises(ConfigError, match=r"\[1, 200\]"):
+        SamplingSpec("ddim", 0).for_schedule(200)
 
 
 def test_write_json_has_no_nan(tmp_path):

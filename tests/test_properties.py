@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from minidiff.config import (ARCHS, LR_SCHEDULES, PRECISIONS, PRESETS, SAMPLERS, ConfigError,
-                             DiffusionConfig, ModelConfig, TrainConfig, train_config)
+from minidiff.config import (ARCHS, LR_SCHEDULES, PRECISIONS, PRESETS, SAMPLERS, SPACINGS, ConfigError,
+                             DiffusionConfig, ModelConfig, SamplingSpec, TrainConfig, train_config)
 from minidiff.data import DataError, encode_idx, parse_idx
 
 # No example database and no deadline (the CI CPUs are slow and shared).
@@ -56,11 +56,48 @@ FIELDS = {
     "bn_recalib_batches": (st.integers(-10, 1000), lambda v: v >= 0),
     "sample_every": (finite_or_nan, lambda v: 0 <= v < math.inf),
     "ckpt_every_steps": (st.integers(-10, 10**6), lambda v: v >= 1),
-    "sampler": (st.sampled_from(SAMPLERS) | words, lambda v: v in SAMPLERS),
-    "sample_steps": (st.integers(-5, 400), lambda v: 1 <= v <= 200),  # T = 200 by default
-    "sample_eta": (any_float, lambda v: 0 <= v < math.inf),
     "seed": (st.integers(0, 2**32 - 1), lambda v: 0 <= v < 2**32),
 }
+
+# SamplingSpec's rules, stated again the same way; ``_sampling_ok`` adds the ones between fields.
+SAMPLING = {
+    "sampler": (st.sampled_from(list(SAMPLERS)) | words, lambda v: v in SAMPLERS),
+    "steps": (st.none() | st.integers(-5, 400), lambda v: True),  # checked against T in _sampling_ok
+    "spacing": (st.sampled_from(SPACINGS) | words, lambda v: v in SPACINGS),
+    "eta": (st.none() | any_float, lambda v: v is None or 0 <= v < math.inf),
+    "seed": (st.integers(-3, 2**33), lambda v: 0 <= v < 2**32),
+    "batch_size": (st.integers(-3, 10**4), lambda v: v >= 1),
+    "precision": (st.sampled_from(PRECISIONS) | words, lambda v: v in PRECISIONS),
+}
+SAMPLING_KINDS = {"sampler": "str", "steps": "int?", "spacing": "str", "eta": "float?", "seed": "int",
+                  "batch_size": "int", "precision": "str"}
+
+
+def _sampling_ok(d: dict, T: int = 200) -> bool:
+    """Whether SamplingSpec(**d).for_schedule(T) is valid: each field by its rule and type, η only
+    for ddim, ddpm's steps only T (or unset), the others' in [1, T]."""
+    if not isinstance(d, dict) or set(d) - set(SAMPLING):
+        return False
+    if not all(_is(SAMPLING_KINDS[k], v) and SAMPLING[k][1](v) for k, v in d.items()):
+        return False
+    d = {**{"sampler": "ddim", "steps": None, "eta": None}, **d}
+    if d["sampler"] == "ddpm":
+        return d["eta"] in (None, 0) and d["steps"] in (None, T)
+    return (d["eta"] is None or d["eta"] == 0 or d["sampler"] == "ddim") and (
+        d["steps"] is None or 1 <= d["steps"] <= T)
+
+
+@FAST
+@given(d=st.fixed_dictionaries({}, optional={k: v[0] for k, v in SAMPLING.items()}))
+def test_sampling_spec_accepts_exactly_the_valid_values(d):
+    if not _sampling_ok(d):
+        with pytest.raises(ConfigError):
+            SamplingSpec(**d).for_schedule(200)
+        return
+    spec = SamplingSpec(**d).for_schedule(200)
+    assert spec.sampler == d.get("sampler", "ddim") and isinstance(spec.eta, float)
+    assert spec.steps == (200 if spec.sampler == "ddpm" else d.get("steps") or 20)
+    assert spec.eta == (d["eta"] if d.get("eta") is not None else 1.0 if spec.sampler == "ddim" else 0.0)
 
 
 @st.composite
@@ -103,13 +140,15 @@ json_values = st.recursive(
 
 # The JSON type each field takes (bool is not a number; an int is a float, as in JSON).
 KINDS = {**dict.fromkeys(["batch_size", "warmup_steps", "train_subset", "bn_recalib_batches",
-                          "ckpt_every_steps", "sample_steps", "seed"], "int"),
-         **dict.fromkeys(["epochs", "lr", "grad_clip", "ema_decay", "sample_every", "sample_eta"], "float"),
-         **dict.fromkeys(["lr_schedule", "precision", "sampler"], "str"), "channels_last": "bool"}
+                          "ckpt_every_steps", "seed"], "int"),
+         **dict.fromkeys(["epochs", "lr", "grad_clip", "ema_decay", "sample_every"], "float"),
+         **dict.fromkeys(["lr_schedule", "precision"], "str"), "channels_last": "bool"}
 SMOKE = train_config("smoke", "reduced").to_dict()  # the config.json being edited
 
 
 def _is(kind: str, v) -> bool:
+    if kind.endswith("?"):  # may be null
+        return v is None or _is(kind[:-1], v)
     if kind == "int":
         return isinstance(v, int) and not isinstance(v, bool)
     if kind == "float":
@@ -118,13 +157,13 @@ def _is(kind: str, v) -> bool:
 
 
 def _diffusion_ok(d) -> bool:
-    """DiffusionConfig's rules, and T must hold the smoke preset's sample_steps."""
+    """DiffusionConfig's rules, and T must hold the smoke preset's grid steps."""
     if not isinstance(d, dict) or set(d) - set(SMOKE["diffusion"]):
         return False
     d = {**SMOKE["diffusion"], **d}
     if not (_is("int", d["timesteps"]) and all(_is("float", d[k]) for k in ("cosine_s", "beta_min", "beta_max"))):
         return False
-    return (max(2, SMOKE["sample_steps"]) <= d["timesteps"] and 0 <= d["beta_min"] < d["beta_max"] < 1
+    return (max(2, SMOKE["sampling"]["steps"]) <= d["timesteps"] and 0 <= d["beta_min"] < d["beta_max"] < 1
             and 0 <= d["cosine_s"] < math.inf)
 
 
@@ -143,13 +182,15 @@ def _edit_is_valid(key_path: tuple, value) -> bool:
         return _is("int", value) and value == 128
     if key_path[0] == "diffusion":
         return _diffusion_ok(value if len(key_path) == 1 else {key_path[1]: value})
+    if key_path[0] == "sampling":
+        return _sampling_ok(value if len(key_path) == 1 else {**SMOKE["sampling"], key_path[1]: value})
     return False  # an unknown key, at the top or inside model
 
 
 EDITABLE = ([(f,) for f in FIELDS] + [("arch",), ("model",), ("diffusion",), ("model", "channels"),
             ("model", "time_emb_dim"), ("model", "colour"), ("diffusion", "timesteps"),
             ("diffusion", "cosine_s"), ("diffusion", "beta_min"), ("diffusion", "beta_max"),
-            ("unknown_key",)])
+            ("sampling",), *[("sampling", f) for f in SAMPLING], ("sampling", "colour"), ("unknown_key",)])
 
 
 def _edited(key_path: tuple, value) -> dict:
@@ -172,7 +213,9 @@ def _check_edit(key_path: tuple, value) -> None:
     for k in key_path:
         got = getattr(got, k)
     as_stored = {("model",): lambda v: ModelConfig(**v), ("diffusion",): lambda v: DiffusionConfig(**v),
-                 ("model", "channels"): tuple}.get(key_path, lambda v: v)
+                 ("sampling",): lambda v: SamplingSpec(**v), ("model", "channels"): tuple,
+                 ("sampling", "eta"): lambda v: 1.0 if v is None else v,  # smoke grids: ddim's default
+                 }.get(key_path, lambda v: v)
     assert got == as_stored(value)
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
@@ -196,8 +239,11 @@ def test_from_dict_of_an_edited_config_json_accepts_exactly_the_valid_values(key
     (("batch_size",), True, "batch_size must be of type int, got True"),
     (("epochs",), math.inf, "epochs must be > 0 and finite, got inf"),
     (("seed",), 2**32, "seed must be in [0, 2**32), got 4294967296"),
-    (("sample_steps",), 201, "sample_steps must be in [1, 200], got 201"),
-    (("sampler",), "euler", "unknown sampler 'euler'; choose one of ddpm, ddim, dpmpp2m"),
+    (("sampling", "steps"), 201, "steps must be in [1, 200], got 201"),
+    (("sampling", "sampler"), "euler", "unknown sampler 'euler'; choose one of ddpm, ddim, dpmpp2m"),
+    (("sampling", "sampler"), "ddpm", "the ddpm sampler always runs all 200 steps (got steps 4)"),
+    (("sampling", "eta"), -1, "eta applies to ddim only and must be >= 0 and finite, got -1 for ddim"),
+    (("sampling", "colour"), "red", "unknown sampling keys: colour"),
     (("channels_last",), 1, "channels_last must be of type bool, got 1"),
     (("arch",), "baseline", "does not match arch 'baseline'"),
     (("model",), None, "model must be an object, got None"),
@@ -208,7 +254,7 @@ def test_from_dict_of_an_edited_config_json_accepts_exactly_the_valid_values(key
     (("model", "time_emb_dim"), 128.0, "time_emb_dim must be of type int, got 128.0"),
     (("model", "colour"), "red", "unknown model keys: colour"),
     (("diffusion", "timesteps"), 1, "timesteps must be >= 2, got 1"),
-    (("diffusion", "timesteps"), 3, "sample_steps must be in [1, 3], got 4"),
+    (("diffusion", "timesteps"), 3, "steps must be in [1, 3], got 4"),
     (("diffusion", "cosine_s"), math.inf, "cosine_s must be >= 0 and finite, got inf"),
     (("diffusion", "beta_max"), 1.0, "need 0 <= beta_min < beta_max < 1, got [0.0001, 1.0]"),
     (("unknown_key",), 1, "unknown config keys: unknown_key"),
@@ -220,7 +266,8 @@ def test_bad_edits_of_config_json_name_the_problem(key_path, value, message):
 
 
 @pytest.mark.parametrize("key_path, value", [
-    (("lr",), 0.5), (("ema_decay",), 0), (("sampler",), "dpmpp2m"), (("seed",), 2**32 - 1),
+    (("lr",), 0.5), (("ema_decay",), 0), (("sampling", "eta"), 0.0), (("seed",), 2**32 - 1),
+    (("sampling", "steps"), 200), (("sampling",), {"sampler": "dpmpp2m"}),
     (("diffusion", "timesteps"), 100), (("diffusion", "cosine_s"), 0.0), (("diffusion",), {}),
     (("model", "channels"), [16, 32, 64]),
 ], ids=lambda v: ".".join(v) if isinstance(v, tuple) else repr(v))
@@ -233,8 +280,8 @@ WRONG_TYPES = {  # field -> values of a type the field cannot mean
     "batch_size": st.floats(1.1, 100).filter(lambda v: not v.is_integer()) | words,
     "lr": words.map(lambda w: w or "0.1"),
     "epochs": words | st.lists(st.integers(), max_size=2),
-    "sampler": st.integers() | st.lists(words, max_size=2),
     "seed": st.floats(allow_nan=True) | words,
+    "sampling": st.dictionaries(words, words, max_size=2) | words,  # a SamplingSpec, not its dict
 }
 
 
@@ -244,6 +291,22 @@ def test_wrongly_typed_overrides_raise_config_error(field, data):
     value = data.draw(WRONG_TYPES[field])
     with pytest.raises(ConfigError):
         train_config("smoke", "reduced", **{field: value})
+
+
+WRONG_SAMPLING_TYPES = {
+    "sampler": st.integers() | st.lists(words, max_size=2),
+    "steps": st.floats(1.1, 100).filter(lambda v: not v.is_integer()) | words | st.booleans(),
+    "eta": words | st.booleans() | st.lists(st.floats(), max_size=2),
+    "batch_size": st.floats(allow_nan=True) | words,
+    "spacing": st.integers() | st.lists(words, max_size=2),
+}
+
+
+@settings(FAST, max_examples=40, phases=[Phase.explicit, Phase.generate])
+@given(field=st.sampled_from(sorted(WRONG_SAMPLING_TYPES)), data=st.data())
+def test_wrongly_typed_sampling_values_raise_config_error(field, data):
+    with pytest.raises(ConfigError):
+        SamplingSpec(**{field: data.draw(WRONG_SAMPLING_TYPES[field])})
 
 
 # ---------------------------------------------------------------- IDX

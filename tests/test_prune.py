@@ -5,7 +5,7 @@ from torch import nn
 from minidiff import checkpoint as C
 from minidiff import prune as P
 from minidiff.checkpoint import CheckpointError
-from minidiff.config import ModelConfig, train_config
+from minidiff.config import ModelConfig, SamplingSpec, train_config
 from minidiff.diffusion import make_schedule, p_losses
 from minidiff.metrics import macs_per_eval
 from minidiff.metrics import count_params
@@ -93,7 +93,7 @@ def test_fine_tuning_with_masks_keeps_the_zeros_in_every_file(tmp_path, tiny_mni
     model = _model()
     masks = P.paper_prune(model)
     cfg = train_config("smoke", "reduced", epochs=1, batch_size=4, train_subset=8, sample_every=0,
-                       sample_steps=1, bn_recalib_batches=0)  # two steps, the least work around them
+                       sampling=SamplingSpec("ddim", 1), bn_recalib_batches=0)  # two steps, the least work around them
     path = train(cfg, tiny_mnist, tmp_path, init_state=model.state_dict(), masks=masks,
                  progress=False, log=lambda *_: None)
     raw, _ = C.load(tmp_path / "model_raw.safetensors")

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from minidiff.config import ConfigError, SamplingSpec
 from minidiff.diffusion import make_schedule
 from minidiff.samplers import ddim_sample, ddpm_sample, dpmpp2m_sample, run_sampler, timestep_grid
 
@@ -138,17 +139,17 @@ def test_ddim_with_eta_draws_from_the_generator_given():
 
 def test_ddpm_refuses_fewer_steps_and_unknown_samplers_are_refused():
     x_T = _x_T(100)
-    with pytest.raises(ValueError, match="all 200 steps"):
-        run_sampler("ddpm", exact_eps, SCHED, x_T, steps=20)
-    with pytest.raises(ValueError, match="unknown sampler"):
-        run_sampler("euler", exact_eps, SCHED, x_T)
+    with pytest.raises(ConfigError, match="all 200 steps"):
+        run_sampler(SamplingSpec("ddpm", 20), exact_eps, SCHED, x_T)
+    with pytest.raises(ConfigError, match="unknown sampler 'euler'; choose one of ddpm, ddim, dpmpp2m"):
+        SamplingSpec("euler")
 
 
 def test_clipping_keeps_samples_in_range_and_is_a_no_op_inside_it():
     wild = lambda x, t: x * 1.7 - 0.3  # noqa: E731  (a badly wrong ε-predictor)
     x_T = _x_T(2000)
     for name in ("ddpm", "ddim", "dpmpp2m"):
-        x = run_sampler(name, wild, SCHED, x_T, torch.Generator().manual_seed(0), clip_x0=True)
+        x = run_sampler(SamplingSpec(name), wild, SCHED, x_T, torch.Generator().manual_seed(0), clip_x0=True)
         assert x.abs().max() <= 1.0 + 1e-5, name
     # for data well inside [-1, 1] (s = 0.1) the exact predictor's x̂_0 rarely needs clipping late on
     # and the clipped DDIM equals the unclipped one at the end
@@ -174,3 +175,21 @@ def test_timestep_grids_equal_diffusers_ddim(spacing, steps):
 def test_unknown_spacing_is_refused():
     with pytest.raises(ValueError, match="unknown spacing 'log'"):
         timestep_grid(200, 10, "log")
+
+
+def test_every_registered_sampler_is_a_function_with_its_peers_signature():
+    """config.SAMPLERS is the one registry: each entry names a function here that takes what
+    run_sampler hands it — the grid for a strided sampler, η where it says so."""
+    import inspect
+
+    from minidiff import samplers
+    from minidiff.config import SAMPLERS
+    for name, entry in SAMPLERS.items():
+        params = inspect.signature(getattr(samplers, entry.function)).parameters
+        assert list(params)[:3] == ["eps_fn", "sched", "x_T"], name
+        assert {"generator", "callback", "clip_x0"} <= set(params), name
+        assert ("timesteps" in params) == entry.strided, name
+        assert ("eta" in params) == entry.takes_eta, name
+        x = run_sampler(SamplingSpec(name, 5 if entry.strided else None), exact_eps, SCHED, _x_T(8),
+                        torch.Generator().manual_seed(0))
+        assert x.shape == (8, 1, 1, 1) and torch.isfinite(x).all(), name  # _x_T: one pixel per sample

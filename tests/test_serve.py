@@ -23,13 +23,13 @@ import uvicorn
 from PIL import Image
 
 from minidiff import cli
-from minidiff.config import DEFAULT_SPACING, ModelConfig, train_config
+from minidiff.config import SAMPLERS, ModelConfig, SamplingSpec, train_config
 from minidiff.data import to_uint8
 from minidiff.diffusion import make_schedule
 from minidiff.generate import generate, grid_image, initial_noise
 from minidiff.models.unet import SimpleUnet
-from minidiff.runtime import default_device, resolve_precision
-from minidiff.samplers import SAMPLERS, run_sampler, timestep_grid
+from minidiff.runtime import default_device
+from minidiff.samplers import run_sampler, timestep_grid
 from minidiff.serve import create_app
 from minidiff.shipped import available
 from minidiff.modelfile import load_model, save_model
@@ -142,8 +142,8 @@ def _wait_for(condition, what: str, timeout: float = 30):
 def test_every_sampler_hands_its_callback_x0_and_the_last_x0_is_the_sample(sampler):
     sched = make_schedule()
     seen = []
-    x = run_sampler(sampler, lambda x, t: 0.3 * x, sched, initial_noise(3, 0), torch.Generator().manual_seed(1),
-                    steps=None if sampler == "ddpm" else 7,
+    spec = SamplingSpec(sampler, None if sampler == "ddpm" else 7)
+    x = run_sampler(spec, lambda x, t: 0.3 * x, sched, initial_noise(3, 0), torch.Generator().manual_seed(1),
                     callback=lambda t, x, x0: seen.append((t, x.clone(), x0.clone())))
     ts = list(range(sched.T - 1, -1, -1)) if sampler == "ddpm" else timestep_grid(sched.T, 7)
     assert [t for t, _, _ in seen] == ts
@@ -169,9 +169,8 @@ def test_compare_streams_every_step_from_the_same_noise_and_ends_as_generate(por
         for f in frames:
             assert _decode(f["x_t"]).size == _decode(f["x0"]).size == (92, 62)  # 3 × 2 tiles of 30 px
         model = load_model(tiny_models[setting["model"]], default_device()).model  # where the server samples
-        x = generate(model, make_schedule(), n, sampler=setting["sampler"], steps=steps, seed=seed,
-                     precision=resolve_precision("auto", default_device()), progress=False,
-                     spacing=DEFAULT_SPACING, **({"eta": 1.0} if setting["sampler"] == "ddim" else {}))
+        x = generate(model, make_schedule(), n, SamplingSpec(setting["sampler"], steps, seed=seed,
+                                                             precision="auto"), progress=False)
         assert _decode(frames[-1]["x_t"]).tobytes() == _grid(x)  # what `minidiff sample` draws
         done = next(e for e in events if e["type"] == "done" and e["run"] == i)
         assert done["sampling_s"] == pytest.approx(sum(f["ms"] for f in frames) / 1000)
@@ -188,18 +187,18 @@ GOOD = {"model": "tiny", "sampler": "ddim", "steps": 3, "eta": 1.0}
     ({"seed": 0, "n": 2, "runs": [dict(GOOD, steps=201)]}, 400, "steps must be in [1, 200], got 201"),
     ({"seed": 0, "n": 2, "runs": [dict(GOOD, steps="ten")]}, 400, 'steps must be an integer, got "ten"'),
     ({"seed": 0, "n": 2, "runs": [dict(GOOD, steps=2.5)]}, 400, "steps must be an integer, got 2.5"),
-    ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="ddpm", steps=20)]}, 400, "ddpm sampler always runs all 200"),
-    ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="euler")]}, 400, 'unknown sampler "euler"'),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="ddpm", steps=20, eta=None)]}, 400, "ddpm sampler always runs all 200"),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="euler")]}, 400, "unknown sampler 'euler'; choose one of ddpm, ddim, dpmpp2m"),
     ({"seed": 0, "n": 17, "runs": [GOOD]}, 400, "the number of images must be an integer in [1, 16], got 17"),
     ({"seed": 0, "n": 0, "runs": [GOOD]}, 400, "the number of images must be an integer in [1, 16], got 0"),
     ({"seed": -1, "n": 2, "runs": [GOOD]}, 400, "seed must be an integer in [0, 4294967295], got -1"),
-    ({"seed": 0, "n": 2, "runs": [dict(GOOD, eta=-0.5)]}, 400, "η (eta) must be a finite number >= 0, got -0.5"),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, eta=-0.5)]}, 400, "eta applies to ddim only and must be >= 0 and finite, got -0.5 for ddim"),
     (b'{"seed": 0, "n": 2, "runs": [{"model": "tiny", "sampler": "ddim", "steps": 3, "eta": NaN}]}', 400,
-     "η (eta) must be a finite number >= 0, got nan"),
+     "eta applies to ddim only and must be >= 0 and finite, got nan for ddim"),
     (b'{"seed": 0, "n": 2, "runs": [{"model": "tiny", "sampler": "ddim", "steps": 3, "eta": 1e999}]}', 400,
-     "η (eta) must be a finite number >= 0, got inf"),
-    ({"seed": 0, "n": 2, "runs": [dict(GOOD, eta="1")]}, 400, 'η (eta) must be a number, got "1"'),
-    ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="dpmpp2m")]}, 400, "η (eta) applies to ddim only"),
+     "eta applies to ddim only and must be >= 0 and finite, got inf for ddim"),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, eta="1")]}, 400, 'eta must be a number, got "1"'),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="dpmpp2m")]}, 400, "eta applies to ddim only and must be >= 0 and finite, got 1.0 for dpmpp2m"),
     ({"seed": 0, "n": 2, "runs": [GOOD] * 3}, 400, "runs must be a list of one setting (Generate) or two"),
     ({"seed": 0, "n": 2, "runs": [GOOD], "batch": 9}, 400, "unknown field(s) batch"),
     ({"seed": 0, "n": 2, "runs": ["tiny"]}, 400, "each run must be a JSON object"),

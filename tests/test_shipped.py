@@ -6,7 +6,7 @@ import pytest
 
 from minidiff import checkpoint as C
 from minidiff import cli, shipped
-from minidiff.config import train_config
+from minidiff.config import SamplingSpec, train_config
 from minidiff.modelfile import load_model
 from minidiff.train import train
 
@@ -131,7 +131,7 @@ def test_each_shipped_model_reproduces_the_confidence_on_its_card(name):
     stated = shipped.card(SHIPPED[name])["evaluation"]["ddim10"]
     assert (stated["n"], stated["seed"], stated["eta"], stated["precision_mode"]) == (200, 0, 1.0, "fp32")
     model, sched, _ = load_model(SHIPPED[name])
-    x = generate(model, sched, 200, sampler="ddim", steps=10, eta=1.0, seed=0, precision="fp32", progress=False)
+    x = generate(model, sched, 200, SamplingSpec("ddim", 10, eta=1.0, seed=0, precision="fp32"), progress=False)
     clf, _ = load_or_train_classifier()
     _, p = predict(clf, to_model_range(to_uint8(x)))
     assert p.max(1).values.mean().item() == pytest.approx(stated["mean_confidence"], abs=CARD_TOLERANCE)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from minidiff import checkpoint as ckpt
 from minidiff import shipped
-from minidiff.config import STUDY_PRESETS, StudyConfig, study_config
+from minidiff.config import STUDY_PRESETS, SamplingSpec, StudyConfig, study_config
 from minidiff.data import MNIST
 from minidiff.models.classifier import MnistClassifier
 from minidiff.report import COLUMNS, PAPER_TABLE, READABLE, findings, readable_row, real_confidence, table_rows
@@ -238,7 +238,8 @@ def test_paper_study_preset_is_the_papers_recipe():
     assert (sc.reduced_epochs, sc.shallow_epochs, sc.prune_ft_epochs, sc.prune_ft_lr) == (50, 50, 20, 1e-4)
     assert (sc.reduced_ft_epochs, sc.reduced_ft_lr) == (10, 1e-5)
     assert (sc.shallow_ft_epochs, sc.shallow_ft_lr) == (20, 1e-4)
-    assert (sc.eval_n, sc.eval_sampler, sc.eval_steps, sc.eval_teacher_n) == (10_000, "ddpm", 200, 0)
+    assert (sc.eval_n, sc.sampling.sampler, sc.sampling.for_schedule(200).steps, sc.eval_teacher_n) == \
+        (10_000, "ddpm", 200, 0)
     assert set(STUDY_PRESETS) == {"smoke", "quick", "paper", "trained"}
 
 
@@ -272,7 +273,7 @@ def test_a_truncated_study_file_is_recovered_not_a_traceback(smoke, tmp_path):
 def trained(tmp_path_factory):
     """The trained preset's code path at test size: shipped weights, 1-step fine-tunes, N = 16."""
     tiny = StudyConfig(start="shipped", train_preset="smoke", prune_ft_epochs=0.25, prune_ft_lr=1e-4,
-                       eval_n=16, eval_sampler="ddim", eval_steps=3, eval_eta=1.0, eval_teacher_n=8)
+                       eval_n=16, sampling=SamplingSpec("ddim", 3, eta=1.0, precision="auto"), eval_teacher_n=8)
     STUDY_PRESETS["trained-test"] = tiny
     try:
         out = tmp_path_factory.mktemp("trained")
@@ -298,7 +299,7 @@ def test_the_trained_study_starts_from_the_shipped_weights(trained):
     for name in ("paper_pruned", "structural"):  # fine-tuned from the shipped baseline: 1 step of 16
         _, meta = ckpt.load(out / name / "model.safetensors")
         assert meta["step"] == 1 and meta["config"]["batch_size"] == 16
-        assert (meta["config"]["sampler"], meta["config"]["sample_steps"]) == ("ddim", 3)  # the study's sampler
+        assert (meta["config"]["sampling"]["sampler"], meta["config"]["sampling"]["steps"]) == ("ddim", 3)  # the study's
         assert res["results"][name]["images_seen"] == {"total": base_images + 16, "finetune": 16}
     for name in {"reduced", "shallow"} - set(ships):
         assert f"{name}: this installation ships no {name} weights yet; its row is left out" in logs

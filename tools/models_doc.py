@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from minidiff.config import SamplingSpec
 from minidiff.generate import generate, save_images
 from minidiff.modelfile import load_model
 from minidiff.report import plot_sample_grids
@@ -36,8 +37,7 @@ def main() -> int:
         c = card(files[name])
         model, sched, meta = load_model(files[name])
         grid = grids[name] = DOCS / "figures" / f"model_{name}.png"
-        save_images(generate(model, sched, 64, sampler="ddim", steps=20, eta=1.0, seed=0,
-                             precision="fp32", progress=False), grid)
+        save_images(generate(model, sched, 64, SamplingSpec("ddim", 20, eta=1.0), progress=False), grid)
         state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned, in progress"
         rows.append(f"| {name} | {c['params']:,} | {c['file_bytes']:,} | {c['epochs']:.2f} ({state}); "
                     f"{c['images_seen']:,} images, {c['optimizer_steps']:,} steps | "

@@ -12,8 +12,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import (ARCHS, DEFAULT_DDIM_ETA, DEFAULT_SPACING, DEFAULT_STEPS, PRECISIONS, PRESETS,
-                     RESUME_FLAGS, SAMPLERS, SPACINGS, STUDY_PRESETS, TRAIN_FLAGS, ConfigError, TrainConfig,
-                     train_config)
+                     RESUME_FLAGS, SAMPLERS, SPACINGS, STUDY_PRESETS, TRAIN_FLAGS, ConfigError,
+                     SamplingSpec, TrainConfig, train_config)
 
 EPILOG_MAIN = """examples:
   minidiff run                                  # the study on the shipped trained models: Table 1, report.html
@@ -91,13 +91,16 @@ def _add_sampler_options(p: argparse.ArgumentParser) -> None:
                         f"ddpm's 200-step pseudo-FID, η = 0 was 32 %% worse)")
 
 
-def _sampler_options(a: argparse.Namespace) -> dict:
-    from .evaluate import sampler_options
-    eta = a.eta if a.eta is not None else DEFAULT_DDIM_ETA if a.sampler == "ddim" else 0.0
+def _sampling_spec(a: argparse.Namespace, T: int | None = None) -> SamplingSpec:
+    """The sampling flags as one validated SamplingSpec, its steps resolved for a model of T
+    steps if given; SamplingSpec's error, shown with the flag to blame (``--seed must be …``)."""
     try:
-        return sampler_options(a.sampler, a.spacing, eta)
-    except ValueError as e:
-        raise UserError(f"--eta: {e}") from None
+        spec = SamplingSpec(sampler=a.sampler, steps=a.steps, spacing=a.spacing, eta=a.eta, seed=a.seed,
+                            batch_size=a.batch_size, precision=a.precision)
+        return spec if T is None else spec.for_schedule(T)
+    except ConfigError as e:
+        msg, flag = str(e), f"--{e.field.replace('_', '-')}" if e.field else None
+        raise UserError(flag + msg[len(e.field):] if flag and msg.startswith(e.field) else msg) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -339,28 +342,18 @@ def _resume_config(out: Path, fallback, epochs=None, precision=None):
 def cmd_sample(a: argparse.Namespace) -> None:
     from .generate import generate, save_images
     from .modelfile import load_model
-    from .runtime import default_device, resolve_precision
-    from .samplers import resolve_steps
+    from .runtime import default_device
     if a.n < 1:
         raise UserError(f"-n must be >= 1, got {a.n}")
     if a.n > MAX_SAMPLES:
         raise UserError(f"-n must be <= {MAX_SAMPLES:,}, got {a.n}")
-    if not 0 <= a.seed < 2**32:
-        raise UserError(f"--seed must be in [0, 2**32), got {a.seed}")
+    spec = _sampling_spec(a)
     if a.out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {a.out.name!r}")
-    if a.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
     _output_file(a.out)
-    device = default_device()
-    model, sched, meta = load_model(a.ckpt, device)
-    try:
-        steps = resolve_steps(a.sampler, a.steps, sched.T)
-    except ValueError as e:
-        raise UserError(f"--steps: {e}") from None
-    x = generate(model, sched, a.n, sampler=a.sampler, steps=steps, **_sampler_options(a),
-                 seed=a.seed, batch_size=a.batch_size, precision=resolve_precision(a.precision, device))
-    print(save_images(x, a.out))
+    model, sched, _ = load_model(a.ckpt, default_device())
+    spec = _sampling_spec(a, sched.T)  # steps that do not fit this model: one line, before sampling
+    print(save_images(generate(model, sched, a.n, spec), a.out))
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
@@ -459,7 +452,7 @@ def cmd_classifier(a: argparse.Namespace) -> None:
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from .checkpoint import load
     from .data import load_split
-    from .evaluate import evaluate_checkpoint, resolve_steps, write_json
+    from .evaluate import evaluate_checkpoint, write_json
     from .classifier import load_or_train_classifier
     # Check everything a user can get wrong before minutes of classifier training and sampling.
     if a.n is None:
@@ -467,18 +460,11 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         a.n = 10_000 if default_device().type == "cuda" else 1_000
     if a.n < 2:
         raise UserError(f"-n must be >= 2, got {a.n}")
-    if not 0 <= a.seed < 2**32:
-        raise UserError(f"--seed must be in [0, 2**32), got {a.seed}")
-    if a.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {a.batch_size}")
+    spec = _sampling_spec(a)
     if a.json_out.suffix != ".json":
         raise UserError(f"--json must end in .json, got {a.json_out.name!r}")
     _, meta = load(a.ckpt)
-    try:
-        resolve_steps(a.sampler, a.steps, meta["config"]["diffusion"]["timesteps"])
-    except ValueError as e:
-        raise UserError(f"--steps: {e}") from None
-    options = _sampler_options(a)
+    spec = _sampling_spec(a, meta["config"]["diffusion"]["timesteps"])  # steps that fit this model
     if a.teacher is not None:
         load(a.teacher)
     _writable_dir(a.json_out.parent)
@@ -489,10 +475,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     train_data = load_split("train", a.data_dir)  # in the cache now
     clf, _ = rank_zero_first(lambda: load_or_train_classifier(a.cache_dir, data_dir=a.data_dir,
                                                               log=_say))
-    r = evaluate_checkpoint(a.ckpt, n=a.n, sampler=a.sampler, steps=a.steps, seed=a.seed,
-                            batch_size=a.batch_size, classifier=clf, test_data=test_data,
-                            train_data=train_data, precision=a.precision,
-                            teacher=a.teacher, device=device, progress=is_main(), **options)
+    r = evaluate_checkpoint(a.ckpt, n=a.n, spec=spec, classifier=clf, test_data=test_data,
+                            train_data=train_data, teacher=a.teacher, device=device, progress=is_main())
     if not is_main():
         return
     q, t = r["quality"], r["timing"]
@@ -504,7 +488,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     if r["teacher_consistency"]:
         print(f"teacher SSIM {r['teacher_consistency']['ssim']['mean']:.4f}")
     print(f"{a.n} samples in {t['generate_s']:.1f} s ({r['sampling']['sampler']}, "
-          f"{r['sampling']['steps']} steps, {t['device']['device']}, batch {a.batch_size})")
+          f"{r['sampling']['steps']} steps, {t['device']['device']}, batch {spec.batch_size})")
     print(write_json(r, a.json_out))
 
 

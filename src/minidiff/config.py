@@ -19,7 +19,6 @@ ARCHS: dict[str, tuple[tuple[int, ...], int]] = {
 }
 PRESETS = ("smoke", "quick", "paper")
 STARTS = ("scratch", "shipped")
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 SPACINGS = ("leading", "linspace", "trailing")  # timestep grids of ddim/dpmpp2m (samplers.timestep_grid)
 DEFAULT_SPACING = "leading"  # diffusers' DDIMScheduler default; measured better here (samplers.py)
 # The command line's sampling defaults: DDIM with η = 1 at 20 steps came within 3 % of the
@@ -27,17 +26,42 @@ DEFAULT_SPACING = "leading"  # diffusers' DDIMScheduler default; measured better
 # deterministic DDIM (η = 0) at 20 steps was 32 % worse (benchmarks/bench_sampling.py, README).
 DEFAULT_STEPS = 20
 DEFAULT_DDIM_ETA = 1.0
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """What the rest of minidiff needs to know about a sampler, without importing torch: the
+    function in ``minidiff.samplers`` that runs it, whether it runs on a grid of fewer than T
+    timesteps (``timesteps=`` argument), and whether it takes DDIM's η."""
+
+    function: str
+    strided: bool
+    takes_eta: bool = False
+
+
+# The one registry of samplers. Adding one: a function in minidiff/samplers.py with the
+# signature of its peers (tests/test_samplers.py checks each entry), and a line here.
+SAMPLERS: dict[str, Sampler] = {
+    "ddpm": Sampler("ddpm_sample", strided=False),          # Ho et al. Algorithm 2, all T steps
+    "ddim": Sampler("ddim_sample", strided=True, takes_eta=True),
+    "dpmpp2m": Sampler("dpmpp2m_sample", strided=True),     # DPM-Solver++(2M), deterministic
+}
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
-    """A user-supplied configuration value is invalid."""
+    """A user-supplied configuration value is invalid; ``field`` names it where one field is
+    to blame (the command line shows it as its flag)."""
+
+    def __init__(self, msg: str, field: str | None = None) -> None:
+        super().__init__(msg)
+        self.field = field
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, msg: str, field: str | None = None) -> None:
     if not cond:
-        raise ConfigError(msg)
+        raise ConfigError(msg, field)
 
 
 _FIELD_TYPES = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool}
@@ -102,6 +126,83 @@ class DiffusionConfig:
         _check(0 <= self.cosine_s < float("inf"), f"cosine_s must be >= 0 and finite, got {self.cosine_s}")
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to draw samples from a model, validated once, used by ``minidiff sample`` and
+    ``evaluate``, the grids drawn during training, the study and the benchmarks.
+
+    ``steps=None`` is the sampler's default: every one of the T steps for ``ddpm`` (which cannot
+    skip any), ``DEFAULT_STEPS`` for the others; ``for_schedule(T)`` fills it in and checks it
+    against T. ``eta=None`` is ``DEFAULT_DDIM_ETA`` for ``ddim`` and 0 for the samplers that take
+    no η. ``spacing`` places the grid of a strided sampler (``samplers.timestep_grid``).
+    The seed fixes x_T and every sample's noise stream (``generate``). ``precision`` defaults to
+    fp32, the same numbers on every machine; "auto" is bf16 where the device computes it natively
+    (the command line's default)."""
+
+    sampler: str = "ddim"
+    steps: int | None = None
+    spacing: str = DEFAULT_SPACING
+    eta: float | None = None
+    seed: int = 0
+    batch_size: int = 256
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.sampler, str) and self.sampler in SAMPLERS,
+               f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}", "sampler")
+        _check(self.spacing in SPACINGS, f"unknown spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}",
+               "spacing")
+        _check(self.precision in PRECISIONS,
+               f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}", "precision")
+        for name in ("steps", "seed", "batch_size"):
+            v = getattr(self, name)
+            _check((v is None and name == "steps") or (isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+                   f"{name} must be an integer, got {v!r}", name)
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}", "seed")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}", "batch_size")
+        takes_eta = SAMPLERS[self.sampler].takes_eta
+        eta = (DEFAULT_DDIM_ETA if takes_eta else 0.0) if self.eta is None else self.eta
+        _check(isinstance(eta, numbers.Real) and not isinstance(eta, bool), f"eta must be a number, got {eta!r}",
+               "eta")
+        _check(0 <= eta < float("inf") and (takes_eta or eta == 0),  # `not <=` also refuses NaN
+               f"eta applies to ddim only and must be >= 0 and finite, got {eta} for {self.sampler}", "eta")
+        object.__setattr__(self, "eta", float(eta))
+
+    def for_schedule(self, T: int) -> "SamplingSpec":
+        """This spec with ``steps`` resolved for a model of T diffusion steps (ConfigError if they
+        do not fit)."""
+        if not SAMPLERS[self.sampler].strided:
+            _check(self.steps in (None, T), f"the {self.sampler} sampler always runs all {T} steps "
+                                            f"(got steps {self.steps}); use ddim or dpmpp2m to take fewer", "steps")
+            return replace(self, steps=T)
+        steps = DEFAULT_STEPS if self.steps is None else self.steps
+        _check(1 <= steps <= T, f"steps must be in [1, {T}], got {steps}", "steps")
+        return replace(self, steps=steps)
+
+    @property
+    def deterministic(self) -> bool:
+        """The same x_T gives the same sample (no noise is added on the way)."""
+        return SAMPLERS[self.sampler].strided and self.eta == 0
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """The options this spec gives its sampler function besides the grid: η for ddim."""
+        return {"eta": self.eta} if SAMPLERS[self.sampler].takes_eta else {}
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as an evaluation records it: η and spacing only where the sampler uses them."""
+        strided = SAMPLERS[self.sampler].strided
+        return {"sampler": self.sampler, "steps": self.steps,
+                "eta": self.eta if SAMPLERS[self.sampler].takes_eta else None,
+                "spacing": self.spacing if strided else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingSpec":
+        _check(isinstance(d, dict), f"a sampling spec must be an object, got {d!r}")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        _check(not unknown, f"unknown sampling keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
 def _flag(help: str) -> Any:
     """Metadata of a TrainConfig field that the command line may override (``--field-name``)."""
     return {"flag": help}
@@ -127,9 +228,8 @@ class TrainConfig:
     bn_recalib_batches: int = 40    # re-estimate BN statistics of EMA weights (SPEC §8)
     sample_every: float = 1.0       # epochs between sample grids; 0 = only at the end
     ckpt_every_steps: int = 500     # also checkpoint at every epoch end
-    sampler: str = "ddim"           # for grids during training
-    sample_steps: int = 50
-    sample_eta: float = 0.0         # DDIM η for those grids (other samplers ignore it)
+    # the sample grids drawn during training; their seed and precision are the run's own
+    sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec("ddim", 50, eta=0.0))
     seed: int = field(default=0, metadata=_flag("seed for weights, data order and noise"))
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -159,12 +259,8 @@ class TrainConfig:
         _check(self.ckpt_every_steps >= 1, "ckpt_every_steps must be >= 1")
         # the data order is seeded with seed * 1_000_003 + epoch, which must fit torch's 64 bits
         _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
-        _check(self.sampler in SAMPLERS,
-               f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        _check(1 <= self.sample_steps <= self.diffusion.timesteps,
-               f"sample_steps must be in [1, {self.diffusion.timesteps}], got {self.sample_steps}")
-        _check(0 <= self.sample_eta < float("inf"),
-               f"sample_eta must be >= 0 and finite, got {self.sample_eta}")
+        _check(isinstance(self.sampling, SamplingSpec), f"sampling must be a SamplingSpec, got {self.sampling!r}")
+        self.sampling.for_schedule(self.diffusion.timesteps)  # the grids' steps fit this T
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,6 +268,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)
+        if any(k in d for k in _LEGACY_SAMPLING):  # a config written before SamplingSpec
+            # with the defaults those fields had (ddim, 50 steps, η = 0)
+            legacy = {"sampler": "ddim", "steps": 50, "eta": 0.0,
+                      **{new: d.pop(old) for old, new in _LEGACY_SAMPLING.items() if old in d}}
+            if legacy.get("sampler") == "ddpm":  # it always ran all T steps, whatever was written
+                legacy["steps"] = None
+            d["sampling"] = legacy
+        d["sampling"] = SamplingSpec.from_dict(d["sampling"]) if "sampling" in d else SamplingSpec("ddim", 50, eta=0.0)
         parts = {}
         for name, part_cls in (("model", ModelConfig), ("diffusion", DiffusionConfig)):
             part = d.pop(name, {})
@@ -185,12 +289,16 @@ class TrainConfig:
         return cls(**parts, **d)
 
 
+# The keys of the grids' sampling in configs written before SamplingSpec (shipped models' cards).
+_LEGACY_SAMPLING = {"sampler": "sampler", "sample_steps": "steps", "sample_eta": "eta"}
+
+
 # Presets differ only in numbers; every preset runs the same code.
 _PRESET_TRAIN: dict[str, dict[str, Any]] = {
     # seconds: a few steps on a tiny slice, used by the tests
     "smoke": dict(epochs=2, batch_size=16, train_subset=64, lr=1e-3, ema_decay=0.9,
-                  precision="fp32", bn_recalib_batches=2, sample_steps=4, sample_every=1,
-                  ckpt_every_steps=2),
+                  precision="fp32", bn_recalib_batches=2, sample_every=1, ckpt_every_steps=2,
+                  sampling=SamplingSpec("ddim", 4, eta=0.0)),
     # CPU-sized (SPEC §8): bf16 where native, short warm-up + cosine decay, clipping, EMA with BN
     # re-estimation. On a 2-core AVX2 CPU the baseline trains at ~36 images/s whatever the batch
     # (16, 32 and 64 measured), so the budget is ~27k images; batch 16 turns them into ~1,700
@@ -199,11 +307,11 @@ _PRESET_TRAIN: dict[str, dict[str, Any]] = {
                   grad_clip=1.0, ema_decay=0.998, precision="auto", sample_every=0.25,
                   # grids with DDIM η = 1 at 20 steps: within 3 % of the 200-step sampler's
                   # pseudo-FID at a tenth of its cost (~5 s instead of ~80 s for 64 images here)
-                  ckpt_every_steps=300, sampler="ddim", sample_steps=20, sample_eta=1.0),
+                  ckpt_every_steps=300, sampling=SamplingSpec("ddim", 20, eta=1.0)),
     # The paper's recipe, SPEC §2: Adam, batch 128, lr 1e-3, 50 epochs, no EMA, constant LR.
     "paper": dict(epochs=50, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0,
                   grad_clip=0.0, ema_decay=0.0, precision="fp32", sample_every=10,
-                  ckpt_every_steps=1000, sampler="ddpm", sample_steps=200),
+                  ckpt_every_steps=1000, sampling=SamplingSpec("ddpm")),
 }
 
 
@@ -249,9 +357,8 @@ class StudyConfig:
     shallow_ft_lr: float = 1e-4
     structural_ratio: float = 0.3       # fraction of channels removed
     eval_n: int = 10_000                # samples per model; Fréchet distances depend on it
-    eval_sampler: str = "ddpm"
-    eval_steps: int = 200
-    eval_eta: float = 0.0               # ddim only: 1 adds ancestral-like noise
+    # how every model is sampled for evaluation (seed, batch and precision included)
+    sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec("ddpm", precision="auto"))
     eval_teacher_n: int = 0             # samples in the SSIM-vs-baseline comparison; 0 = all eval_n
     classifier_epochs: float = 3.0
     start: str = "scratch"              # "shipped": baseline, reduced, shallow are the package's
@@ -272,15 +379,13 @@ class StudyConfig:
         _check(0 < self.structural_ratio < 1, f"structural_ratio must be in (0, 1), got {self.structural_ratio}")
         _check(self.eval_n >= 2, f"eval_n must be >= 2, got {self.eval_n}")
         _check(self.eval_teacher_n >= 0, f"eval_teacher_n must be >= 0, got {self.eval_teacher_n}")
-        _check(0 <= self.eval_eta < float("inf") and (self.eval_eta == 0 or self.eval_sampler == "ddim"),
-               f"eval_eta applies to ddim only and must be >= 0 and finite, got {self.eval_eta}")
-        _check(self.eval_sampler in SAMPLERS,
-               f"unknown sampler {self.eval_sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        _check(isinstance(self.sampling, SamplingSpec), f"sampling must be a SamplingSpec, got {self.sampling!r}")
 
 
 STUDY_PRESETS: dict[str, StudyConfig] = {
     "smoke": StudyConfig(reduced_epochs=1, shallow_epochs=1, prune_ft_epochs=1, prune_ft_lr=1e-4,
-                         reduced_ft_epochs=1, shallow_ft_epochs=1, eval_n=16, eval_sampler="ddim", eval_steps=3,
+                         reduced_ft_epochs=1, shallow_ft_epochs=1, eval_n=16,
+                         sampling=SamplingSpec("ddim", 3, eta=0.0, precision="auto"),
                          classifier_epochs=0.1),
     # CPU-sized, to fit 45 minutes on a 2-core AVX2 CPU set-up included (README): fine-tuning for
     # a fraction of the baseline's training (≤ 20 %); the shallow variant, ~2x slower per image
@@ -289,8 +394,8 @@ STUDY_PRESETS: dict[str, StudyConfig] = {
     # bench_sampling.py), N = 1,000, SSIM against the baseline on the first 250 samples.
     "quick": StudyConfig(reduced_epochs=0.45, shallow_epochs=0.15, prune_ft_epochs=0.06,
                          prune_ft_lr=5e-4, reduced_ft_epochs=0.05, reduced_ft_lr=1e-4,
-                         shallow_ft_epochs=0.02, shallow_ft_lr=1e-4, eval_n=1000, eval_sampler="ddim",
-                         eval_steps=10, eval_eta=1.0, eval_teacher_n=250, classifier_epochs=3.0),
+                         shallow_ft_epochs=0.02, shallow_ft_lr=1e-4, eval_n=1000,
+                         sampling=SamplingSpec("ddim", 10, eta=1.0, precision="auto"), eval_teacher_n=250, classifier_epochs=3.0),
     "paper": StudyConfig(),  # SPEC §2 exactly
     # The study on trained models, to fit 30 minutes on a 2-core CPU set-up included (README):
     # the shipped baseline, reduced and shallow (the paper's recipe + EMA, docs/models.md) are
@@ -303,8 +408,9 @@ STUDY_PRESETS: dict[str, StudyConfig] = {
     # (0.921 confidence against 0.942). Evaluation as the shipped models' cards: DDIM η = 1 at 20
     # steps, N = 1,000, seed 0.
     "trained": StudyConfig(start="shipped", train_preset="paper", train_precision="auto",
-                           prune_ft_epochs=1 / 3, prune_ft_lr=1e-3, eval_n=1000, eval_sampler="ddim",
-                           eval_steps=20, eval_eta=1.0, eval_teacher_n=250),
+                           prune_ft_epochs=1 / 3, prune_ft_lr=1e-3, eval_n=1000,
+                           sampling=SamplingSpec("ddim", 20, eta=1.0, precision="auto"),
+                           eval_teacher_n=250),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import metrics as M
-from .config import DEFAULT_SPACING
+from .config import SamplingSpec
 from .data import MNIST, to_model_range, to_uint8
 from .distributed import shard, world
 from .files import write_text
@@ -27,7 +28,6 @@ from .generate import generate, initial_noise, make_eps_fn, save_images
 from .modelfile import load_model
 from .models.classifier import MnistClassifier, predict
 from .runtime import default_device, describe_device, resolve_precision
-from .samplers import resolve_steps
 
 
 # 2: the pseudo-FID floor is N training images against the test set (was two disjoint real
@@ -36,15 +36,8 @@ from .samplers import resolve_steps
 METRICS_VERSION = 2
 
 
-def sampler_options(sampler: str, spacing: str = DEFAULT_SPACING, eta: float = 0.0) -> dict[str, Any]:
-    """The keyword arguments a sampler takes: spacing for ddim/dpmpp2m, η for ddim."""
-    if not 0 <= eta < math.inf or (eta > 0 and sampler != "ddim"):  # `not <=` also refuses NaN
-        raise ValueError(f"eta applies to ddim only and must be >= 0 and finite, got {eta} for {sampler}")
-    return {} if sampler == "ddpm" else dict(spacing=spacing, **({"eta": eta} if sampler == "ddim" else {}))
-
-
-def _deterministic(sampler: str, options: dict[str, Any]) -> bool:
-    return sampler == "dpmpp2m" or (sampler == "ddim" and options.get("eta", 0.0) == 0)
+# evaluate_checkpoint's sampling when none is given: DDIM at DEFAULT_STEPS, deterministic
+DEFAULT_SAMPLING = SamplingSpec("ddim", eta=0.0, precision="auto")
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
@@ -52,15 +45,15 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
 
 
-def _sample(path: Path | str, device: torch.device, n: int, sampler: str, steps: int | None,
-            seed: int, batch_size: int, precision: str, progress: bool, options: dict[str, Any]):
-    """Load a checkpoint and generate n quantised samples; returns (model, meta, images, timing)."""
+def _sample(path: Path | str, device: torch.device, n: int, spec: SamplingSpec, progress: bool):
+    """Load a checkpoint and generate n quantised samples; returns (model, meta, images, timing).
+    ``spec`` has its precision resolved for ``device``."""
     model, sched, meta = load_model(path, device)
-    steps = resolve_steps(sampler, steps, sched.T)
+    spec = spec.for_schedule(sched.T)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     # Warm-up (untimed) and per-evaluation latency on one full batch of noise.
-    eps_fn = make_eps_fn(model, precision)
-    x = initial_noise(min(batch_size, n), seed + 1_000_003, device)
+    eps_fn = make_eps_fn(model, spec.precision)
+    x = initial_noise(min(spec.batch_size, n), spec.seed + 1_000_003, device)
     t = torch.full((x.shape[0],), sched.T - 1, device=device)
     net_latency = M.measure_latency(lambda: eps_fn(x, t), n=3, warmup=2, synchronize=sync)
     # Count the images passed through the network (evaluations measured, not assumed). generate()
@@ -70,9 +63,7 @@ def _sample(path: Path | str, device: torch.device, n: int, sampler: str, steps:
     hook = model.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     try:
         t0 = time.perf_counter()
-        images = generate(model, sched, n, sampler=sampler, steps=steps, seed=seed,
-                          batch_size=batch_size, precision=precision, progress=progress,
-                          distributed=True, **options)
+        images = generate(model, sched, n, spec, progress=progress, distributed=True)
         if sync:
             sync()
         seconds = time.perf_counter() - t0
@@ -83,38 +74,35 @@ def _sample(path: Path | str, device: torch.device, n: int, sampler: str, steps:
               "network_eval_batch": dict(net_latency, batch=x.shape[0])}
     nfe = sum(rows) / len(range(n)[shard(n)])  # under torchrun this rank sampled its share
     return model, meta, images, dict(timing, nfe_per_sample=int(nfe) if nfe.is_integer() else nfe,
-                                     steps=steps)
+                                     steps=spec.steps)
 
 
 _TEACHER_SAMPLES: dict[tuple, tuple] = {}  # the last teacher's samples, keyed by everything they depend on
 
 
-def _teacher_consistency(ckpt_path, teacher, student_images, device, n, sampler, steps, seed,
-                         batch_size, precision, classifier, progress, options) -> tuple[dict, dict]:
+def _teacher_consistency(ckpt_path, teacher, student_images, device, n, spec: SamplingSpec,
+                         classifier, progress) -> tuple[dict, dict]:
     """SSIM between student and teacher samples from the same x_T with a deterministic sampler,
     on the first ``n`` of the student's x_T (initial_noise draws every prefix identically)."""
-    if _deterministic(sampler, options):
-        det, det_steps, det_opts = sampler, steps, options
+    if spec.deterministic:
+        det = spec
         student_images = student_images[:n]
     else:  # the student's own samples were stochastic: draw deterministic ones (DDIM η = 0)
-        det, det_opts = "ddim", sampler_options("ddim", options.get("spacing", DEFAULT_SPACING))
-        det_steps = steps if sampler == "ddim" else None
-        _, _, student_images, _ = _sample(ckpt_path, device, n, det, det_steps, seed,
-                                          batch_size, precision, progress, det_opts)
+        det = replace(spec, sampler="ddim", eta=0.0, steps=spec.steps if spec.sampler == "ddim" else None)
+        _, _, student_images, _ = _sample(ckpt_path, device, n, det, progress)
     st = Path(teacher).stat()
-    key = (str(teacher), st.st_mtime_ns, st.st_size, str(device), n, det, det_steps, seed, batch_size,
-           precision, tuple(sorted(det_opts.items())))
+    key = (str(teacher), st.st_mtime_ns, st.st_size, str(device), n, det)
     cached = key in _TEACHER_SAMPLES
     if not cached:  # a study compares every model with the same teacher samples: draw them once
         _TEACHER_SAMPLES.clear()
-        _TEACHER_SAMPLES[key] = _sample(teacher, device, n, det, det_steps, seed, batch_size,
-                                        precision, progress, det_opts)[1:]
+        _TEACHER_SAMPLES[key] = _sample(teacher, device, n, det, progress)[1:]
     t_meta, t_images, t_timing = _TEACHER_SAMPLES[key]
     _, p_student = predict(classifier, student_images)
     _, p_teacher = predict(classifier, t_images)
     agree = (p_student.argmax(1) == p_teacher.argmax(1)).double().mean()
-    out = {"teacher": str(teacher), "teacher_sha256": t_meta.get("sha256"), "sampler": det,
-           **det_opts, "steps": t_timing["steps"], "seed": seed, "n": n,
+    out = {"teacher": str(teacher), "teacher_sha256": t_meta.get("sha256"),
+           **{k: v for k, v in det.describe().items() if v is not None}, "steps": t_timing["steps"],
+           "seed": det.seed, "n": n,
            "ssim": _summary(M.ssim_pairs(student_images, t_images)),
            "label_agreement": float(agree)}
     return out, {"teacher_generate_s": t_timing["generate_s"], "teacher_samples_reused": cached}
@@ -158,16 +146,13 @@ def _quality(classifier: MnistClassifier, images: torch.Tensor, test_data: MNIST
     return quality, record
 
 
-def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "ddim",
-                        steps: int | None = None, seed: int = 0, batch_size: int = 256,
+def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSpec = DEFAULT_SAMPLING,
                         classifier: MnistClassifier | None = None, test_data: MNIST | None = None,
-                        train_data: MNIST | None = None,
-                        precision: str = "auto", teacher: Path | str | None = None,
+                        train_data: MNIST | None = None, teacher: Path | str | None = None,
                         device: torch.device | None = None, progress: bool = True,
                         samples_png: Path | str | None = None,
-                        spacing: str = DEFAULT_SPACING, eta: float = 0.0,
                         teacher_n: int | None = None) -> dict[str, Any]:
-    """Generate ``n`` samples from a checkpoint and measure efficiency and quality.
+    """Generate ``n`` samples from a checkpoint as ``spec`` says and measure efficiency and quality.
 
     ``classifier`` / ``test_data`` / ``train_data`` default to the cached classifier and the MNIST
     test and training sets (the training images give the pseudo-FID's floor).
@@ -189,15 +174,13 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
         test_data = load_split("test") if test_data is None else test_data
         train_data = load_split("train") if train_data is None else train_data
     device = device or default_device()
-    precision = resolve_precision(precision, device)
+    spec = replace(spec, precision=resolve_precision(spec.precision, device))
     classifier = classifier.to(device).eval()
 
-    options = sampler_options(sampler, spacing, eta)
-    model, meta, images, timing = _sample(ckpt_path, device, n, sampler, steps, seed, batch_size,
-                                          precision, progress, options)
+    model, meta, images, timing = _sample(ckpt_path, device, n, spec, progress)
     if samples_png is not None:
         save_images(images[:64], samples_png)
-    quality, clf_record = _quality(classifier, images, test_data, train_data, seed)
+    quality, clf_record = _quality(classifier, images, test_data, train_data, spec.seed)
     n_bytes = M.checkpoint_bytes(ckpt_path)
     one_image = (torch.zeros(1, 1, 28, 28, device=device), torch.zeros(1, device=device))
     macs = M.macs_per_eval(model, *one_image)
@@ -207,9 +190,8 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
         "metrics_version": METRICS_VERSION,
         "checkpoint": {"path": str(ckpt_path), "sha256": meta.get("sha256"), "arch": meta.get("arch"),
                        "step": meta.get("step"), "weights": meta.get("weights")},
-        "sampling": {"n": n, "sampler": sampler, "steps": timing.pop("steps"), "seed": seed,
-                     "batch_size": batch_size, "precision": precision, "nfe_per_sample": nfe,
-                     "eta": options.get("eta"), "spacing": options.get("spacing"),
+        "sampling": {"n": n, **spec.describe(), "steps": timing.pop("steps"), "seed": spec.seed,
+                     "batch_size": spec.batch_size, "precision": spec.precision, "nfe_per_sample": nfe,
                      "processes": world()[1],
                      "images": "clamped to [-1, 1] and quantised to uint8 before every metric"},
         "efficiency": {**{f"params_{k}": v for k, v in M.count_params(model).items()},
@@ -222,11 +204,11 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, sampler: str = "
     }
     if teacher is not None:
         result["teacher_consistency"], extra = _teacher_consistency(
-            ckpt_path, teacher, images, device, min(n, teacher_n or n), sampler,
-            result["sampling"]["steps"], seed, batch_size, precision, classifier, progress, options)
+            ckpt_path, teacher, images, device, min(n, teacher_n or n),
+            replace(spec, steps=result["sampling"]["steps"]), classifier, progress)
         timing.update(extra)
     result["timing"] = dict(timing, device=describe_device(device), threads=torch.get_num_threads(),
-                            batch_size=batch_size, warmup="2 untimed network evaluations on one "
+                            batch_size=spec.batch_size, warmup="2 untimed network evaluations on one "
                             "batch before timing; generation timed once, end to end")
     return result
 

@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import ConfigError, SamplingSpec
 from .data import to_uint8
 from .diffusion import Schedule
 from .distributed import gather_cat, shard, world
 from .files import atomic_write_bytes
 from .models.unet import SimpleUnet, fold_batchnorm
-from .runtime import autocast, memory_format
+from .runtime import autocast, memory_format, resolve_precision
 from .samplers import EpsFn, run_sampler
 
 
@@ -53,31 +54,34 @@ def sample_noise_seed(seed: int, i: int) -> int:
     return (seed << 32) + i + 1
 
 
-def generate(model: torch.nn.Module, sched: Schedule, n: int, *, sampler: str = "ddim",
-             steps: int | None = None, seed: int = 0, batch_size: int = 256, precision: str = "fp32",
+def generate(model: torch.nn.Module, sched: Schedule, n: int, spec: SamplingSpec = SamplingSpec(), *,
              progress: bool = True, x_T: torch.Tensor | None = None, fold_bn: bool = True,
-             channels_last: bool = True, distributed: bool = False, **sampler_kw) -> torch.Tensor:
-    """Sample ``n`` images in batches; returns float (n, 1, 28, 28) in the model's range.
+             channels_last: bool = True, distributed: bool = False, callback=None,
+             clip_x0: bool = True) -> torch.Tensor:
+    """Sample ``n`` images as ``spec`` says (sampler, steps, spacing, η, seed, batch, precision);
+    returns float (n, 1, 28, 28) in the model's range.
     ``fold_bn=False, channels_last=False`` is the unoptimised path (for side-by-side benchmarks).
     With ``distributed`` under torchrun (every rank must call it), each rank samples its share
-    of x_T and every rank returns all ``n``; otherwise this process samples everything."""
+    of x_T and every rank returns all ``n``; otherwise this process samples everything.
+    ``callback(t, x, x0)`` is called after every network evaluation; ``clip_x0=False`` is the
+    paper's exact ε-form (``minidiff.samplers``)."""
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"the number of samples must be >= 1, got {n}")
+    spec = spec.for_schedule(sched.T)
     device = next(model.parameters()).device
-    eps_fn = make_eps_fn(model, precision, channels_last=channels_last, fold_bn=fold_bn)
-    x_T = initial_noise(n, seed, device) if x_T is None else x_T.to(device)
+    eps_fn = make_eps_fn(model, resolve_precision(spec.precision, device), channels_last=channels_last,
+                         fold_bn=fold_bn)
+    x_T = initial_noise(n, spec.seed, device) if x_T is None else x_T.to(device)
     n_ranks = world()[1] if distributed else 1
     mine = range(n)[shard(n)] if n_ranks > 1 else range(n)
     x_T = x_T[shard(n)] if n_ranks > 1 else x_T
-    out = []
-    for start in tqdm(range(0, x_T.shape[0], batch_size), desc=f"sampling {sampler}", unit="batch",
+    out, batch = [], spec.batch_size
+    for start in tqdm(range(0, x_T.shape[0], batch), desc=f"sampling {spec.sampler}", unit="batch",
                       disable=not progress, leave=False):
         # stochastic samplers: sample i draws its noise from its own stream, seeded by (seed, i)
-        gens = [torch.Generator().manual_seed(sample_noise_seed(seed, i)) for i in mine[start:start + batch_size]]
-        out.append(run_sampler(sampler, eps_fn, sched, x_T[start:start + batch_size], gens,
-                               steps=steps, **sampler_kw))
+        gens = [torch.Generator().manual_seed(sample_noise_seed(spec.seed, i)) for i in mine[start:start + batch]]
+        out.append(run_sampler(spec, eps_fn, sched, x_T[start:start + batch], gens, callback=callback,
+                               clip_x0=clip_x0))
     x = torch.cat(out) if out else x_T[:0]
     return gather_cat(x, n).cpu() if n_ranks > 1 else x.cpu()
 

@@ -21,6 +21,10 @@ spaces them; the last evaluation's x̂_0 is the sample. The default, ``leading``
 vs 22.8 for DDIM 10 and 17.0 vs 18.1 for DDIM 20 (N = 256, same x_T). Starting one stride below
 T−1 skips the step from the clipped β_199, where x̂_0 is least reliable.
 Randomness comes in only through the ``torch.Generator`` (one per batch, or one per sample).
+
+Which samplers exist and what each takes is ``config.SAMPLERS``, the one registry; a
+``config.SamplingSpec`` says how to run one, and ``run_sampler`` runs it. Adding a sampler is a
+function here with its peers' signature and a line in that registry.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import DEFAULT_SPACING, DEFAULT_STEPS, SPACINGS
+from .config import DEFAULT_SPACING, SAMPLERS, SPACINGS, SamplingSpec
 from .diffusion import Schedule, predict_x0
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -166,31 +170,13 @@ def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, timesteps:
     return x
 
 
-def resolve_steps(sampler: str, steps: int | None, T: int) -> int:
-    """Network evaluations per sample: T for ddpm (which cannot skip steps), else ``steps`` or
-    DEFAULT_STEPS."""
-    if sampler == "ddpm":
-        if steps not in (None, T):
-            raise ValueError(f"the ddpm sampler always runs all {T} steps; use ddim or dpmpp2m")
-        return T
-    steps = DEFAULT_STEPS if steps is None else steps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {steps}")
-    return steps
-
-
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample}
-STRIDED = ("ddim", "dpmpp2m")  # the samplers that run on a grid of fewer than T timesteps
-
-
-def run_sampler(name: str, eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
-                generator: torch.Generator | None = None, steps: int | None = None,
-                spacing: str = DEFAULT_SPACING, **kw) -> torch.Tensor:
-    """Dispatch by name; ``steps=None`` means the sampler's default (T for ddpm, which has no
-    grid; the others run on ``timestep_grid(T, steps, spacing)``)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    steps = resolve_steps(name, steps, sched.T)
-    if name in STRIDED:
-        return SAMPLERS[name](eps_fn, sched, x_T, timestep_grid(sched.T, steps, spacing), generator, **kw)
-    return SAMPLERS[name](eps_fn, sched, x_T, generator, **kw)
+def run_sampler(spec: SamplingSpec, eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None, **kw) -> torch.Tensor:
+    """Run the sampler ``spec`` names (``config.SAMPLERS``) from x_T: a strided one on
+    ``timestep_grid(T, steps, spacing)``, with η where it takes one. ``kw``: ``callback``, ``clip_x0``."""
+    spec = spec.for_schedule(sched.T)
+    entry = SAMPLERS[spec.sampler]
+    fn = globals()[entry.function]
+    if entry.strided:
+        kw["timesteps"] = timestep_grid(sched.T, spec.steps, spec.spacing)
+    return fn(eps_fn, sched, x_T, generator=generator, **spec.sampler_kwargs(), **kw)

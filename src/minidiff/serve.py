@@ -34,7 +34,6 @@ import concurrent.futures
 import contextlib
 import io
 import json
-import math
 import socket
 import threading
 import time
@@ -52,15 +51,13 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .config import DEFAULT_DDIM_ETA, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS
+from .config import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, ConfigError, SamplingSpec
 from .data import to_uint8
 from .diffusion import Schedule
-from .evaluate import sampler_options
 from .generate import generate, grid_image, initial_noise
 from .metrics import count_params
 from .models.unet import SimpleUnet, fold_batchnorm
 from .runtime import default_device, resolve_precision
-from .samplers import resolve_steps
 from .modelfile import load_model
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -133,30 +130,22 @@ def _int(body: dict, key: str, lo: int, hi: int, what: str) -> int:
 
 
 def parse_setting(d: Any, models: dict[str, Model]) -> Setting:
-    """Check one run's settings against the loaded models; BadRequest names what is wrong."""
+    """Check one run's settings against the loaded models; BadRequest names what is wrong. The
+    sampling rules are SamplingSpec's, the same as ``minidiff sample``'s."""
     if not isinstance(d, dict):
         raise BadRequest(f"each run must be a JSON object, got {json.dumps(d)}")
     if d.get("model") not in models:
         raise BadRequest(f"unknown model {json.dumps(d.get('model'))}; choose one of {', '.join(models)}")
-    if d.get("sampler") not in SAMPLERS:
-        raise BadRequest(f"unknown sampler {json.dumps(d.get('sampler'))}; choose one of {', '.join(SAMPLERS)}")
-    T = models[d["model"]].sched.T
-    steps = d.get("steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
-        raise BadRequest(f"steps must be an integer, got {json.dumps(steps)}")
+    for key, kind in (("steps", "an integer"), ("eta", "a number")):  # JSON's types, before the spec's rules
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int if key == "steps" else (int, float))):
+            raise BadRequest(f"{key} must be {kind}, got {json.dumps(v)}")
     try:
-        steps = resolve_steps(d["sampler"], steps, T)
-    except ValueError as e:
+        spec = SamplingSpec(sampler=d.get("sampler"), steps=d.get("steps"), eta=d.get("eta"))
+        spec = spec.for_schedule(models[d["model"]].sched.T)
+    except ConfigError as e:
         raise BadRequest(str(e)) from None
-    eta = d.get("eta")
-    eta = (DEFAULT_DDIM_ETA if d["sampler"] == "ddim" else 0.0) if eta is None else eta
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise BadRequest(f"η (eta) must be a number, got {json.dumps(eta)}")
-    if d["sampler"] != "ddim" and eta != 0:
-        raise BadRequest(f"η (eta) applies to ddim only; {d['sampler']} takes none")
-    if not 0 <= eta < math.inf:  # `not <=` also refuses NaN
-        raise BadRequest(f"η (eta) must be a finite number >= 0, got {eta}")
-    return Setting(d["model"], d["sampler"], steps, float(eta))
+    return Setting(d["model"], spec.sampler, spec.steps, spec.eta)
 
 
 def parse_job(body: Any, models: dict[str, Model], max_images: int = MAX_IMAGES) -> Job:
@@ -205,10 +194,9 @@ def sample_job(job: Job, models: dict[str, Model], emit: Callable[[dict], None],
             emit(dict(type="frame", run=i, step=step, t=t, ms=ms, x_t=png_data_url(x), x0=png_data_url(x0)))
             last = time.perf_counter()  # drawing and sending the frame is not the step's time
 
-        generate(m.net, m.sched, job.n, sampler=setting.sampler, steps=setting.steps, seed=job.seed,
-                 batch_size=job.n, precision=m.precision, progress=False, x_T=x_T, fold_bn=False,
-                 callback=callback,
-                 **sampler_options(setting.sampler, DEFAULT_SPACING, setting.eta))
+        spec = SamplingSpec(setting.sampler, setting.steps, eta=setting.eta, seed=job.seed,
+                            batch_size=job.n, precision=m.precision)
+        generate(m.net, m.sched, job.n, spec, progress=False, x_T=x_T, fold_bn=False, callback=callback)
         emit(dict(type="done", run=i, sampling_s=sampling_s, wall_s=time.perf_counter() - start))
     emit(dict(type="end"))
 

@@ -51,10 +51,9 @@ def _read_json(path: Path, default: Any, log=print) -> Any:
 def _train_config(sc: StudyConfig, preset: str, arch: str, **overrides) -> TrainConfig:
     """The study's training numbers: its train preset's (or its own), its precision if set.
     Starting from the shipped weights, the grid each fine-tune draws at its end uses the study's
-    sampler (the paper preset's 200-step ancestral grid would cost more than the fine-tune)."""
+    sampling (the paper preset's 200-step ancestral grid would cost more than the fine-tune)."""
     if sc.start == "shipped":
-        overrides = dict(dict(sampler=sc.eval_sampler, sample_steps=sc.eval_steps, sample_eta=sc.eval_eta),
-                         **overrides)
+        overrides = dict(sampling=sc.sampling, **overrides)
     return train_config(sc.train_preset or preset, arch, precision=sc.train_precision or None, **overrides)
 
 
@@ -189,12 +188,10 @@ def _evaluate_all(out: Path, models: dict[str, Path], lineage: dict[str, list[Pa
             results[name] = done
             continue
         teacher = models["baseline"] if name != "baseline" else None
-        # StudyConfig keeps eval_eta at 0 unless the sampler is ddim, as evaluate_checkpoint wants
-        r = evaluate_checkpoint(path, n=sc.eval_n, sampler=sc.eval_sampler, steps=sc.eval_steps,
-                                eta=sc.eval_eta, classifier=classifier, test_data=test_data, train_data=train_data,
-                                teacher=teacher,
-                                teacher_n=sc.eval_teacher_n or None,
-                                progress=progress, samples_png=out / name / "samples.png")
+        r = evaluate_checkpoint(path, n=sc.eval_n, spec=sc.sampling, classifier=classifier,
+                                test_data=test_data, train_data=train_data, teacher=teacher,
+                                teacher_n=sc.eval_teacher_n or None, progress=progress,
+                                samples_png=out / name / "samples.png")
         model = load_model(path).model
         r["sparsity_after_finetune"] = sparsity_report(model)["overall"]
         r["images_seen"] = images_seen(lineage[name])

@@ -16,7 +16,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -348,11 +348,10 @@ def _snapshot(st: TrainState, cfg: TrainConfig, data: MNIST, sched, out: Path, p
 
 
 def _grid(model: torch.nn.Module, cfg: TrainConfig, sched, path: Path, precision: str, n: int = 64) -> None:
-    """Sample ``n`` images from ``model`` with the config's sampler into a grid at ``path``."""
-    eta = {"eta": cfg.sample_eta} if cfg.sampler == "ddim" else {}
-    x = generate(model, sched, n, sampler=cfg.sampler, steps=cfg.sample_steps, seed=cfg.seed,
-                 precision=precision, progress=False, **eta)
-    save_images(x, path)
+    """Sample ``n`` images from ``model`` as the config's ``sampling`` says, with the run's seed
+    and precision, into a grid at ``path``."""
+    spec = replace(cfg.sampling, seed=cfg.seed, precision=precision)
+    save_images(generate(model, sched, n, spec, progress=False), path)
 
 
 def export_model(run: Path | str, data: MNIST, path: Path | str | None = None) -> Path:

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     test, train = load_split("test"), load_split("train")
     spec = SamplingSpec(a.sampler, a.steps, eta=a.eta if a.sampler == "ddim" else None, precision=a.precision)
     for path in a.models:
-        meta = ckpt.load(path)[1]
+        meta = ckpt.read_header(path)
         if any(r["sha256"] == meta["sha256"] and r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps
                and r["sampling"]["n"] == a.n and r.get("metrics_version", 1) == METRICS_VERSION for r in rows):
             continue

@@ -28,16 +28,24 @@ def test_roundtrip_bit_exact_with_metadata(tmp_path):
 def test_truncated_and_corrupt_files_are_detected(tmp_path):
     p = C.save(tmp_path / "x.safetensors", _tensors(), {"kind": "model"})
     raw = p.read_bytes()
+    header = C.read_header(p)
+    assert header == C.load(p)[1] and header["kind"] == "model"
     p.write_bytes(raw[:-7])
     with pytest.raises(C.CheckpointError, match="truncated/corrupt"):
         C.load(p)
+    assert C.read_header(p) == header  # the header alone is intact; only load reads the tensors
+    for cut in (5, 40):  # inside the length, inside the JSON header
+        p.write_bytes(raw[:cut])
+        with pytest.raises(C.CheckpointError, match="truncated/corrupt"):
+            C.read_header(p)
     flipped = bytearray(raw)
     flipped[-3] ^= 0xFF  # inside the tensor data: safetensors cannot notice, the digest does
     p.write_bytes(bytes(flipped))
     with pytest.raises(C.CheckpointError, match="sha256 of the weights does not match"):
         C.load(p)
-    with pytest.raises(C.CheckpointError, match="no such checkpoint"):
-        C.load(tmp_path / "missing.safetensors")
+    for read in (C.load, C.read_header):
+        with pytest.raises(C.CheckpointError, match="no such checkpoint"):
+            read(tmp_path / "missing.safetensors")
 
 
 def _rewrite_header(p, edit):
@@ -60,8 +68,9 @@ def test_an_edited_header_is_detected(tmp_path, edit):
     _rewrite_header(p, lambda h: h)  # re-serialised unchanged (other key order, spacing): still valid
     assert C.load(p)[1]["step"] == 7
     _rewrite_header(p, edit)
-    with pytest.raises(C.CheckpointError, match="sha256 of the JSON header does not match"):
-        C.load(p)
+    for read in (C.load, C.read_header):
+        with pytest.raises(C.CheckpointError, match="sha256 of the JSON header does not match"):
+            read(p)
 
 
 def test_format_1_files_still_load_with_their_weights_checked(tmp_path):

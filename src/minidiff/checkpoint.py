@@ -88,18 +88,15 @@ def save(path: Path | str, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     return path
 
 
-def load(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load and verify a checkpoint; raises CheckpointError with a one-line reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    data = path.read_bytes()
+def _header(path: Path, data: bytes) -> dict[str, Any]:
+    """The minidiff header of a safetensors file from its first bytes, verified against its own
+    ``header_sha256``; CheckpointError otherwise."""
     try:
-        tensors = st_load(data)
         n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
-        meta = json.loads(header["__metadata__"]["minidiff"])
-    except (SafetensorError, ValueError, KeyError, TypeError) as e:
+        if len(data) < 8 + n:
+            raise ValueError("the file ends inside its header")
+        meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["minidiff"])
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a minidiff checkpoint or truncated/corrupt ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: not a minidiff checkpoint (its metadata is not a JSON object)")
@@ -108,6 +105,34 @@ def load(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if meta["format"] >= 2 and header_digest(meta) != meta.get("header_sha256"):
         raise CheckpointError(f"{path}: sha256 of the JSON header does not match the one recorded; "
                               "the header was edited or is corrupt")
+    return meta
+
+
+def read_header(path: Path | str) -> dict[str, Any]:
+    """A checkpoint's verified JSON header without reading its tensors (the weights' own sha256
+    is checked only by ``load``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if n > path.stat().st_size:
+            raise CheckpointError(f"{path}: not a minidiff checkpoint or truncated/corrupt (header length {n})")
+        return _header(path, head + f.read(n))
+
+
+def load(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load and verify a checkpoint; raises CheckpointError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    data = path.read_bytes()
+    meta = _header(path, data)
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a minidiff checkpoint or truncated/corrupt ({e})") from None
     if tensors_digest(tensors) != meta.get("sha256"):
         raise CheckpointError(f"{path}: sha256 of the weights does not match the one recorded; "
                               "the file is corrupt")

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .config import ConfigError
 from .data import MNIST, epoch_generator, to_model_range
 from .files import cache_dir
 from .models.classifier import MnistClassifier, predict
@@ -101,7 +102,13 @@ def _from_file(path: Path) -> tuple[MnistClassifier, dict[str, Any]]:
 
 def cache_path(cache_dir: Path | str | None = None, *, epochs: float = 3.0, seed: int = 0,
                batch_size: int = 128, n_train: int = 60_000) -> Path:
-    """Where the classifier of this recipe is cached (the file name encodes the recipe)."""
+    """Where the classifier of this recipe is cached (the file name encodes the recipe).
+    A recipe that cannot train raises ConfigError naming the value."""
+    for ok, msg, name in ((0 < epochs < math.inf, f"epochs must be > 0 and finite, got {epochs}", "epochs"),
+                          (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}", "batch_size"),
+                          (0 <= seed < 2**32, f"seed must be in [0, 2**32), got {seed}", "seed")):
+        if not ok:
+            raise ConfigError(msg, name)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     recipe = f"v{RECIPE_VERSION}_n{n_train}_e{epochs:g}_s{seed}_b{batch_size}"
     return cache / f"classifier_{recipe}.safetensors"

@@ -99,8 +99,16 @@ def _sampling_spec(a: argparse.Namespace, T: int | None = None) -> SamplingSpec:
                             batch_size=a.batch_size, precision=a.precision)
         return spec if T is None else spec.for_schedule(T)
     except ConfigError as e:
-        msg, flag = str(e), f"--{e.field.replace('_', '-')}" if e.field else None
-        raise UserError(flag + msg[len(e.field):] if flag and msg.startswith(e.field) else msg) from None
+        raise _as_flag_error(e) from None
+
+
+def _as_flag_error(e: ConfigError) -> UserError:
+    """A library's ConfigError about one field, worded with that field's flag: ``batch_size must
+    be >= 1`` becomes ``--batch-size must be >= 1``."""
+    msg = str(e)
+    if e.field and msg.startswith(e.field):
+        msg = f"--{e.field.replace('_', '-')}{msg[len(e.field):]}"
+    return UserError(msg)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", type=Path, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=Path, required=True, help="output file, .png or .npz")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="default ddim")
     p.add_argument("--steps", type=int, default=None,
                    help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T)")
     _add_sampler_options(p)
@@ -224,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=None,
                    help="number of samples: default 10,000 on a GPU (the paper's), 1,000 on a CPU; "
                         "Fréchet distances depend on N, so compare values at the same N only")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="default ddim")
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="default ddim")
     p.add_argument("--steps", type=int, default=None,
                    help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T)")
     p.add_argument("--teacher", type=Path, default=None, metavar="MODEL",
@@ -437,11 +445,11 @@ def cmd_study(a: argparse.Namespace) -> None:
 
 def cmd_classifier(a: argparse.Namespace) -> None:
     from .classifier import cache_path, load_or_train_classifier
-    if not (0 < a.epochs < float("inf")) or a.batch_size < 1:
-        raise UserError(f"--epochs must be > 0 and --batch-size >= 1, got {a.epochs}, {a.batch_size}")
-    if not 0 <= a.seed < 2**32:
-        raise UserError(f"--seed must be in [0, 2**32), got {a.seed}")
-    _writable_dir(cache_path(a.cache_dir, epochs=a.epochs, seed=a.seed, batch_size=a.batch_size).parent)
+    try:
+        path = cache_path(a.cache_dir, epochs=a.epochs, seed=a.seed, batch_size=a.batch_size)
+    except ConfigError as e:
+        raise _as_flag_error(e) from None
+    _writable_dir(path.parent)
     _, info = load_or_train_classifier(a.cache_dir, epochs=a.epochs, seed=a.seed,
                                        batch_size=a.batch_size, data_dir=a.data_dir)
     how = "cached" if info["cached"] else f"trained in {info['train_seconds']:.0f} s"

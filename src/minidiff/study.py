@@ -77,7 +77,7 @@ def _shipped_stage(name: str, log, required: bool = False) -> Path | None:
 def images_seen(files: list[Path]) -> dict[str, int]:
     """Training images behind a model: ``files`` are the model files of its lineage, first
     trained to last fine-tuned (e.g. the baseline, then the pruned model fine-tuned from it)."""
-    counts = [modelfile.images_seen(ckpt.load(f)[1]) for f in files]
+    counts = [modelfile.images_seen(ckpt.read_header(f)) for f in files]
     return {"total": sum(counts), "finetune": sum(counts[1:])}
 
 

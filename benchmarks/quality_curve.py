@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("-n", type=int, default=1000)
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--eta", type=float, default=1.0)
+    ap.add_argument("--eta", type=float, default=None, help="ddim only (default: SamplingSpec's, 1)")
     ap.add_argument("--precision", default="fp32")
     a = ap.parse_args(argv)
     tune_allocator()
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     rows = json.loads(store.read_text()) if store.exists() else []
     clf, _ = load_or_train_classifier()
     test, train = load_split("test"), load_split("train")
-    spec = SamplingSpec(a.sampler, a.steps, eta=a.eta if a.sampler == "ddim" else None, precision=a.precision)
+    spec = SamplingSpec(a.sampler, a.steps, eta=a.eta, precision=a.precision)
     for path in a.models:
         meta = ckpt.read_header(path)
         if any(r["sha256"] == meta["sha256"] and r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps

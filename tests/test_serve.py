@@ -242,6 +242,23 @@ def test_the_page_and_its_assets_come_from_the_package(port):
     conn.close()
 
 
+def test_a_finished_generation_is_counted_before_its_end_event_reaches_the_client(tiny_models, monkeypatch):
+    """The sampling thread may be descheduled right after it sends the last event (a busy CPU):
+    /api/status must already count the generation as finished when the client has read "end"."""
+    from minidiff import serve
+    real = serve.sample_job
+
+    def descheduled_after_the_last_event(*args):
+        real(*args)
+        time.sleep(1.0)
+    monkeypatch.setattr(serve, "sample_job", descheduled_after_the_last_event)
+    with serving(create_app(tiny_models)) as p:
+        short = {"seed": 0, "n": 1, "runs": [{"model": "tiny", "sampler": "ddim", "steps": 2}]}
+        assert _events(p, short)[-1] == {"type": "end"}
+        status = _get_json(p, "/api/status")[1]
+        assert (status["finished"], status["cancelled"]) == (1, 0)
+
+
 def test_a_full_queue_answers_503_and_a_client_that_leaves_cancels_its_generation(tiny_models):
     # One running + one waiting at most. 64 images × 200 ddpm steps of frames (~26 MB) cannot all
     # fit in socket buffers, so a generation whose client stops reading stays running.

@@ -272,15 +272,21 @@ class Generation:
 
     def _work(self, loop: asyncio.AbstractEventLoop) -> None:
         """The job, on the sampling thread."""
-        counts = self.worker.counts
+        counts, ended = self.worker.counts, False
+
+        def emit(event: dict) -> None:
+            nonlocal ended
+            if event["type"] == "end":  # counted before the client can see it and ask /api/status
+                counts["finished"], ended = counts["finished"] + 1, True
+            self._emit(loop, event)
         try:
             if self.cancel.is_set():  # the client left while waiting
                 raise Cancelled
             self.worker.running = True
-            sample_job(self.job, self.worker.models, lambda event: self._emit(loop, event), self.cancel.is_set)
-            counts["finished"] += 1
+            sample_job(self.job, self.worker.models, emit, self.cancel.is_set)
         except Cancelled:
-            counts["cancelled"] += 1
+            if not ended:  # a client that leaves as the last event goes out had its job finished
+                counts["cancelled"] += 1
         except Exception as e:  # a failure is the page's to show; the server keeps serving
             counts["failed"] += 1
             with contextlib.suppress(Cancelled):

@@ -128,11 +128,11 @@ def load(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     data = path.read_bytes()
-    meta = _header(path, data)
-    try:
+    try:  # safetensors first: it names what is wrong with a damaged file most precisely
         tensors = st_load(data)
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{path}: not a minidiff checkpoint or truncated/corrupt ({e})") from None
+    meta = _header(path, data)
     if tensors_digest(tensors) != meta.get("sha256"):
         raise CheckpointError(f"{path}: sha256 of the weights does not match the one recorded; "
                               "the file is corrupt")

@@ -190,10 +190,9 @@ class SamplingSpec:
 
     def describe(self) -> dict[str, Any]:
         """The spec as an evaluation records it: η and spacing only where the sampler uses them."""
-        strided = SAMPLERS[self.sampler].strided
-        return {"sampler": self.sampler, "steps": self.steps,
-                "eta": self.eta if SAMPLERS[self.sampler].takes_eta else None,
-                "spacing": self.spacing if strided else None}
+        entry = SAMPLERS[self.sampler]
+        return {"sampler": self.sampler, "steps": self.steps, "eta": self.eta if entry.takes_eta else None,
+                "spacing": self.spacing if entry.strided else None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplingSpec":
@@ -201,6 +200,11 @@ class SamplingSpec:
         unknown = set(d) - {f.name for f in fields(cls)}
         _check(not unknown, f"unknown sampling keys: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+# TrainConfig's sample grids unless a preset says otherwise (and what configs written before
+# SamplingSpec meant when they left those fields out)
+DEFAULT_GRIDS = SamplingSpec("ddim", 50, eta=0.0)
 
 
 def _flag(help: str) -> Any:
@@ -229,7 +233,7 @@ class TrainConfig:
     sample_every: float = 1.0       # epochs between sample grids; 0 = only at the end
     ckpt_every_steps: int = 500     # also checkpoint at every epoch end
     # the sample grids drawn during training; their seed and precision are the run's own
-    sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec("ddim", 50, eta=0.0))
+    sampling: SamplingSpec = field(default_factory=lambda: DEFAULT_GRIDS)
     seed: int = field(default=0, metadata=_flag("seed for weights, data order and noise"))
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -270,12 +274,12 @@ class TrainConfig:
         d = dict(d)
         if any(k in d for k in _LEGACY_SAMPLING):  # a config written before SamplingSpec
             # with the defaults those fields had (ddim, 50 steps, η = 0)
-            legacy = {"sampler": "ddim", "steps": 50, "eta": 0.0,
+            legacy = {"sampler": DEFAULT_GRIDS.sampler, "steps": DEFAULT_GRIDS.steps, "eta": DEFAULT_GRIDS.eta,
                       **{new: d.pop(old) for old, new in _LEGACY_SAMPLING.items() if old in d}}
             if legacy.get("sampler") == "ddpm":  # it always ran all T steps, whatever was written
                 legacy["steps"] = None
             d["sampling"] = legacy
-        d["sampling"] = SamplingSpec.from_dict(d["sampling"]) if "sampling" in d else SamplingSpec("ddim", 50, eta=0.0)
+        d["sampling"] = SamplingSpec.from_dict(d["sampling"]) if "sampling" in d else DEFAULT_GRIDS
         parts = {}
         for name, part_cls in (("model", ModelConfig), ("diffusion", DiffusionConfig)):
             part = d.pop(name, {})

@@ -83,6 +83,35 @@ def test_export_of_a_stopped_run_is_what_finishing_at_that_step_would_give(tmp_p
         T.export_model(tmp_path / "empty", tiny_mnist)
 
 
+def test_cli_export_writes_the_model_of_a_stopped_run_and_says_its_step(tmp_path, tiny_mnist, capsys, monkeypatch):
+    import minidiff.data as D
+    monkeypatch.setattr(D, "load_split", lambda *a, **k: tiny_mnist)
+    cfg = train_config("smoke", "reduced", sample_every=0, epochs=0.5)  # 2 steps; stopped after 1
+    run = tmp_path / "run"
+    assert T.train(cfg, tiny_mnist, run, minutes=1e-9, **QUIET) is None
+    T.export_model(run, tiny_mnist, tmp_path / "library.safetensors")
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "cli.safetensors")]) == 0
+    assert f"step 1, {cfg.batch_size:,} images seen" in capsys.readouterr().out
+    _same_tensors(tmp_path / "library.safetensors", tmp_path / "cli.safetensors")
+    assert cli.main(["export", str(run)]) == 0  # default: RUN/model.safetensors
+    assert load(run / "model.safetensors")[1]["step"] == 1
+    T.train(cfg, tiny_mnist, run, resume=True, **QUIET)  # the run is untouched: it still finishes
+    assert load(run / "checkpoint.safetensors")[1]["step"] == 2
+
+
+@pytest.mark.parametrize("case, fragment", [("no_run", "is not a training run with a checkpoint"),
+                                            ("bad_suffix", "--out must end in .safetensors")])
+def test_cli_export_bad_input_is_one_line(case, fragment, tmp_path, tiny_mnist, capsys):
+    run = tmp_path / "run"
+    if case == "bad_suffix":
+        T.train(train_config("smoke", "reduced", sample_every=0, epochs=0.5), tiny_mnist, run,
+                minutes=1e-9, **QUIET)
+    argv = ["export", str(run)] + (["--out", str(tmp_path / "m.pt")] if case == "bad_suffix" else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minidiff: error:") and fragment in err[0]
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "nan", "inf", "ten"])
 def test_minutes_must_be_a_positive_number(value, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

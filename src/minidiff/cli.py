@@ -131,6 +131,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="fine-tune: start from this model file (its architecture, pruned widths "
                         "included; a paper-pruned model keeps its zeros)")
 
+    p = sub.add_parser("export", help="write the model file of a run that --minutes stopped",
+                       description="Write the sampling model (EMA weights with BatchNorm statistics "
+                                   "re-estimated, or the raw weights) of a run's current training "
+                                   "checkpoint: the file a finished run writes, taken at the step the "
+                                   "run reached. The run is untouched; --resume still continues it.",
+                       epilog="example: minidiff export runs/shallow-long --out shallow_e35.safetensors")
+    p.add_argument("run", type=Path, help="run directory (with config.json and checkpoint.safetensors)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output model file (default RUN/model.safetensors)")
+    _add_data_dir(p)
+
     p = sub.add_parser("sample", help="generate digits from a checkpoint",
                        description="Generate N digits from a checkpoint into a PNG grid or an .npz "
                                    "(uint8 array 'images' of shape (N, 28, 28)).",
@@ -315,7 +326,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     path = train(cfg, load_split("train", a.data_dir), a.out, resume=a.resume, init_state=init_state,
                  masks=masks, device=device, minutes=a.minutes, log=_say)
     if path is None:
-        _say(f"continue with: minidiff train --out {a.out} --resume [--minutes M]")
+        _say(f"continue with: minidiff train --out {a.out} --resume [--minutes M]\n"
+             f"or take its model at this step: minidiff export {a.out}")
         return
     _say(f"model: {path}\nsamples: {a.out / 'samples.png'}")
 
@@ -345,6 +357,23 @@ def _resume_config(out: Path, fallback, epochs=None, precision=None):
     except (ValueError, TypeError) as e:
         raise UserError(f"{f}: cannot read the saved config ({e})") from None
     return with_overrides(cfg, epochs=epochs, precision=precision)
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from .data import load_split
+    from .train import export_model
+    if not (a.run / "config.json").is_file() or not (a.run / "checkpoint.safetensors").is_file():
+        raise UserError(f"{a.run} is not a training run with a checkpoint "
+                        "(config.json and checkpoint.safetensors)")
+    cfg = _resume_config(a.run, None)
+    out = a.out if a.out is not None else a.run / "model.safetensors"
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out must end in .safetensors, got {out.name!r}")
+    _writable_dir(out.parent)
+    path = export_model(a.run, load_split("train", a.data_dir), out)
+    from .checkpoint import read_header
+    step = read_header(path)["step"]
+    _say(f"model: {path} (step {step:,}, {step * cfg.batch_size:,} images seen)")
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
@@ -546,7 +575,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     print("minidiff serve: stopped")
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "prune": cmd_prune, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample, "prune": cmd_prune, "data": cmd_data,
             "models": cmd_models,
             "run": cmd_study, "figures": cmd_figures, "classifier": cmd_classifier,
             "evaluate": cmd_evaluate, "study": cmd_study, "serve": cmd_serve}

@@ -340,3 +340,15 @@ def test_readable_row_formats_for_reading():
     sparse = dict(row, nonzero_params=864_197, teacher_ssim=None, finetune_images=0)
     assert list(readable_row(sparse).values())[1:3] == ["2,995,200", "1,234,567 (864,197)"]
     assert readable_row(sparse)["SSIM vs baseline"] == ""
+
+
+def test_findings_state_images_seen_for_a_model_trained_on_fewer_than_the_baseline():
+    row = dict(images_seen=2_995_200, nonzero_params=2_529_217, latency_s=29.0, n=1000, pseudo_fid=1.5,
+               fid_floor=0.66, mean_confidence=0.96, min_class_share=0.077, max_class_share=0.125,
+               recognisable="yes")
+    base = dict(row, model="baseline")
+    shallow = dict(row, model="shallow", images_seen=1_497_600, nonzero_params=2_148_097, pseudo_fid=6.6)
+    pruned = dict(row, model="paper_pruned", images_seen=3_015_168)
+    said = findings([base, shallow, pruned], [])
+    assert said[1].startswith("shallow: trained on 1,497,600 images (50% of the baseline's), 85% of the")
+    assert said[2].startswith("paper_pruned: 100% of the")  # more images than the baseline: nothing to add

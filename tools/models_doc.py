@@ -38,7 +38,7 @@ def main() -> int:
         model, sched, meta = load_model(files[name])
         grid = grids[name] = DOCS / "figures" / f"model_{name}.png"
         save_images(generate(model, sched, 64, SamplingSpec("ddim", 20, eta=1.0), progress=False), grid)
-        state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned, in progress"
+        state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned: stopped, see below"
         rows.append(f"| {name} | {c['params']:,} | {c['file_bytes']:,} | {c['epochs']:.2f} ({state}); "
                     f"{c['images_seen']:,} images, {c['optimizer_steps']:,} steps | "
                     f"{c['wall_time_s'] / 60:.1f} min | {'; '.join(c['hardware'])} | {_ev(c, 'ddim20')} | "

@@ -211,7 +211,10 @@ def findings(rows: list[dict[str, Any]], missing: list[str]) -> list[str]:
         if r is base:
             continue
         dfid = r["pseudo_fid"] / base["pseudo_fid"] - 1
-        out.append(f"{r['model']}: {r['nonzero_params'] / base['nonzero_params']:.0%} of the "
+        fewer = (r.get("images_seen") or 0) < (base.get("images_seen") or 0)  # not like for like: say so
+        trained = (f"trained on {r['images_seen']:,} images ({r['images_seen'] / base['images_seen']:.0%} of "
+                   "the baseline's), " if fewer and r.get("images_seen") else "")
+        out.append(f"{r['model']}: {trained}{r['nonzero_params'] / base['nonzero_params']:.0%} of the "
                    f"baseline's non-zero parameters, {ms(r) / ms(base):.2f}× its time per sample, "
                    f"pseudo-FID {r['pseudo_fid']:.2f} ({dfid:+.0%}); recognisable: {r['recognisable']}.")
     others = [r for r in rows if r is not base]

@@ -365,15 +365,16 @@ def cmd_export(a: argparse.Namespace) -> None:
     if not (a.run / "config.json").is_file() or not (a.run / "checkpoint.safetensors").is_file():
         raise UserError(f"{a.run} is not a training run with a checkpoint "
                         "(config.json and checkpoint.safetensors)")
-    cfg = _resume_config(a.run, None)
+    _resume_config(a.run, None)  # a config.json that cannot be read is a one-line error here
     out = a.out if a.out is not None else a.run / "model.safetensors"
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors, got {out.name!r}")
     _writable_dir(out.parent)
     path = export_model(a.run, load_split("train", a.data_dir), out)
     from .checkpoint import read_header
-    step = read_header(path)["step"]
-    _say(f"model: {path} (step {step:,}, {step * cfg.batch_size:,} images seen)")
+    from .modelfile import images_seen
+    meta = read_header(path)
+    _say(f"model: {path} (step {meta['step']:,}, {images_seen(meta):,} images seen)")
 
 
 def cmd_sample(a: argparse.Namespace) -> None:

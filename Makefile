@@ -7,14 +7,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= trained
 OUT ?= runs/$(PRESET)
+# where torch comes from: empty is pip's usual index (see the torch line below)
+TORCH_INDEX ?=
 
 .PHONY: run test setup browser clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: anything else could pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch first and pinned, so nothing installed after it picks another version. On a stock Linux
+	# machine the pin alone resolves to PyPI's CUDA build (several GB; it also runs on CPUs);
+	# TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the CPU build instead.
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

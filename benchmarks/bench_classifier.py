@@ -1,7 +1,7 @@
 """Train the evaluation classifier on all of MNIST train and report test accuracy and wall time.
 
-SPEC §4: the paper's classifier reached 97.87 %; a small CNN should reach >= 99 % in a few CPU
-minutes. Usage:
+The paper's classifier reached 97.87 %; a small CNN should reach >= 99 % in a few CPU minutes.
+Usage:
 
     python benchmarks/bench_classifier.py [--epochs 3] [--threads 1] [--save]
 

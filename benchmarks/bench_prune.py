@@ -38,7 +38,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from minidiff.runtime import tune_allocator
-    tune_allocator()  # SPEC §3: the allocator is the largest single latency factor on CPU
+    tune_allocator()  # the allocator is the largest single latency factor on CPU (runtime.tune_allocator)
     import torch
 
     from minidiff import prune as P

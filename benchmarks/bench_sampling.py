@@ -89,7 +89,7 @@ def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n:
     import torch
 
     from minidiff import metrics as M
-    from minidiff.generate import generate, initial_noise, make_eps_fn
+    from minidiff.generate import CountedEps, generate, initial_noise, make_eps_fn
     from minidiff.runtime import describe_device
     from minidiff.modelfile import load_model
 
@@ -101,17 +101,16 @@ def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n:
     t = torch.full((x.shape[0],), sched.T - 1)
     for _ in range(2):  # warm-up: oneDNN primitives, the heap
         eps_fn(x, t)
-    rows = []  # images through the network; the hook survives generate()'s BN-folded deepcopy
-    model.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     t0 = time.perf_counter()
-    # naive: the paper's exact ε-form (no x̂0 clipping), BN unfused, NCHW
-    naive_kw = dict(fold_bn=False, channels_last=False, clip_x0=False) if naive else {}
+    # the wrapper built inside the timed region, as generate() builds its own; it counts the
+    # images through the network. naive: BN unfused, NCHW, the paper's exact ε-form (no x̂0 clip)
+    counted = CountedEps(make_eps_fn(model, "fp32", channels_last=not naive, fold_bn=not naive))
     generate(model, sched, n, spec_of(sampler, steps, options or {}, seed=seed, batch_size=batch),
-             progress=False, **naive_kw)
+             progress=False, eps_fn=counted, clip_x0=not naive)
     seconds = time.perf_counter() - t0
     return dict(config="naive" if naive else "minidiff", sampler=label(sampler, options or {}),
                 sampler_name=sampler, steps=steps, batch=batch, options=options or {},
-                n_timed=n, seconds=seconds, nfe=sum(rows) / n, macs_per_eval=macs,
+                n_timed=n, seconds=seconds, nfe=counted.images / n, macs_per_eval=macs,
                 machine=dict(describe_device(torch.device("cpu")), torch=torch.__version__,
                              cpus=os.cpu_count(), omp_num_threads=os.environ.get("OMP_NUM_THREADS")))
 

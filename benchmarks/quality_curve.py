@@ -3,9 +3,12 @@
 Each model file records its optimiser step and its config (batch size), so images seen =
 step × batch. Every file is evaluated the same way (minidiff's classifier, N samples from the
 same seed, one sampler) and the rows are appended to OUT/curve.json, which is reused: a file
-already evaluated with the same settings (same weights sha256) and the current metric definitions
-(``evaluate.METRICS_VERSION``; rows without the field are version 1) is not evaluated again.
-The figure OUT/quality_curve.png plots mean confidence and pseudo-FID against images seen.
+already evaluated with the same weights (sha256), the same sampling (every field of the
+SamplingSpec: sampler, steps, spacing, η, seed, batch size and precision as resolved on this
+device), the same N and the current metric definitions (``evaluate.METRICS_VERSION``; rows
+without the field are version 1) is not evaluated again; rows written before the sampling was
+recorded in full (no ``key``) are evaluated again. The figure OUT/quality_curve.png plots mean
+confidence and pseudo-FID against images seen, for this run's sampling and N only.
 
   python benchmarks/quality_curve.py runs/gpu/reduced/snapshots/*.safetensors \
       runs/gpu/reduced/model.safetensors --out docs/curves --label reduced
@@ -15,18 +18,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from minidiff import checkpoint as ckpt
-from minidiff.config import SamplingSpec
+from minidiff.config import SPACINGS, SamplingSpec
 from minidiff.data import load_split
 from minidiff.files import atomic_write_bytes
 from minidiff.evaluate import METRICS_VERSION, evaluate_checkpoint
 from minidiff.modelfile import epochs_seen, images_seen
 from minidiff.classifier import load_or_train_classifier
-from minidiff.runtime import cpu_name, tune_allocator
+from minidiff.runtime import cpu_name, default_device, resolve_precision, tune_allocator
+
+
+def cache_key(spec: SamplingSpec, n: int, timesteps: int, device: torch.device) -> dict:
+    """What a row's numbers depend on besides the weights and the metric definitions: every
+    field of ``spec`` as the evaluation runs it (steps resolved for a model of ``timesteps``,
+    precision for ``device``) and N."""
+    run = replace(spec.for_schedule(timesteps), precision=resolve_precision(spec.precision, device))
+    return dict(asdict(run), n=n)
 
 
 def row_of(path: Path, meta: dict, label: str, result: dict) -> dict:
@@ -78,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eta", type=float, default=None, help="ddim only (default: SamplingSpec's, 1)")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--seed", type=int, default=None, help="default: SamplingSpec's")
+    ap.add_argument("--spacing", default=None, choices=SPACINGS, help="default: SamplingSpec's")
     a = ap.parse_args(argv)
     tune_allocator()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -85,20 +99,24 @@ def main(argv=None) -> int:
     rows = json.loads(store.read_text()) if store.exists() else []
     clf, _ = load_or_train_classifier()
     test, train = load_split("test"), load_split("train")
-    spec = SamplingSpec(a.sampler, a.steps, eta=a.eta, precision=a.precision)
+    given = {k: getattr(a, k) for k in ("seed", "spacing") if getattr(a, k) is not None}
+    spec = SamplingSpec(a.sampler, a.steps, eta=a.eta, precision=a.precision, **given)
+    device = default_device()
+    keys = []  # this run's (sampling, N) of each model: what the figure shows
     for path in a.models:
         meta = ckpt.read_header(path)
-        if any(r["sha256"] == meta["sha256"] and r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps
-               and r["sampling"]["n"] == a.n and r.get("metrics_version", 1) == METRICS_VERSION for r in rows):
+        key = cache_key(spec, a.n, meta["config"]["diffusion"]["timesteps"], device)
+        keys.append(key)
+        if any(r["sha256"] == meta["sha256"] and r.get("key") == key
+               and r.get("metrics_version", 1) == METRICS_VERSION for r in rows):
             continue
         r = evaluate_checkpoint(path, n=a.n, spec=spec, classifier=clf, test_data=test, train_data=train,
-                                progress=False)
-        rows.append(row_of(path, meta, a.label, r))
+                                device=device, progress=False)
+        rows.append(dict(row_of(path, meta, a.label, r), key=key))
         print(json.dumps({k: rows[-1][k] for k in ("label", "epochs", "mean_confidence", "smallest_share",
                                                      "largest_share", "pseudo_fid", "floor")}), flush=True)
         atomic_write_bytes(store, json.dumps(rows, indent=1).encode())
-    plot([r for r in rows if r["sampling"]["sampler"] == a.sampler and r["sampling"]["steps"] == a.steps],
-         a.out / "quality_curve.png")
+    plot([r for r in rows if r.get("key") in keys], a.out / "quality_curve.png")
     print(f"{store}\n{a.out / 'quality_curve.png'}  (CPU: {cpu_name()}, threads {torch.get_num_threads()})")
     return 0
 

@@ -131,14 +131,17 @@ def test_run_is_the_whole_study(argv, out, monkeypatch, tmp_path, capsys):
 
 def test_train_flags_come_from_the_configs_fields(capsys):
     from minidiff.config import TRAIN_FLAGS, train_config
-    assert TRAIN_FLAGS == ("epochs", "batch_size", "lr", "ema_decay", "precision", "train_subset", "seed")
+    assert TRAIN_FLAGS == ("epochs", "batch_size", "lr", "ema_decay", "distill_weight", "teacher", "precision",
+                           "train_subset", "sample_every", "seed")
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out
     assert all(f"--{k.replace('_', '-')}" in text for k in TRAIN_FLAGS)
     # each flag reaches its field
     a = cli._parser().parse_args(["train", "--out", "x", "--epochs", "0.5", "--batch-size", "8", "--lr", "0.002",
-                                  "--ema-decay", "0.9", "--precision", "bf16", "--train-subset", "32", "--seed", "3"])
+                                  "--ema-decay", "0.9", "--precision", "bf16", "--train-subset", "32", "--seed", "3",
+                                  "--distill-weight", "0.5", "--teacher", "baseline", "--sample-every", "2"])
     cfg = train_config(a.preset, a.arch, **{k: getattr(a, k) for k in TRAIN_FLAGS})
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.ema_decay, cfg.precision, cfg.train_subset, cfg.seed) == (
         0.5, 8, 0.002, 0.9, "bf16", 32, 3)
+    assert (cfg.distill_weight, cfg.teacher, cfg.sample_every) == (0.5, "baseline", 2.0)

@@ -24,8 +24,8 @@ from minidiff.config import train_config
 from minidiff.modelfile import load_model
 from minidiff.train import train
 
-TOL = 2e-3       # training: ‖ε̂_two − ε̂_one‖ / ‖ε̂_one‖ on fixed inputs (README, "More processes")
-EVAL_TOL = 1e-6  # evaluate: relative difference of every metric (README, "More processes")
+TOL = 2e-3       # training: ‖ε̂_two − ε̂_one‖ / ‖ε̂_one‖ on fixed inputs (docs/training.md, "More processes")
+EVAL_TOL = 1e-6  # evaluate: relative difference of every metric (docs/training.md, "More processes")
 
 CHILD = textwrap.dedent("""
     import sys
@@ -155,10 +155,10 @@ def test_two_processes_evaluate_what_one_process_evaluates_from_cold_caches(tmp_
     assert len(list((tmp_path / "two" / "cache").glob("classifier_*.safetensors"))) == 1
 
 
-def test_the_readme_states_the_tolerances_the_tests_use():
+def test_the_docs_state_the_tolerances_the_tests_use():
     from pathlib import Path
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme[readme.index("### More processes"):][:3000]
+    page = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    section = page[page.index("## More processes"):][:3000]
     for tol in (TOL, EVAL_TOL):
         mantissa, exponent = f"{tol:.0e}".split("e-")
         written = f"{mantissa}·10⁻" + str(int(exponent)).translate(str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹"))

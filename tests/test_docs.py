@@ -1,6 +1,9 @@
-"""Docs that cannot rot: every ```python block in README.md and docs/*.md runs (blocks of one
-file share a namespace, top to bottom); every `minidiff …` line (also under torchrun) in a ```bash block must parse
-with the real argument parser (running them would train models for minutes)."""
+"""Docs that cannot rot: every ```python block in docs/*.md runs (blocks of one file share a
+namespace, top to bottom, in a temporary directory; the README's example is run and checked by
+tests/test_readme.py); every `minidiff …` line (also under torchrun) in a ```bash block of the
+README and docs/*.md must parse with the real argument parser (running them would train models
+for minutes) and use the command's one name; every relative link points at a file that exists,
+and at a heading of it when it names one."""
 import contextlib
 import io
 import re
@@ -10,16 +13,40 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README = ROOT / "README.md"
+PAGES = sorted((ROOT / "docs").glob("*.md"))
+DOCS = [README, *PAGES]
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
+COMMAND = re.compile(r"^(?:\.venv/bin/)?(?:torchrun\s.*?-m\s+)?minidiff\s+(.*)$")
 
 
 def _blocks(path, lang):
     return [body for kind, body in BLOCK.findall(path.read_text()) if kind == lang]
 
 
-@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
-def test_python_snippets_run(path):
+def _commands(path):
+    for body in _blocks(path, "bash"):
+        for line in body.splitlines():
+            m = COMMAND.match(line.split("#", 1)[0].strip())
+            if m:
+                yield m.group(1)
+
+
+def _slug(heading: str) -> str:
+    """The anchor a Markdown renderer (GitHub's rule) gives a heading."""
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = BLOCK.sub("", path.read_text())  # a '#' line inside a code block is no heading
+    return {_slug(m) for m in re.findall(r"^#+\s+(.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: p.name)
+def test_python_snippets_run(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # whatever a snippet writes stays out of the working tree
     namespace = {"__name__": "__docs__"}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -31,17 +58,24 @@ def test_python_snippets_run(path):
 def test_minidiff_commands_parse(path):
     from minidiff.cli import _parser
     parser = _parser()
-    for body in _blocks(path, "bash"):
-        for line in body.splitlines():
-            line = line.split("#", 1)[0].strip()
-            m = re.match(r"^(?:\.venv/bin/)?(?:torchrun\s.*?-m\s+)?minidiff\s+(.*)$", line)
-            if m and m.group(1) not in ("--help",):
-                parser.parse_args(shlex.split(m.group(1)))
+    for args in _commands(path):
+        if args not in ("--help",):
+            parser.parse_args(shlex.split(args))
 
 
-def test_tour_links_point_at_real_files():
-    for path in DOCS:
-        for target in re.findall(r"\]\(([^)#]+)\)", path.read_text()):
-            if target.startswith("http") or target.startswith("figures/"):
-                continue
-            assert (path.parent / target).exists(), f"{path.name}: broken link {target}"
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_commands_use_the_one_name_of_each_command(path):
+    # `study` is a deprecated alias of `run`: the docs teach the name that is listed
+    assert [a for a in _commands(path) if a.split()[0] == "study"] == []
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_relative_links_point_at_real_files_and_headings(path):
+    text = BLOCK.sub("", path.read_text())
+    targets = [t for t in LINK.findall(text) if not re.match(r"^[a-z]+:", t)]  # http(s), mailto…
+    for target in targets:
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file) if file else path
+        assert dest.exists(), f"{path.name}: broken link {target}"
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest), f"{path.name}: {target}: no heading #{anchor} in {dest.name}"

@@ -192,9 +192,9 @@ def test_initial_noise_prefixes_are_the_same_draw():
 
 def test_teacher_samples_are_drawn_once_and_give_the_same_answer(tiny_run):
     path = tiny_run[0]
-    E._TEACHER_SAMPLES.clear()
-    first = _evaluate(tiny_run, n=8, teacher=path, eta=1.0)
-    second = _evaluate(tiny_run, n=8, teacher=path, eta=1.0)
+    cache = {}  # the caller's: a study passes one to every model it compares with the baseline
+    first = _evaluate(tiny_run, n=8, teacher=path, eta=1.0, teacher_samples=cache)
+    second = _evaluate(tiny_run, n=8, teacher=path, eta=1.0, teacher_samples=cache)
     assert not first["timing"]["teacher_samples_reused"] and second["timing"]["teacher_samples_reused"]
     assert first["teacher_consistency"] == second["teacher_consistency"]
     # a stochastic student is compared through its deterministic DDIM samples at the same steps

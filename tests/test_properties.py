@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from minidiff.config import (ARCHS, LR_SCHEDULES, PRECISIONS, PRESETS, SAMPLERS, SPACINGS, ConfigError,
+from minidiff.config import (ARCHS, LIMITS, LR_SCHEDULES, PRECISIONS, PRESETS, SAMPLERS, SPACINGS, ConfigError,
                              DiffusionConfig, ModelConfig, SamplingSpec, TrainConfig, train_config)
 from minidiff.data import DataError, encode_idx, parse_idx
 
@@ -64,7 +64,7 @@ SAMPLING = {
     "sampler": (st.sampled_from(list(SAMPLERS)) | words, lambda v: v in SAMPLERS),
     "steps": (st.none() | st.integers(-5, 400), lambda v: True),  # checked against T in _sampling_ok
     "spacing": (st.sampled_from(SPACINGS) | words, lambda v: v in SPACINGS),
-    "eta": (st.none() | any_float, lambda v: v is None or 0 <= v < math.inf),
+    "eta": (st.none() | any_float, lambda v: v is None or 0 <= v <= 1),
     "seed": (st.integers(-3, 2**33), lambda v: 0 <= v < 2**32),
     "batch_size": (st.integers(-3, 10**4), lambda v: v >= 1),
     "precision": (st.sampled_from(PRECISIONS) | words, lambda v: v in PRECISIONS),
@@ -89,6 +89,7 @@ def _sampling_ok(d: dict, T: int = 200) -> bool:
 
 @FAST
 @given(d=st.fixed_dictionaries({}, optional={k: v[0] for k, v in SAMPLING.items()}))
+@example(d={"eta": 1e308})  # was accepted: samples of NaN, saved as a black grid
 def test_sampling_spec_accepts_exactly_the_valid_values(d):
     if not _sampling_ok(d):
         with pytest.raises(ConfigError):
@@ -163,7 +164,8 @@ def _diffusion_ok(d) -> bool:
     d = {**SMOKE["diffusion"], **d}
     if not (_is("int", d["timesteps"]) and all(_is("float", d[k]) for k in ("cosine_s", "beta_min", "beta_max"))):
         return False
-    return (max(2, SMOKE["sampling"]["steps"]) <= d["timesteps"] and 0 <= d["beta_min"] < d["beta_max"] < 1
+    return (max(2, SMOKE["sampling"]["steps"]) <= d["timesteps"] <= LIMITS.timesteps
+            and 0 <= d["beta_min"] < d["beta_max"] < 1
             and 0 <= d["cosine_s"] < math.inf)
 
 
@@ -226,6 +228,7 @@ def _check_edit(key_path: tuple, value) -> None:
 @example(key_path=("model", "channels"), value="163")            # was read as (1, 6, 3)
 @example(key_path=("diffusion", "cosine_s"), value=math.inf)     # was accepted: a NaN schedule
 @example(key_path=("arch",), value="baseline")                   # was accepted: reduced weights
+@example(key_path=("diffusion", "timesteps"), value=10**9)       # was accepted: an 8 GB schedule
 def test_from_dict_of_an_edited_config_json_accepts_exactly_the_valid_values(key_path, value):
     """``minidiff train --resume`` reads config.json: a bad value must raise ConfigError (the CLI
     prints it as one line), never be accepted; a good one must come back unchanged."""

@@ -10,6 +10,7 @@ import http.client
 import importlib.util
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -198,6 +199,8 @@ GOOD = {"model": "tiny", "sampler": "ddim", "steps": 3, "eta": 1.0}
     (b'{"seed": 0, "n": 2, "runs": [{"model": "tiny", "sampler": "ddim", "steps": 3, "eta": 1e999}]}', 400,
      "eta applies to ddim only and must be >= 0 and finite, got inf for ddim"),
     ({"seed": 0, "n": 2, "runs": [dict(GOOD, eta="1")]}, 400, 'eta must be a number, got "1"'),
+    ({"seed": 0, "n": 2, "runs": [dict(GOOD, eta=1e308)]}, 400,
+     "eta must be in [0, 1] (0 deterministic, 1 DDPM's variance), got 1e+308"),
     ({"seed": 0, "n": 2, "runs": [dict(GOOD, sampler="dpmpp2m")]}, 400, "eta applies to ddim only and must be >= 0 and finite, got 1.0 for dpmpp2m"),
     ({"seed": 0, "n": 2, "runs": [GOOD] * 3}, 400, "runs must be a list of one setting (Generate) or two"),
     ({"seed": 0, "n": 2, "runs": [GOOD], "batch": 9}, 400, "unknown field(s) batch"),
@@ -321,6 +324,120 @@ def test_serve_command_errors_are_one_line_exit_2(tiny_models, tmp_path, capsys)
     assert "no such checkpoint file" in capsys.readouterr().err
     assert cli.main(["serve", str(tiny_models["tiny"]), "--port", "70000"]) == 2
     assert capsys.readouterr().err.strip() == "minidiff: error: --port must be in [0, 65535], got 70000"
+
+
+# --- whom the server answers --------------------------------------------------------------------
+
+def _get(port: int, path: str, host: str | None):
+    """GET with this Host header (None: none at all); returns (status, JSON body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, json.loads(body) if resp.getheader("Content-Type") == "application/json" else body
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.evil.example", "localhost.evil.example",
+                                  "[::2]:{port}", "0.0.0.0:{port}", "", None])
+def test_a_request_naming_another_host_is_answered_400_and_runs_nothing(port, host):
+    """A page on another site whose DNS name is rebound to 127.0.0.1 sends its own name as Host."""
+    header = None if host is None else host.format(port=port)
+    before = _get_json(port, "/api/status")[1]
+    for path in ("/api/models", "/api/status", "/", "/static/app.js"):
+        status, body = _get(port, path, header)
+        assert status == 400, (path, body)
+        if header is None:  # HTTP/1.1 requires a Host header: uvicorn answers 400 itself
+            continue
+        assert "this server answers to localhost, 127.0.0.1, ::1 only" in body["error"]
+        assert "--allow-host" in body["error"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/api/generate", skip_host=True)
+    for k, v in (("Host", header or "x"), ("Content-Type", "application/json")):
+        conn.putheader(k, v)
+    body = json.dumps({"seed": 0, "n": 1, "runs": [GOOD]}).encode()
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    assert conn.getresponse().status == 400
+    conn.close()
+    assert _get_json(port, "/api/status")[1] == before  # nothing was queued or sampled
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST:{port}", "[::1]:{port}",
+                                  "127.0.0.1", "localhost"])
+def test_its_own_host_names_are_answered(port, host):
+    status, body = _get(port, "/api/models", host.format(port=port))
+    assert status == 200 and [m["name"] for m in body["models"]] == ["tiny", "tiny-b"]
+
+
+def test_allow_host_adds_names_and_the_listening_address_is_one(tiny_models):
+    from minidiff.serve import host_names
+    assert host_names("127.0.0.1", []) == ("localhost", "127.0.0.1", "::1")
+    assert host_names("0.0.0.0", ["Digits.LAN"]) == ("localhost", "127.0.0.1", "::1", "digits.lan")
+    assert host_names("192.168.1.5", ["[fe80::1]"]) == ("localhost", "127.0.0.1", "::1", "192.168.1.5", "fe80::1")
+    with serving(create_app(tiny_models, hosts=host_names("0.0.0.0", ["digits.lan"]))) as p:
+        assert _get(p, "/api/models", f"digits.lan:{p}")[0] == 200
+        assert _get(p, "/api/models", f"localhost:{p}")[0] == 200
+        assert _get(p, "/api/models", f"other.lan:{p}")[0] == 400
+    assert cli._parser().parse_args(["serve", "--allow-host", "a", "--allow-host", "b"]).allow_host == ["a", "b"]
+
+
+def test_the_model_list_shows_names_not_file_paths(port, tiny_models):
+    status, info = _get_json(port, "/api/models")
+    assert status == 200
+    text = json.dumps(info)
+    assert str(tiny_models["tiny"].parent) not in text and "/" not in text.replace("\\/", "")
+    assert [(m["name"], m["file"]) for m in info["models"]] == [("tiny", "tiny.safetensors"), ("tiny-b", "b.safetensors")]
+    assert all(set(m) == {"name", "file", "arch", "T", "params", "precision"} for m in info["models"])
+    # what the page reads of each model (web/app.js): name, arch, params and T
+    js = (Path(__file__).parents[1] / "src/minidiff/web/app.js").read_text()
+    assert "m.path" not in js and ".path" not in js
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("LocalHost", True), ("127.evil.example", False), ("127.0.0.1.evil.example", False), ("0.0.0.0", False),
+    ("::", False), ("192.168.1.5", False), ("example.com", False), ("", False)])
+def test_is_loopback_parses_the_address(host, loopback):
+    from minidiff.serve import is_loopback
+    assert is_loopback(host) is loopback
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_client_that_closes_mid_body_is_a_quiet_cancellation(tiny_models):
+    with serving(create_app(tiny_models, queue_size=0)) as p:
+        records = _Records()
+        log = logging.getLogger("uvicorn.error")  # where uvicorn writes an application's traceback
+        log.addHandler(records)
+        try:
+            with socket.create_connection(("127.0.0.1", p)) as s:
+                s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"seed\": 0, ")  # 12 of the 1000 bytes, then gone
+                time.sleep(0.2)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and not records.records:
+                time.sleep(0.05)
+        finally:
+            log.removeHandler(records)
+        assert [r.getMessage() for r in records.records if r.levelno >= logging.WARNING] == []
+        assert not any(r.exc_info for r in records.records)
+        status = _get_json(p, "/api/status")[1]
+        assert (status["running"], status["waiting"], status["failed"]) == (0, 0, 0)
+        short = {"seed": 0, "n": 1, "runs": [{"model": "tiny", "sampler": "ddim", "steps": 2}]}
+        assert _events(p, short)[-1] == {"type": "end"}  # the server serves on
 
 
 # --- the page in headless Chromium ---------------------------------------------------------------

@@ -20,6 +20,7 @@ from minidiff import shipped
 from minidiff.config import STUDY_PRESETS, SamplingSpec, StudyConfig, study_config
 from minidiff.data import MNIST
 from minidiff.models.classifier import MnistClassifier
+from minidiff.claims import check_claims
 from minidiff.report import COLUMNS, PAPER_TABLE, READABLE, findings, readable_row, real_confidence, table_rows
 from minidiff.study import MODELS, run_study
 
@@ -162,8 +163,9 @@ def test_results_csv_and_table_md_agree_with_the_evaluations(smoke):
     assert all(-1 <= float(r["teacher_ssim"]) < 0.99 for r in rows if r["model"] != "baseline")  # other weights
 
     text = (out / "table.md").read_text()
-    ours, paper = _md_tables(text)
+    ours, claims, paper = _md_tables(text)
     assert ours[0] == list(rows[0]) and ours[1:] == [list(r.values()) for r in rows]  # the CSV, cell by cell
+    assert claims[1:] == [list(c.values()) for c in check_claims(table_rows(results["models"]))]
     assert paper[1:] == [[k, f"{v['params']:,}", str(v["size_mib"]), str(v["latency_s"]), str(v["ssim"]),
                           str(v["pseudo_fid"])] for k, v in PAPER_TABLE.items()]
     stages = re.search(r"^Stage wall times \(s\): (.*)$", text, re.M).group(1).split(", ")
@@ -192,9 +194,10 @@ def test_study_writes_every_figure_and_a_self_contained_report(smoke):
         with Image.open(io.BytesIO(png)) as im:
             lo, hi = im.convert("L").getextrema()
             assert im.format == "PNG" and min(im.size) > 100 and hi - lo > 100, alt
-    # its four tables: Table 1 for reading, the CSV (under the report's headers), the paper's,
-    # the stage times so far
-    readable, ours, paper, stages = parsed.tables
+    # its five tables: the paper's claims checked, Table 1 for reading, the CSV (under the
+    # report's headers), the paper's, the stage times so far
+    claims, readable, ours, paper, stages = parsed.tables
+    assert claims[1:] == [list(c.values()) for c in check_claims(table_rows(results["models"]))]
     assert readable[1:] == [list(readable_row(r).values()) for r in table_rows(results["models"])]
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -313,7 +316,7 @@ def test_the_trained_report_opens_with_findings_from_its_numbers(trained):
     assert [int(r["images_seen"]) for r in csv_rows] == [r["images_seen"] for r in rows]
     page = (out / "report.html").read_text()
     parsed = _Page(page)
-    readable = parsed.tables[0]
+    readable = parsed.tables[1]  # after the claims
     assert readable[0] == list(READABLE) and readable[1:] == [list(readable_row(r).values()) for r in rows]
     said = re.search(r'<ul id="findings">(.*?)</ul>', page, re.S).group(1)
     items = [html.unescape(x) for x in re.findall(r"<li>(.*?)</li>", said)]

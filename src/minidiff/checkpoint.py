@@ -215,7 +215,19 @@ def decode_sparse(tensors: dict[str, torch.Tensor], index: dict[str, Any]) -> di
             values, packed = tensors[k + _VALUES], tensors[k + _MASK]
         except KeyError:
             raise CheckpointError(f"sparse tensor {k!r} is missing its values or mask") from None
-        n = math.prod(spec["shape"])
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise CheckpointError(f"sparse tensor {k!r}: its shape {shape!r} is not a list of sizes")
+        n = math.prod(shape)
+        # the entries the header declares must be the ones the stored bitmask covers, so decoding
+        # allocates at most 8 entries per byte of the file, whatever the header says
+        if packed.dtype != torch.uint8 or packed.dim() != 1:
+            raise CheckpointError(f"sparse tensor {k!r}: its mask is not packed bits (1-D uint8), got "
+                                  f"{packed.dtype} of shape {tuple(packed.shape)}")
+        if packed.numel() != (n + 7) // 8:
+            raise CheckpointError(f"sparse tensor {k!r}: its shape {shape} has {n:,} entries, its mask "
+                                  f"covers {8 * packed.numel():,}: mask and shape do not agree")
         keep = torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))
         if int(keep.sum()) != values.numel() or str(values.dtype).removeprefix("torch.") != spec["dtype"]:
             raise CheckpointError(f"sparse tensor {k!r}: mask and values do not agree")
@@ -237,14 +249,21 @@ def load_sparse(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, An
     """Load a file written by ``save_sparse`` (a dense checkpoint loads unchanged); returns the
     dense state dict and the metadata."""
     tensors, meta = load(path)
+    return densify(path, tensors, meta), meta
+
+
+def densify(path: Path | str, tensors: dict[str, torch.Tensor],
+            meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The dense state dict of a loaded file: its sparse-encoded tensors decoded as its header's
+    ``sparse`` index says (``decode_sparse``), or its tensors as they are."""
     sparse = meta.get("sparse")
     if sparse is None:
-        return tensors, meta
+        return tensors
     if not isinstance(sparse, dict) or sparse.get("format") != SPARSE_FORMAT:
         found = sparse.get("format") if isinstance(sparse, dict) else repr(sparse)
         raise CheckpointError(f"{path}: sparse format {found} is not {SPARSE_FORMAT}")
     try:
-        return decode_sparse(tensors, sparse["tensors"]), meta
+        return decode_sparse(tensors, sparse["tensors"])
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except (AttributeError, TypeError, KeyError, ValueError, IndexError, RuntimeError) as e:

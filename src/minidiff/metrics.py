@@ -5,8 +5,9 @@ Quality metrics work in the feature space / on the predictions of the evaluation
 result that uses them records the classifier's content hash. Images follow the one input
 convention: float (N, 1, 28, 28) in [-1, 1]; SSIM maps them to [0, 1] with ``data_range=1``.
 
-Fixes to the paper's implementation (SPEC §4): the Fréchet distance uses tr√(Σ_a Σ_b) (via
-torchmetrics), not the eigen-decomposition of a symmetrised product; ``fid_floor`` gives the
+Fixes to the paper's implementation, whose "pseudo-FID" was not a Fréchet distance and whose
+SSIM compared each sample with an unrelated real image: the Fréchet distance uses tr√(Σ_a Σ_b)
+(via torchmetrics), not the eigen-decomposition of a symmetrised product; ``fid_floor`` gives the
 value a perfect generator would score, to print next to every FID; ``ssim_paper`` is kept only
 for the paper's column.
 """
@@ -111,7 +112,8 @@ def ssim_pairs(a: torch.Tensor, b: torch.Tensor, chunk: int = 1000) -> torch.Ten
     """SSIM (Gaussian window 11, σ 1.5) of each pair (a_i, b_i); images in [-1, 1]; returns (N,).
 
     Between a compressed model's samples and the teacher's samples from the same x_T, this is the
-    meaningful "did compression change the output" SSIM (SPEC §4).
+    meaningful "did compression change the output" SSIM (the paper's SSIM, ``ssim_paper``,
+    compares each sample with an unrelated real image).
     """
     if a.shape != b.shape:
         raise ValueError(f"paired images need equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")

@@ -9,6 +9,7 @@ pruning, evaluation, the study and the command line sit above it.
 """
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,11 +28,6 @@ class LoadedModel(NamedTuple):
     model: torch.nn.Module
     schedule: Schedule
     meta: dict[str, Any]
-
-
-def schedule_of(meta: dict[str, Any]) -> Schedule:
-    """The noise schedule a model file's network was trained for."""
-    return make_schedule(DiffusionConfig(**meta["config"]["diffusion"]))
 
 
 def images_seen(meta: dict[str, Any]) -> int:
@@ -63,16 +59,55 @@ def save_model(path: Path | str, model: torch.nn.Module, cfg: TrainConfig, step:
     return ckpt.save(path, model.state_dict(), model_header(cfg, step, **extra))
 
 
+def _object(d: dict[str, Any], key: str) -> dict[str, Any]:
+    v = d.get(key)
+    if not isinstance(v, dict):
+        raise ValueError(f"its {key} is not an object, got {reprlib.repr(v)}" if key in d
+                         else f"its header has no {key}")
+    return v
+
+
+def model_configs(meta: dict[str, Any], path: Path | str) -> tuple[ModelConfig, DiffusionConfig]:
+    """The network and the schedule a model or training file's header declares, validated (their
+    sizes within ``config.LIMITS``) before anything is built from them; a CheckpointError naming
+    the file otherwise, "not a diffusion model file" for another kind of file (the evaluation
+    classifier's). Every command that takes a model reads its header through this."""
+    kind = meta.get("kind", "model")
+    if kind not in ("model", "training") or "config" not in meta:
+        why = (f"its kind is {reprlib.repr(kind)}" if kind not in ("model", "training")
+               else "its header has no config")
+        raise ckpt.CheckpointError(f"{path}: not a diffusion model file ({why}); give a model file or "
+                                   "training checkpoint that minidiff wrote, or a shipped model's name")
+    try:
+        model = ModelConfig(**_object(meta, "model"))
+        diffusion = DiffusionConfig(**_object(_object(meta, "config"), "diffusion"))
+        step = meta.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {reprlib.repr(step)}")
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: cannot build a model from this checkpoint: {e}") from None
+    return model, diffusion
+
+
 def load_model(path: Path | str, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a sampling-ready model from a model or training checkpoint (a sparse file is
-    densified; a training checkpoint gives its EMA weights when it has them)."""
-    tensors, meta = ckpt.load_sparse(path)
+    densified; a training checkpoint gives its EMA weights when it has them). The header is
+    checked (``model_configs``) before a network is built or a sparse tensor expanded."""
+    tensors, meta = ckpt.load(path)
+    model_cfg, diffusion = model_configs(meta, path)
+    tensors = ckpt.densify(path, tensors, meta)
     try:
         if meta.get("kind") == "training":
             prefix = "ema" if meta["config"].get("ema_decay", 0) > 0 else "model"
             tensors = ckpt.split_prefix(tensors, prefix)
-        schedule = schedule_of(meta)
-        model = build_from_state_dict(ModelConfig(**meta["model"]), tensors)
+        schedule = make_schedule(diffusion)
+        model = build_from_state_dict(model_cfg, tensors)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ckpt.CheckpointError(f"{path}: cannot build a model from this checkpoint: {e}") from None
+    # one NaN or ±inf weight makes every output NaN: refused here, not sampled into black images
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ckpt.CheckpointError(f"{path}: {len(bad)} of its weight tensors hold NaN or ±inf "
+                                   f"({bad[0]}{', …' if len(bad) > 1 else ''}): "
+                                   "this network gives no finite output")
     return LoadedModel(model.to(device).eval(), schedule, meta)

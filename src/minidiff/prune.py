@@ -1,4 +1,4 @@
-"""Compression by pruning (SPEC §2, §4): the paper's masks, real channel removal, sparse storage.
+"""Compression by pruning: the paper's masks, real channel removal, sparse storage.
 
 Three ways to prune a SimpleUnet, because the paper's way alone changes nothing you can measure:
 
@@ -32,8 +32,8 @@ from .metrics import count_params
 
 METHODS = ("paper", "structural", "sparse")
 IMPORTANCES = ("l1", "taylor")
-PAPER_STRUCTURED = 0.10    # fraction of Conv2d filters removed by L1 norm (SPEC §2)
-PAPER_UNSTRUCTURED = 0.30  # fraction of the remaining weights zeroed by magnitude (SPEC §2)
+PAPER_STRUCTURED = 0.10    # fraction of Conv2d filters removed by L1 norm (the paper's 10 %)
+PAPER_UNSTRUCTURED = 0.30  # fraction of the remaining weights zeroed by magnitude (the paper's 30 %)
 PRUNABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
@@ -58,7 +58,7 @@ def paper_prune(model: nn.Module, structured: float = PAPER_STRUCTURED,
     3. ``prune.remove``: the zeros are baked into ordinary dense weights.
 
     ConvTranspose2d is included in step 2 because the paper's text says "all convolutional and
-    linear layers" (its code skipped it; SPEC §4 asks us to pick one and say so). Biases, BN and
+    linear layers" (its code skipped it: text and code disagree, so we follow the text). Biases, BN and
     the head's single filter stay as they are (10 % of one filter rounds to none). Pruned entries
     are written as +0.0 (``prune.remove`` leaves −0.0 where the weight was negative).
     """
@@ -105,9 +105,15 @@ def finetune_start(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str,
     """What fine-tuning a model file starts from: its weights, the masks that keep its pruned
     weights at zero (None unless it was paper-pruned) and its header (``train(init_state=...,
     masks=...)``; ``minidiff train --init`` and the study's pruned stages)."""
+    from .checkpoint import CheckpointError
     from .modelfile import load_model
     model, _, meta = load_model(path)
-    masked = (meta.get("pruning") or {}).get("masked")
+    pruning = meta.get("pruning")
+    masked = pruning.get("masked") if isinstance(pruning, dict) else None
+    weights = {n for n, _ in model.named_parameters()}
+    if masked is not None and not (isinstance(masked, list)
+                                   and all(isinstance(n, str) and n in weights for n in masked)):
+        raise CheckpointError(f"{path}: its pruning.masked is not a list of this model's weights")
     return model.state_dict(), masks_from_zeros(model, masked) if masked else None, meta
 
 
@@ -173,7 +179,8 @@ def accumulate_loss_grads(model: nn.Module, example_data: MNIST | torch.Tensor, 
 
 def structural_prune(model: nn.Module, ratio: float, importance: str = "l1",
                      example_data: MNIST | torch.Tensor | None = None, sched: Schedule | None = None,
-                     *, taylor_batches: int = 4, batch_size: int = 64, seed: int = 0) -> nn.Module:
+                     *, taylor_batches: int = 4, batch_size: int = 64, seed: int = 0,
+                     round_to: int | None = None) -> nn.Module:
     """Remove ``ratio`` of the channels of every prunable group, in place; returns the model.
 
     Torch-Pruning traces the dependency graph from one forward of ``model(x, t)``, so coupled
@@ -187,8 +194,13 @@ def structural_prune(model: nn.Module, ratio: float, importance: str = "l1",
     |w · ∂L/∂w| with gradients of the diffusion loss summed over ``taylor_batches`` batches of
     ``example_data`` (MNIST or images in [-1, 1]) under ``sched`` (default: the cosine schedule).
     The pruned model loads back from its state dict alone with ``build_from_state_dict``.
+    ``round_to`` keeps every pruned width a multiple of it (Torch-Pruning's ``round_to``): CPU
+    convolution kernels block channels by 8 or 16, so odd widths can cost more time than their
+    MACs say (``benchmarks/bench_widths.py`` measures it).
     """
     _check_fraction("ratio", ratio, low_open=True)
+    if round_to is not None and round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
     if importance not in IMPORTANCES:
         raise ValueError(f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCES)}")
     if importance == "taylor" and example_data is None:
@@ -202,7 +214,7 @@ def structural_prune(model: nn.Module, ratio: float, importance: str = "l1",
     imp = (tp.importance.MagnitudeImportance(p=1) if importance == "l1"
            else tp.importance.TaylorImportance())
     pruner = tp.pruner.MetaPruner(model, example_inputs, importance=imp, pruning_ratio=ratio,
-                                  ignored_layers=[model.head])
+                                  ignored_layers=[model.head], round_to=round_to)
     if importance == "taylor":
         accumulate_loss_grads(model, example_data, sched or make_schedule(), taylor_batches,
                               batch_size, seed)

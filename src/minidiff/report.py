@@ -2,10 +2,12 @@
 the "recognisable digits" rule, the figures and the self-contained ``report.html`` (every image
 embedded). ``study`` runs the stages and hands their results here.
 
-Figures, all drawn from files the study already wrote (nothing is re-measured here):
-a sample grid per model (the first 64 evaluation samples), the training loss curves, the digit
-distribution of each model's samples, the denoising strip of the baseline from x_T to x_0,
-and efficiency against quality (measured sampling time and parameters against pseudo-FID).
+Figures: a sample grid per model (the first 64 evaluation samples), the training loss curves,
+the digit distribution of each model's samples and efficiency against quality (measured
+sampling time and parameters against pseudo-FID) are drawn from files the study already wrote;
+every number comes from its evaluations. One figure runs a network here: the denoising strip,
+for which ``write_study_report`` loads the baseline and runs its ancestral sampler (200 steps,
+4 samples, seeded; ``figures.plot_reverse``) from x_T to x_0. Nothing is timed or scored here.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .claims import check_claims  # noqa: E402
 from .files import atomic_write_bytes, save_figure, write_text  # noqa: E402
 
 # The paper's Table 1, its own numbers for reference. Its "MB" is MiB; its pseudo-FID is not a
-# Fréchet distance and its SSIM compares unrelated images (SPEC §4); latency: 10,000 samples.
+# Fréchet distance (metrics.py says why) and its SSIM compares unrelated images; latency:
+# 10,000 samples.
 PAPER_TABLE = {
     "baseline": dict(params=2_529_217, size_mib=9.72, latency_s=57.6128, ssim=0.3475, pseudo_fid=10.75),
     "paper_pruned": dict(params=2_529_217, size_mib=9.72, latency_s=57.6229, ssim=0.3674, pseudo_fid=2.77),
@@ -262,6 +266,9 @@ def write_report(out: Path, rows: list[dict[str, Any]], paper_rows: list[dict[st
 <h1>minidiff study, preset <code>{html.escape(study['preset'])}</code></h1>
 <h2>What the study found</h2>
 <ul id="findings">{"".join(f"<li>{html.escape(line)}</li>" for line in findings(rows, study.get("missing", [])))}</ul>
+<h2>The paper's claims, checked</h2>
+<p>Each claim of the paper's §4–6 against this study's numbers (the rules: <code>minidiff.claims</code>).</p>
+{_table(check_claims(rows, study.get("before_finetune")), {"claim": "claim", "verdict": "verdict", "evidence": "the numbers"})}
 <h2>Table 1, measured</h2>
 <p>Every model evaluated the same way: N = {rows[0]['n']} samples, {html.escape(str(rows[0]['sampler']))}
 with {rows[0]['steps']} steps, the same seed; pseudo-FID is a Fréchet distance on minidiff's MNIST
@@ -358,6 +365,8 @@ def write_tables(out: Path, results: dict[str, Any], timings: dict[str, float]) 
     lines += ["", f"recognisable: mean classifier confidence >= {RECOGNISABLE['mean_confidence']} and "
               f"every digit >= {RECOGNISABLE['min_class_share']:.0%} of the samples "
               f"(the real test digits: {real_confidence(results)})."]
+    lines += ["", "The paper's claims, checked against these numbers:", ""]
+    lines += markdown_table(check_claims(rows))
     lines += ["", "The paper's own Table 1 for reference (its pseudo-FID is not a Fréchet distance and "
               "its SSIM compares unrelated images; not comparable with the columns above):", ""]
     lines += markdown_table(paper_rows())

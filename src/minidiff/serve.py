@@ -18,13 +18,16 @@ The answer is a text/event-stream of JSON events:
 - ``done``: the run's sampling seconds (the steps alone) and wall seconds (frames included);
 - ``end`` after the last run, or ``error`` with a message.
 
-``GET /api/models`` lists the models and bounds the page offers; ``GET /api/status`` the running
-and waiting generations and what became of the others. A bad request is answered 4xx with
-``{"error": "..."}`` before anything runs. Load is bounded: one generation samples at a time (one
-worker thread; torch keeps its own thread count), at most ``queue_size`` more wait, and a request
-beyond that is answered 503. A client that goes away (page closed, Stop pressed) cancels its
-generation: the worker checks between sampler steps. One that stays but reads nothing for
-``STALL_S`` loses it too, so it cannot hold the worker.
+``GET /api/models`` lists the models (names and file names, not where the files are) and bounds
+the page offers; ``GET /api/status`` the running and waiting generations and what became of the
+others. A bad request is answered 4xx with ``{"error": "..."}`` before anything runs; so is one
+whose Host header is not one of the server's own names (``host_names``): a site that points its
+own DNS name at this machine (DNS rebinding) reads nothing. Load is bounded: one generation
+samples at a time (one worker thread; torch keeps its own thread count), at most ``queue_size``
+more wait, and a request beyond that is answered 503. A client that goes away (page closed, Stop
+pressed) cancels its generation: the worker checks between sampler steps; one that leaves while
+still sending its request is dropped without a word in the log. One that stays but reads nothing
+for ``STALL_S`` loses its generation too, so it cannot hold the worker.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import base64
 import concurrent.futures
 import contextlib
 import io
+import ipaddress
 import json
 import socket
 import threading
@@ -46,7 +50,8 @@ import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -66,6 +71,8 @@ QUEUE_SIZE = 4         # generations that may wait behind the running one
 MAX_BODY = 16_384      # bytes; a request is ~200
 FRAME_BUFFER = 4       # frames drawn ahead of a slow client; the sampler waits beyond that
 STALL_S = 30.0         # a client that reads nothing for this long loses its generation
+# Host names that reach this machine only: always answered (no other site can be named so)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class BadRequest(ValueError):
@@ -116,7 +123,8 @@ def load_models(paths: dict[str, Path], device: torch.device | None = None) -> d
         net, sched, meta = load_model(path, device)
         params = count_params(net)["total"]
         net = fold_batchnorm(net) if isinstance(net, SimpleUnet) else net  # once, not per request
-        info = dict(name=name, path=str(path), arch=meta.get("arch"), T=sched.T,
+        # the file's name only: the page (and anyone who can reach it) need not see where it lives
+        info = dict(name=name, file=Path(path).name, arch=meta.get("arch"), T=sched.T,
                     params=params, precision=precision)
         models[name] = Model(net, sched, device, precision, info)
     return models
@@ -362,9 +370,10 @@ async def _read_json(request: Request) -> Any:
 
 
 def create_app(models: dict[str, Path], max_images: int = MAX_IMAGES,
-               queue_size: int = QUEUE_SIZE) -> Starlette:
+               queue_size: int = QUEUE_SIZE, hosts: tuple[str, ...] = LOOPBACK_NAMES) -> Starlette:
     """The server: the page and its assets, ``/api/models``, ``/api/generate`` (an event stream)
-    and ``/api/status``. ``models`` maps the names the page offers to model files."""
+    and ``/api/status``. ``models`` maps the names the page offers to model files; ``hosts`` are
+    the host names it answers to (``host_names``), any other Host header is answered 400."""
     if not models:
         raise ValueError("no models to serve")
     if max_images < 1 or queue_size < 0:
@@ -396,8 +405,9 @@ def create_app(models: dict[str, Path], max_images: int = MAX_IMAGES,
                             Route("/api/status", api_status),
                             Route("/api/generate", api_generate, methods=["POST"]),
                             Mount("/static", StaticFiles(directory=WEB_DIR), name="static")],
+                    middleware=[Middleware(OwnHostsOnly, names=hosts)],
                     exception_handlers={BadRequest: _bad_request, HTTPException: _http_error,
-                                        Exception: _server_error},
+                                        ClientDisconnect: _client_gone, Exception: _server_error},
                     lifespan=lifespan)
     app.state.worker = worker
     return app
@@ -409,6 +419,12 @@ async def _bad_request(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _client_gone(request: Request, exc: Exception) -> None:
+    """A client that closed its connection while sending its request (the page closed or Stop
+    pressed mid-body): nothing was admitted, nobody is left to answer, nothing to log."""
+    return None
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -425,7 +441,59 @@ def serve_forever(app: Starlette, sock: socket.socket) -> None:
     Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
 
 
+def host_name(host: str) -> str:
+    """The host of a Host header or an address as typed: lower case, without its port and
+    without the brackets of an IPv6 address (``[::1]:8000`` → ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.index("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def host_names(listen: str, allowed: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The host names a server listening on ``listen`` answers to: the loopback names, the
+    listening address itself unless it is a wildcard (0.0.0.0, ::), and the ``allowed`` ones
+    (``--allow-host``), in that order, without repeats."""
+    names = list(LOOPBACK_NAMES)
+    try:
+        wildcard = ipaddress.ip_address(host_name(listen)).is_unspecified
+    except ValueError:
+        wildcard = False
+    for name in ([] if wildcard else [listen]) + list(allowed):
+        if host_name(name) not in names:
+            names.append(host_name(name))
+    return tuple(names)
+
+
+class OwnHostsOnly:
+    """ASGI middleware: a request whose Host header names a host outside ``names`` is answered
+    400 before any route runs. A page on another site can point its own DNS name at this
+    machine's address (DNS rebinding); its requests then still carry its name, so they are
+    refused and it can read nothing the server shows."""
+
+    def __init__(self, app, names: tuple[str, ...]):
+        self.app, self.names = app, tuple(host_name(n) for n in names)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.names:
+                response = JSONResponse({"error": f"this server answers to {', '.join(self.names)} only, not "
+                                                  f"{header!r}; start it with --allow-host NAME to add a name"},
+                                        status_code=400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only."""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Whether the listening address ``host`` is reachable from this machine only: ``localhost``
+    or a loopback IP address (127.0.0.0/8, ::1), parsed as an address, not matched as text."""
+    name = host_name(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 

@@ -9,6 +9,7 @@ out, and the report says so); the pruned models start from the shipped baseline.
 
 Each stage writes into ``OUT/<stage>/``; a stage whose output exists is skipped, and an
 interrupted training stage resumes from its last checkpoint (``train(..., resume=True)``).
+``OUT/study.json`` records the preset, and another preset is refused in that directory.
 Every model is evaluated the same way (same N, sampler, steps, seed, batch and classifier) in
 one process, so the efficiency columns compare like with like.
 """
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 from . import checkpoint as ckpt
 from . import modelfile, shipped
-from .config import StudyConfig, TrainConfig, study_config, train_config
+from .config import ConfigError, StudyConfig, TrainConfig, study_config, train_config
 from .data import MNIST
 from .evaluate import evaluate_checkpoint, write_json
 from .files import write_text
@@ -98,6 +99,17 @@ def _pruned_stage(out: Path, src: Path, method: str, ratio: float, cfg: TrainCon
     return _train_stage(out, cfg, data, progress, log, init_state=init_state, masks=masks)
 
 
+def _check_preset(out: Path, preset: str, log=print) -> None:
+    """A study directory holds one preset's study: its stages are skipped when their files exist,
+    so another preset's run would reuse them under its own name. ``study.json`` records the
+    preset from the first run on; a different one is a ConfigError."""
+    recorded = _read_json(out / "study.json", {}, log)
+    recorded = recorded.get("preset") if isinstance(recorded, dict) else None
+    if recorded is not None and recorded != preset:
+        raise ConfigError(f"{out} holds the {recorded} study (its study.json); continue it with preset "
+                          f"{recorded}, or run the {preset} study into another directory", field="preset")
+
+
 def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST, *,
               classifier=None, progress: bool = True, log=print,
               stages: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -105,6 +117,7 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sc: StudyConfig = study_config(preset)
+    _check_preset(out, preset, log)
     write_text(out / "study.json", json.dumps({"preset": preset, "study": asdict(sc)}, indent=2))
     timings: dict[str, float] = _read_json(out / "timings.json", {}, log)
 
@@ -179,6 +192,7 @@ def _lineage(out: Path, models: dict[str, Path | None], from_shipped: bool) -> d
 def _evaluate_all(out: Path, models: dict[str, Path], lineage: dict[str, list[Path]], sc: StudyConfig,
                   classifier, test_data: MNIST, train_data: MNIST, progress: bool, log=print) -> dict[str, Any]:
     results = {}
+    teacher_samples: dict = {}  # the baseline's samples, drawn once for every model compared with it
     for name in MODELS:
         path = models.get(name)
         if path is None:
@@ -190,8 +204,8 @@ def _evaluate_all(out: Path, models: dict[str, Path], lineage: dict[str, list[Pa
         teacher = models["baseline"] if name != "baseline" else None
         r = evaluate_checkpoint(path, n=sc.eval_n, spec=sc.sampling, classifier=classifier,
                                 test_data=test_data, train_data=train_data, teacher=teacher,
-                                teacher_n=sc.eval_teacher_n or None, progress=progress,
-                                samples_png=out / name / "samples.png")
+                                teacher_n=sc.eval_teacher_n or None, teacher_samples=teacher_samples,
+                                progress=progress, samples_png=out / name / "samples.png")
         model = load_model(path).model
         r["sparsity_after_finetune"] = sparsity_report(model)["overall"]
         r["images_seen"] = images_seen(lineage[name])

@@ -66,8 +66,8 @@ def recalibrate_bn(model: torch.nn.Module, data: MNIST, sched, n_batches: int, b
                    seed: int = 0) -> torch.nn.Module:
     """Re-estimate BatchNorm running statistics for the current weights on noised training batches.
 
-    EMA weights with the live model's BN statistics sample badly (SPEC §8): the statistics
-    belong to other weights. A cumulative average over ``n_batches`` fixes that.
+    EMA weights with the live model's BN statistics sample badly (measured: a skewed digit
+    distribution, too-bright strokes): the statistics belong to other weights. A cumulative average over ``n_batches`` fixes that.
     """
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns or n_batches == 0:
@@ -97,6 +97,33 @@ def _sampling_weights(cfg: TrainConfig) -> str:
     return "ema" if cfg.ema_decay > 0 else "raw"
 
 
+def _file_extras(st: TrainState, cfg: TrainConfig) -> dict:
+    """What a run's model files record besides config and step: which weights they hold and,
+    for a masked fine-tune, the masked weights (so the file is still known as paper-pruned:
+    ``prune.finetune_start`` keeps its zeros, ``minidiff prune --method sparse`` stores them)."""
+    extras: dict = dict(weights=_sampling_weights(cfg))
+    if st.masks:
+        kept = sum(int(m.sum()) for m in st.masks.values())
+        total = sum(m.numel() for m in st.masks.values())
+        extras["pruning"] = dict(method="paper", masked=sorted(st.masks),
+                                 masked_sparsity=1 - kept / total, finetuned=True)
+    return extras
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | None:
+    """The frozen teacher of a distilling run (``cfg.teacher``: a model file or a shipped name),
+    in eval mode and without gradients; None when ``cfg.distill_weight`` is 0."""
+    if not cfg.distill_weight:
+        return None
+    from .modelfile import load_model
+    from .shipped import resolve_model
+    teacher, _, meta = load_model(resolve_model(cfg.teacher), device)
+    if meta["config"]["diffusion"] != cfg.to_dict()["diffusion"]:
+        raise ckpt.CheckpointError(f"teacher {cfg.teacher}: trained for another noise schedule than this run's")
+    teacher = teacher.to(memory_format=memory_format(cfg.channels_last)).eval()
+    return teacher.requires_grad_(False)
+
+
 def _sampling_model(state: TrainState, cfg: TrainConfig, data: MNIST, sched) -> torch.nn.Module:
     """The weights to sample from: the EMA (with BN re-estimated) if EMA is on, else the model."""
     if state.ema is None:
@@ -114,6 +141,9 @@ class TrainState:
     opt: torch.optim.Optimizer
     g_noise: torch.Generator          # draws t and ε (on the CPU, whatever the device)
     step: int = 0
+    # {weight name: bool}: the pruned weights that stay zero (a paper-pruned fine-tune); saved in
+    # the checkpoint, so a resumed run keeps them without being told again
+    masks: dict[str, torch.Tensor] | None = None
 
 
 def _save_training(path: Path, st: TrainState, cfg: TrainConfig, total_steps: int) -> None:
@@ -121,7 +151,8 @@ def _save_training(path: Path, st: TrainState, cfg: TrainConfig, total_steps: in
     opt_t, groups = ckpt.optimizer_to_tensors(st.opt)
     tensors = {**ckpt.with_prefix(st.model.state_dict(), "model"),
                **(ckpt.with_prefix(st.ema.state_dict(), "ema") if st.ema is not None else {}),
-               **ckpt.with_prefix(opt_t, "optim"), "rng.noise": st.g_noise.get_state(),
+               **ckpt.with_prefix(opt_t, "optim"), **ckpt.with_prefix(st.masks or {}, "mask"),
+               "rng.noise": st.g_noise.get_state(),
                "rng.torch": torch.get_rng_state()}
     meta = dict(model_header(cfg, st.step, total_steps=total_steps, optim_groups=groups), kind="training")
     ckpt.save(path, tensors, meta, keep_previous=True)
@@ -182,11 +213,15 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
         except ValueError as e:
             raise ckpt.CheckpointError(f"{ckpt_path}: cannot resume from this checkpoint: {e}") from None
         step = meta["step"]
+        saved_masks = ckpt.split_prefix(state, "mask")
+        if saved_masks:  # the checkpoint's own masks win: they are the run's
+            masks = {k: v.to(device=device, dtype=torch.bool) for k, v in saved_masks.items()}
     model = model.to(memory_format=memory_format(cfg.channels_last))
     if masks:
         apply_masks(model, masks)  # before the EMA copy, so the EMA starts sparse as well
     st = TrainState(model, copy.deepcopy(model) if cfg.ema_decay > 0 else None,
-                    torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed), step)
+                    torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed), step,
+                    masks or None)
     if state is not None:
         if st.ema is not None:
             st.ema.load_state_dict(ckpt.split_prefix(state, "ema"))
@@ -197,13 +232,14 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
 
 
 def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sched, cfg: TrainConfig,
-                    lr: float, precision: str, part, masks) -> torch.Tensor:
-    """One step on batch ``x0``: loss, backward, clip, Adam, masks, EMA. Returns the loss
-    averaged over every process (raises TrainingDiverged before stepping if it is not finite)."""
+                    lr: float, precision: str, part, teacher: torch.nn.Module | None) -> torch.Tensor:
+    """One step on batch ``x0``: loss (with the teacher's term when distilling), backward, clip,
+    Adam, masks, EMA. Returns the loss averaged over every process (raises TrainingDiverged
+    before stepping if it is not finite)."""
     for group in st.opt.param_groups:
         group["lr"] = lr
     with autocast(precision, x0.device):
-        loss = p_losses(net, sched, x0, st.g_noise, part)
+        loss = p_losses(net, sched, x0, st.g_noise, part, teacher=teacher, distill_weight=cfg.distill_weight)
     loss_all = mean_across(loss)  # what a single process would report
     if not torch.isfinite(loss_all):
         raise TrainingDiverged(f"loss became {loss_all.item()} at step {st.step} (lr {lr:.3g})")
@@ -212,8 +248,8 @@ def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sche
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
     st.opt.step()
-    if masks:
-        apply_masks(st.model, masks)
+    if st.masks:
+        apply_masks(st.model, st.masks)
     if st.ema is not None:
         ema_update(st.ema, st.model, cfg.ema_decay, st.step)
     st.step += 1
@@ -234,7 +270,8 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     ``init_state`` starts from given weights (fine-tuning, possibly of a pruned architecture).
     ``masks`` ({parameter name: bool tensor}, from ``prune.paper_prune`` or
     ``prune.masks_from_zeros``) keeps pruned weights at zero: applied to the initial weights and
-    after every optimizer step, so fine-tuning cannot refill them (SPEC §4).
+    after every optimizer step, so fine-tuning cannot refill them (the paper's code removed its
+    masks before fine-tuning, and the zeroed weights grew back).
 
     Under torchrun (``minidiff.distributed``) every rank trains its slice of each global batch
     of ``cfg.batch_size`` with DistributedDataParallel, and only rank 0 writes.
@@ -245,10 +282,11 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     main = rank == 0
     if cfg.batch_size % n_ranks:
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {n_ranks} processes")
+    device = device or default_device()
+    teacher = load_teacher(cfg, device)  # before anything is written: a bad teacher leaves no run
     if main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)  # what a killed run was writing
-    device = device or default_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convs
     precision = resolve_precision(cfg.precision, device)
@@ -289,7 +327,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
                 lr = lr_at(st.step, cfg, total_steps)
                 x0 = to_model_range(u8).to(device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
                 try:
-                    loss = _optimizer_step(st, net, x0, sched, cfg, lr, precision, part, masks).item()
+                    loss = _optimizer_step(st, net, x0, sched, cfg, lr, precision, part, teacher).item()
                 except TrainingDiverged as e:
                     raise TrainingDiverged(f"{e}; the last good checkpoint is {ckpt_path}") from None
                 meter.add(loss, x0.shape[0])
@@ -330,7 +368,7 @@ def _write_model_files(st: TrainState, cfg: TrainConfig, data: MNIST, sched, out
     """``model.safetensors`` (the sampling weights), ``model_raw.safetensors`` beside an EMA's,
     and ``samples.png``."""
     final = _sampling_model(st, cfg, data, sched)
-    save_model(out / "model.safetensors", final, cfg, st.step, weights=_sampling_weights(cfg))
+    save_model(out / "model.safetensors", final, cfg, st.step, **_file_extras(st, cfg))
     if st.ema is not None:  # the raw weights too, to compare with the EMA's
         save_model(out / "model_raw.safetensors", copy.deepcopy(st.model).eval(), cfg, st.step, weights="raw")
     _grid(final, cfg, sched, out / "samples.png", precision)
@@ -343,7 +381,7 @@ def _snapshot(st: TrainState, cfg: TrainConfig, data: MNIST, sched, out: Path, p
     snap = _sampling_model(st, cfg, data, sched)
     _grid(snap, cfg, sched, out / "samples" / f"{name}.png", precision, n=36)
     (out / "snapshots").mkdir(exist_ok=True)
-    save_model(out / "snapshots" / f"{name}.safetensors", snap, cfg, st.step, weights=_sampling_weights(cfg))
+    save_model(out / "snapshots" / f"{name}.safetensors", snap, cfg, st.step, **_file_extras(st, cfg))
     st.model.train()
 
 
@@ -365,5 +403,5 @@ def export_model(run: Path | str, data: MNIST, path: Path | str | None = None) -
         raise ckpt.CheckpointError(f"{run}: no training checkpoint to export")
     final = _sampling_model(st, cfg, data.subset(cfg.train_subset), make_schedule(cfg.diffusion))
     return save_model(Path(path) if path else run / "model.safetensors", final, cfg, st.step,
-                      weights=_sampling_weights(cfg))
+                      **_file_extras(st, cfg))
 

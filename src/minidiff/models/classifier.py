@@ -7,7 +7,7 @@ hash (sha256 over the tensors, ``checkpoint.tensors_digest``) that each metric r
 
 One input convention, as everywhere in minidiff: float (B, 1, 28, 28) in [-1, 1]
 (``data.to_model_range``). The paper's classifier saw [-1, 1] images but its features were taken
-in [0, 1] (SPEC §4); here training, accuracy and features all see the same range.
+in [0, 1]; here training, accuracy and features all see the same range.
 """
 from __future__ import annotations
 

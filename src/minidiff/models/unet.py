@@ -1,4 +1,6 @@
-"""SimpleUnet, exactly as the paper's notebook builds it (SPEC §3).
+"""SimpleUnet, exactly as the paper's notebook builds it: sinusoidal time embedding → one shared
+Linear + SiLU; residual Blocks (conv-BN-ReLU twice, the time embedding added in between); skips
+saved before each stride-2 downsample and concatenated after the upsample.
 
 Parameter counts are acceptance facts: baseline 2,529,217, reduced 634,081, shallow 2,148,097.
 Structurally pruned models keep the same topology with narrower layers; ``widths`` records
@@ -96,6 +98,11 @@ def _resized(layer: nn.Module, shapes: dict[str, torch.Size]) -> nn.Module:
         return layer
     if len(w) != layer.weight.dim() or 0 in tuple(w):
         raise ValueError(f"a {type(layer).__name__} cannot have a weight of shape {tuple(w)}")
+    # pruning only narrows a layer: one wider than the config's is not this model, and would let
+    # a file's weights, not its checked header, decide how wide the activations are
+    if any(a > b for a, b in zip(w, layer.weight.shape)):
+        raise ValueError(f"a {type(layer).__name__} weight of shape {tuple(w)} is wider than the "
+                         f"model's {tuple(layer.weight.shape)}")
     if isinstance(layer, nn.Conv2d) and tuple(w) != tuple(layer.weight.shape):
         return nn.Conv2d(w[1], w[0], layer.kernel_size, layer.stride, layer.padding,
                          bias=layer.bias is not None)

@@ -233,7 +233,7 @@ def test_report_renders_in_headless_chromium(smoke, tmp_path):
     body = re.search(r"<body[^>]*>", dom)
     assert body is not None, dom[:500]
     assert f'data-images="{len(FIGURES)}"' in body.group(0) and 'data-broken="0"' in body.group(0)
-    assert dom.count("<table>") == 4 and "<td>shallow</td>" in dom
+    assert dom.count("<table>") == 5 and "<td>shallow</td>" in dom  # claims, Table 1, CSV, paper, stages
 
 
 def test_paper_study_preset_is_the_papers_recipe():

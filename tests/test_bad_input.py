@@ -28,6 +28,9 @@ from minidiff.models.unet import SimpleUnet
 from minidiff.modelfile import save_model
 from minidiff.train import train
 
+from _support import one_error_line
+from _support import run_cli as _run
+
 
 def _argv_id(value):
     return " ".join(value) if isinstance(value, list) else ""
@@ -51,18 +54,10 @@ def fake_data(monkeypatch):
     return data
 
 
-def _run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
 def _one_error_line(code, err) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("minidiff: error: "), err
-    _record(lines[0])
-    return lines[0]
+    line = one_error_line(code, err)
+    _record(line)
+    return line
 
 
 def _record(line: str) -> None:

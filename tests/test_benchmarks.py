@@ -1,20 +1,15 @@
 """The benchmarks (benchmarks/): the logic around their measurements, with the measurements stubbed."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from minidiff.shipped import shipped_path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from _support import load_script
 
 
 def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks", name)
 
 
 @pytest.fixture

@@ -26,17 +26,8 @@ from minidiff.models.unet import SimpleUnet
 from minidiff.modelfile import save_model
 
 
-def _run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def _one_error_line(code, err) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("minidiff: error: "), err
-    return lines[0]
+from _support import one_error_line as _one_error_line  # noqa: E402
+from _support import run_cli as _run  # noqa: E402
 
 
 def _files(folder: Path) -> dict[str, tuple[bytes, int]]:

@@ -1,15 +1,10 @@
 """The maintainer's tools (tools/): what they compute for a card."""
-import importlib.util
-from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from _support import load_script
 
 
 def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools", name)
 
 
 def test_a_cards_precision_says_how_each_segment_computed():

@@ -19,7 +19,8 @@ import torch
 
 from minidiff.config import TrainConfig, with_overrides
 from minidiff.data import batches_per_epoch, load_split
-from minidiff.evaluate import DEFAULT_SAMPLING, evaluate_checkpoint
+from minidiff.config import DEFAULT_SAMPLING
+from minidiff.evaluate import evaluate_checkpoint
 from minidiff.classifier import load_or_train_classifier
 from minidiff.prune import prune_checkpoint
 from minidiff.runtime import tune_allocator
@@ -33,8 +34,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--ft-fraction", type=float, default=0.2)
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--sampler", default="ddim")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sampler", default=DEFAULT_SAMPLING.sampler)
+    ap.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps)
     ap.add_argument("--out", type=Path, default=Path("runs/prune_ft"))
     a = ap.parse_args()
     tune_allocator()

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from minidiff import checkpoint as ckpt
-from minidiff.config import SPACINGS, SamplingSpec
+from minidiff.cli import UserError, add_sampling_flags, sampling_spec
+from minidiff.config import SamplingSpec
 from minidiff.data import load_split
 from minidiff.files import atomic_write_bytes
 from minidiff.evaluate import METRICS_VERSION, evaluate_checkpoint
@@ -80,18 +81,18 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--label", required=True, help="the run's name in the figure")
     ap.add_argument("-n", type=int, default=1000)
-    ap.add_argument("--sampler", default="ddim")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--eta", type=float, default=None, help="ddim only (default: SamplingSpec's, 1)")
-    ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--seed", type=int, default=None, help="default: SamplingSpec's")
-    ap.add_argument("--spacing", default=None, choices=SPACINGS, help="default: SamplingSpec's")
+    add_sampling_flags(ap)  # minidiff sample's flags and defaults (DEFAULT_SAMPLING)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     tune_allocator()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -99,8 +100,10 @@ def main(argv=None) -> int:
     rows = json.loads(store.read_text()) if store.exists() else []
     clf, _ = load_or_train_classifier()
     test, train = load_split("test"), load_split("train")
-    given = {k: getattr(a, k) for k in ("seed", "spacing") if getattr(a, k) is not None}
-    spec = SamplingSpec(a.sampler, a.steps, eta=a.eta, precision=a.precision, **given)
+    try:
+        spec = sampling_spec(a)
+    except UserError as e:
+        ap.error(str(e))
     device = default_device()
     keys = []  # this run's (sampling, N) of each model: what the figure shows
     for path in a.models:

@@ -137,6 +137,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}: {k} differs after kills at {kills} s"
     assert C.load(killed.out / "model.safetensors")[1]["step"] == 4 * EPOCHS
+    # loss.csv holds the uninterrupted run's rows (step, epoch, loss, lr; the rest is the clock's)
+    rows = [[r.split(",")[:4] for r in (run.out / "loss.csv").read_text().splitlines()] for run in (reference, killed)]
+    assert rows[0] == rows[1], f"loss.csv differs after kills at {kills} s"
     assert not list(killed.out.glob("*.tmp")), "a resumed run left a temporary file behind"
 
 

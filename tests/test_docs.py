@@ -79,3 +79,13 @@ def test_relative_links_point_at_real_files_and_headings(path):
         assert dest.exists(), f"{path.name}: broken link {target}"
         if anchor and dest.suffix == ".md":
             assert anchor in _anchors(dest), f"{path.name}: {target}: no heading #{anchor} in {dest.name}"
+
+
+def test_every_test_the_reliability_page_names_exists():
+    """docs/reliability.md proves each promise by naming tests: each must be defined where it says."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    named = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", text)
+    assert len(named) >= 30
+    for path, name in named:
+        source = (ROOT / path).read_text()
+        assert re.search(rf"^(async )?def {name}\(", source, re.M), f"{path}::{name} is not defined"

@@ -38,6 +38,26 @@ def test_a_run_cut_into_one_step_pieces_equals_an_uninterrupted_run(tmp_path, ti
                            for r in (tmp_path / "cut" / "loss.csv").read_text().splitlines()[1:]]
 
 
+def _logged(path):
+    """loss.csv's step, epoch, loss and lr columns (images/s and elapsed time are the clock's)."""
+    return [r.split(",")[:4] for r in path.read_text().splitlines()[1:]]
+
+
+def test_loss_csv_of_a_run_cut_between_log_rows_equals_an_uninterrupted_runs(tmp_path, tiny_mnist):
+    # 14 steps, a row every 10 and at the end; cut after steps 1, 2 and 3, none a row's step
+    cfg = train_config("smoke", "reduced", sample_every=0, epochs=3.5, ckpt_every_steps=3)
+    T.train(cfg, tiny_mnist, tmp_path / "whole", **QUIET)
+    T.train(cfg, tiny_mnist, tmp_path / "cut", minutes=1e-9, **QUIET)
+    for _ in range(2):
+        T.train(cfg, tiny_mnist, tmp_path / "cut", resume=True, minutes=1e-9, **QUIET)
+    T.train(cfg, tiny_mnist, tmp_path / "cut", resume=True, **QUIET)  # from step 3 to the end
+    whole = _logged(tmp_path / "whole" / "loss.csv")
+    assert [r[0] for r in whole] == ["10", "14"]
+    assert _logged(tmp_path / "cut" / "loss.csv") == whole
+    elapsed = [float(r.split(",")[5]) for r in (tmp_path / "cut" / "loss.csv").read_text().splitlines()[1:]]
+    assert elapsed == sorted(elapsed)  # the run's training time, earlier segments included
+
+
 def test_minutes_stop_says_how_far_it_got(tmp_path, tiny_mnist):
     lines = []
     cfg = train_config("smoke", "reduced", sample_every=0)

@@ -2,7 +2,7 @@
 
   python tools/models_doc.py            # after tools/ship_model.py
 Every number in the page comes from a card (src/minidiff/weights/*.safetensors); the grids are
-drawn here: 64 samples, DDIM η = 1, 20 steps, seed 0, fp32, and docs/figures/shipped.png puts
+drawn here: 64 samples with DEFAULT_SAMPLING (DDIM η = 1, 20 steps, seed 0, fp32), and docs/figures/shipped.png puts
 them side by side (the README's first picture).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from minidiff.config import SamplingSpec
+from minidiff.config import DEFAULT_SAMPLING
 from minidiff.generate import generate, save_images
 from minidiff.modelfile import load_model
 from minidiff.report import plot_sample_grids
@@ -37,7 +37,7 @@ def main() -> int:
         c = card(files[name])
         model, sched, meta = load_model(files[name])
         grid = grids[name] = DOCS / "figures" / f"model_{name}.png"
-        save_images(generate(model, sched, 64, SamplingSpec("ddim", 20, eta=1.0), progress=False), grid)
+        save_images(generate(model, sched, 64, DEFAULT_SAMPLING, progress=False), grid)
         state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned: stopped, see below"
         rows.append(f"| {name} | {c['params']:,} | {c['file_bytes']:,} | {c['epochs']:.2f} ({state}); "
                     f"{c['images_seen']:,} images, {c['optimizer_steps']:,} steps | "

@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import (ARCHS, DEFAULT_DDIM_ETA, DEFAULT_SPACING, DEFAULT_STEPS, PRECISIONS, PRESETS,
+from .config import (ARCHS, DEFAULT_DDIM_ETA, DEFAULT_SAMPLING, DEFAULT_STEPS, PRECISIONS, PRESETS,
                      RESUME_FLAGS, SAMPLERS, SPACINGS, STUDY_PRESETS, TRAIN_FLAGS, ConfigError,
                      SamplingSpec, TrainConfig, train_config)
 
@@ -105,17 +105,29 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     _add_data_dir(p)
 
 
-def _add_sampler_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spacing", default=DEFAULT_SPACING, choices=SPACINGS,
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--sampler, --steps, --spacing, --eta, --seed, --batch-size and --precision, each defaulting
+    to DEFAULT_SAMPLING's value: ``minidiff sample``, ``evaluate`` and the benchmarks share them."""
+    d = DEFAULT_SAMPLING
+    p.add_argument("--sampler", default=d.sampler, choices=list(SAMPLERS), help=f"default {d.sampler}")
+    # steps and η: None is the sampler's own default (SamplingSpec), so ddpm and dpmpp2m stay valid
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T)")
+    p.add_argument("--spacing", default=d.spacing, choices=SPACINGS,
                    help=f"timesteps of ddim/dpmpp2m, as diffusers' DDIMScheduler spaces them "
-                        f"(default {DEFAULT_SPACING}; see minidiff.samplers.timestep_grid)")
+                        f"(default {d.spacing}; see minidiff.samplers.timestep_grid)")
     p.add_argument("--eta", type=float, default=None,
                    help=f"ddim only: 0 = deterministic, 1 = ancestral-like noise (default "
                         f"{DEFAULT_DDIM_ETA:g}: at {DEFAULT_STEPS} steps it came within 3 %% of "
                         f"ddpm's 200-step pseudo-FID, η = 0 was 32 %% worse)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"fixes x_T and every sample's noise (default {d.seed})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"samples per forward pass (default {d.batch_size})")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help=f"default {d.precision}: the same numbers on every machine; auto is bf16 "
+                        f"where the CPU or GPU computes it natively (faster there)")
 
 
-def _sampling_spec(a: argparse.Namespace, T: int | None = None) -> SamplingSpec:
+def sampling_spec(a: argparse.Namespace, T: int | None = None) -> SamplingSpec:
     """The sampling flags as one validated SamplingSpec, its steps resolved for a model of T
     steps if given; SamplingSpec's error, shown with the flag to blame (``--seed must be …``)."""
     try:
@@ -173,17 +185,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate digits from a checkpoint",
                        description="Generate N digits from a checkpoint into a PNG grid or an .npz "
                                    "(uint8 array 'images' of shape (N, 28, 28)).",
-                       epilog="example: minidiff sample runs/quick/baseline/model.safetensors -n 64 --out grid.png")
+                       epilog="example: minidiff sample baseline -n 64 --out grid.png")
     p.add_argument("ckpt", type=Path, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=Path, required=True, help="output file, .png or .npz")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="default ddim")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T)")
-    _add_sampler_options(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    add_sampling_flags(p)
 
     p = sub.add_parser("prune", help="prune a model file: paper masks, removed channels, or a sparse file",
                        description="Prune a model file into a new self-describing model file. "
@@ -192,8 +198,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "same, stored as non-zero values + bitmask (a smaller file); "
                                    "structural: RATIO of the channels removed with Torch-Pruning (fewer "
                                    "parameters, MACs, bytes and seconds). Fine-tune the result afterwards.",
-                       epilog="example: minidiff prune runs/quick/baseline/model.safetensors "
-                              "--method structural --ratio 0.3 --out runs/quick/pruned.safetensors")
+                       epilog="example: minidiff prune baseline --method structural --ratio 0.3 "
+                              "--out pruned.safetensors")
     p.add_argument("ckpt", type=Path, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--method", default="structural", choices=("paper", "structural", "sparse"))
     p.add_argument("--ratio", type=float, default=0.3,
@@ -261,22 +267,15 @@ def _parser() -> argparse.ArgumentParser:
                        description="Generate N samples and report parameters, checkpoint bytes, MACs, "
                                    "latency, SSIM, pseudo-FID with its floor (N real training images), digit "
                                    "distribution, precision/recall and IS as JSON.",
-                       epilog="example: minidiff evaluate runs/quick/baseline/model.safetensors "
-                              "-n 1000 --steps 20 --json eval.json")
+                       epilog="example: minidiff evaluate reduced -n 1000 --json eval.json")
     p.add_argument("ckpt", type=Path, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("-n", type=int, default=None,
                    help="number of samples: default 10,000 on a GPU (the paper's), 1,000 on a CPU; "
                         "Fréchet distances depend on N, so compare values at the same N only")
-    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS), help="default ddim")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T)")
     p.add_argument("--teacher", type=Path, default=None, metavar="MODEL",
                    help="uncompressed model: add SSIM between its samples and CKPT's from the "
                         "same noise (deterministic sampler)")
-    _add_sampler_options(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    add_sampling_flags(p)
     p.add_argument("--json", type=Path, required=True, dest="json_out", help="output .json file")
     p.add_argument("--cache-dir", type=Path, default=None, help="classifier cache (see `classifier`)")
     _add_data_dir(p)
@@ -479,12 +478,12 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise UserError(f"-n must be >= 1, got {a.n}")
     if a.n > MAX_SAMPLES:
         raise UserError(f"-n must be <= {MAX_SAMPLES:,}, got {a.n}")
-    spec = _sampling_spec(a)
+    spec = sampling_spec(a)
     if a.out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {a.out.name!r}")
     _output_file(a.out, inputs=(a.ckpt,))
     model, sched, _ = load_model(a.ckpt, default_device())
-    spec = _sampling_spec(a, sched.T)  # steps that do not fit this model: one line, before sampling
+    spec = sampling_spec(a, sched.T)  # steps that do not fit this model: one line, before sampling
     try:
         images = generate(model, sched, a.n, spec)
     except NonFiniteSamples as e:  # named with the model, not written as a black grid
@@ -606,11 +605,11 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         check_sample_count(a.n, "-n")
     except ValueError as e:
         raise UserError(str(e)) from None
-    spec = _sampling_spec(a)
+    spec = sampling_spec(a)
     if a.json_out.suffix != ".json":
         raise UserError(f"--json must end in .json, got {a.json_out.name!r}")
     # loaded as `sample` loads them: a file that is no diffusion model, or whose weights do not fit, is one line here
-    spec = _sampling_spec(a, load_model(a.ckpt).schedule.T)  # steps that fit this model
+    spec = sampling_spec(a, load_model(a.ckpt).schedule.T)  # steps that fit this model
     if a.teacher is not None:
         load_model(a.teacher)
     _output_file(a.json_out, inputs=(a.ckpt, a.teacher), flag="--json")

@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import metrics as M
-from .config import SamplingSpec
+from .config import DEFAULT_SAMPLING, SamplingSpec
 from .data import MNIST, to_model_range, to_uint8
 from .distributed import shard, world
 from .files import write_text
@@ -36,8 +36,6 @@ from .runtime import default_device, describe_device, resolve_precision
 METRICS_VERSION = 2
 
 
-# evaluate_checkpoint's sampling when none is given: DDIM at DEFAULT_STEPS, deterministic
-DEFAULT_SAMPLING = SamplingSpec("ddim", eta=0.0, precision="auto")
 
 # The fewest samples every metric is defined for: precision/recall (k = PR_K, as _quality
 # computes it) needs each sample's k-th nearest *other* sample, so k + 1; the pseudo-FID's

@@ -56,7 +56,7 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .config import DEFAULT_DDIM_ETA, DEFAULT_STEPS, SAMPLERS, ConfigError, SamplingSpec
+from .config import DEFAULT_DDIM_ETA, DEFAULT_SAMPLING, DEFAULT_STEPS, SAMPLERS, ConfigError, SamplingSpec
 from .data import to_uint8
 from .diffusion import Schedule
 from .generate import generate, grid_image, initial_noise
@@ -114,10 +114,10 @@ class Model:
 
 
 def load_models(paths: dict[str, Path], device: torch.device | None = None) -> dict[str, Model]:
-    """Load every model once, as ``minidiff sample`` does (precision ``auto``); a bad file raises
+    """Load every model once, as ``minidiff sample`` does (in DEFAULT_SAMPLING's precision); a bad file raises
     CheckpointError here, at start-up, not on the first request."""
     device = device or default_device()
-    precision = resolve_precision("auto", device)
+    precision = resolve_precision(DEFAULT_SAMPLING.precision, device)
     models = {}
     for name, path in paths.items():
         net, sched, meta = load_model(path, device)
@@ -149,7 +149,8 @@ def parse_setting(d: Any, models: dict[str, Model]) -> Setting:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int if key == "steps" else (int, float))):
             raise BadRequest(f"{key} must be {kind}, got {json.dumps(v)}")
     try:
-        spec = SamplingSpec(sampler=d.get("sampler"), steps=d.get("steps"), eta=d.get("eta"))
+        # what the request leaves out is DEFAULT_SAMPLING's (steps and η: the sampler's own default)
+        spec = SamplingSpec(sampler=d.get("sampler", DEFAULT_SAMPLING.sampler), steps=d.get("steps"), eta=d.get("eta"))
         spec = spec.for_schedule(models[d["model"]].sched.T)
     except ConfigError as e:
         raise BadRequest(str(e)) from None
@@ -386,8 +387,8 @@ def create_app(models: dict[str, Path], max_images: int = MAX_IMAGES,
 
     async def api_models(request: Request) -> JSONResponse:
         return JSONResponse(dict(models=[m.info for m in loaded.values()], samplers=list(SAMPLERS),
-                                 max_images=max_images, default_steps=DEFAULT_STEPS,
-                                 default_eta=DEFAULT_DDIM_ETA))
+                                 max_images=max_images, default_sampler=DEFAULT_SAMPLING.sampler,
+                                 default_steps=DEFAULT_STEPS, default_eta=DEFAULT_DDIM_ETA))
 
     async def api_status(request: Request) -> JSONResponse:
         return JSONResponse(worker.status())

@@ -144,17 +144,23 @@ class TrainState:
     # {weight name: bool}: the pruned weights that stay zero (a paper-pruned fine-tune); saved in
     # the checkpoint, so a resumed run keeps them without being told again
     masks: dict[str, torch.Tensor] | None = None
+    log_window: torch.Tensor | None = None  # the checkpoint's "log.window" (see _Meter.restore)
+    trained_s: float = 0.0                   # training time before this call (a resumed run)
 
 
-def _save_training(path: Path, st: TrainState, cfg: TrainConfig, total_steps: int) -> None:
-    """The resumable state: model, EMA (when on), optimizer and both generators."""
+def _save_training(path: Path, st: TrainState, cfg: TrainConfig, total_steps: int, meter: _Meter) -> None:
+    """The resumable state: model, EMA (when on), optimizer, both generators, and the loss
+    window of the next ``loss.csv`` row (so a resumed run logs exactly what an uninterrupted
+    one would)."""
     opt_t, groups = ckpt.optimizer_to_tensors(st.opt)
     tensors = {**ckpt.with_prefix(st.model.state_dict(), "model"),
                **(ckpt.with_prefix(st.ema.state_dict(), "ema") if st.ema is not None else {}),
                **ckpt.with_prefix(opt_t, "optim"), **ckpt.with_prefix(st.masks or {}, "mask"),
                "rng.noise": st.g_noise.get_state(),
-               "rng.torch": torch.get_rng_state()}
-    meta = dict(model_header(cfg, st.step, total_steps=total_steps, optim_groups=groups), kind="training")
+               "rng.torch": torch.get_rng_state(),
+               "log.window": meter.to_tensor()}
+    meta = dict(model_header(cfg, st.step, total_steps=total_steps, optim_groups=groups), kind="training",
+                trained_s=meter.trained_s())  # the clock's, so in the header: tensors stay bit-exact
     ckpt.save(path, tensors, meta, keep_previous=True)
 
 
@@ -176,12 +182,14 @@ def _start_log(path: Path, step: int) -> None:
 
 @dataclass
 class _Meter:
-    """Images per second since the start, and the mean loss since the last log row."""
+    """Images per second in this call, the mean loss since the last log row, and the training
+    time of the whole run (earlier segments included)."""
 
     t_start: float = field(default_factory=time.perf_counter)
     seen: int = 0
     loss_sum: float = 0.0
     n: int = 0
+    before: float = 0.0  # seconds trained by earlier calls of a resumed run
 
     def add(self, loss: float, images: int) -> None:
         self.seen, self.loss_sum, self.n = self.seen + images, self.loss_sum + loss, self.n + 1
@@ -192,9 +200,23 @@ class _Meter:
     def row(self, step: int, bpe: int, lr: float) -> str:
         """The next ``loss.csv`` row; starts a new loss window."""
         e = self.elapsed()
-        line = f"{step},{step / bpe:.4f},{self.loss_sum / self.n:.6f},{lr:.6g},{self.seen / e:.1f},{e:.1f}\n"
+        line = (f"{step},{step / bpe:.4f},{self.loss_sum / self.n:.6f},{lr:.6g},{self.seen / e:.1f},"
+                f"{self.before + e:.1f}\n")
         self.loss_sum, self.n = 0.0, 0
         return line
+
+    def trained_s(self) -> float:
+        return self.before + self.elapsed()
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.loss_sum, self.n], dtype=torch.float64)
+
+    def restore(self, window: torch.Tensor | None, trained_s: float) -> None:
+        """Continue the loss window and the training time a checkpoint saved (checkpoints older
+        than these fields have neither)."""
+        if window is not None:
+            self.loss_sum, self.n = float(window[0]), int(window[1])
+        self.before = trained_s
 
 
 def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.device,
@@ -228,6 +250,11 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
         ckpt.optimizer_from_tensors(st.opt, ckpt.split_prefix(state, "optim"), meta["optim_groups"])
         st.g_noise.set_state(state["rng.noise"])
         torch.set_rng_state(state["rng.torch"])
+        window, trained = state.get("log.window"), meta.get("trained_s", 0.0)
+        if window is not None and tuple(window.shape) != (2,):
+            raise ckpt.CheckpointError(f"{ckpt_path}: log.window has shape {tuple(window.shape)}, not (2,)")
+        st.log_window = window
+        st.trained_s = float(trained) if isinstance(trained, (int, float)) and math.isfinite(trained) else 0.0
     return st
 
 
@@ -316,6 +343,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
     bar = tqdm(total=total_steps, initial=st.step, desc=f"train {cfg.arch}", unit="step",
                disable=not (progress and main))
     meter = _Meter()
+    meter.restore(st.log_window, st.trained_s)
     deadline = None if minutes is None else meter.t_start + 60 * minutes
     out_of_time = False
     fmt = memory_format(cfg.channels_last)
@@ -341,7 +369,7 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
                 out_of_time = deadline is not None and time.perf_counter() >= deadline and st.step < total_steps
                 if main and (st.step % cfg.ckpt_every_steps == 0 or st.step % bpe == 0
                              or st.step == total_steps or out_of_time):
-                    _save_training(ckpt_path, st, cfg, total_steps)
+                    _save_training(ckpt_path, st, cfg, total_steps, meter)
                 if (main and sample_every and st.step % sample_every == 0
                         and total_steps - st.step >= sample_every // 2):
                     _snapshot(st, cfg, data, sched, out, precision)

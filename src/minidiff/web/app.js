@@ -180,7 +180,7 @@ async function init() {
       model.add(new Option(`${m.name} (${m.arch}, ${m.params.toLocaleString("en")} parameters)`, m.name));
     }
     for (const s of config.samplers) sampler.add(new Option(s, s));
-    sampler.value = "ddim";
+    sampler.value = config.default_sampler;
     $("[name=steps]", fs).value = config.default_steps;
     $("[name=eta]", fs).value = config.default_eta;
     model.addEventListener("change", () => syncSetting(fs));

@@ -1,6 +1,6 @@
 # Two commands do everything, set-up included:
 #   make run    the study on the shipped trained models (PRESET=quick: everything from scratch)
-#   make test   the test suite
+#   make test   the test suite (make test-fast: without the slow tests, for the edit-test loop)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ OUT ?= runs/$(PRESET)
 # where torch comes from: empty is pip's usual index (see the torch line below)
 TORCH_INDEX ?=
 
-.PHONY: run test setup browser clean-venv
+.PHONY: run test test-fast setup browser clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,8 +41,15 @@ browser:
 run: $(STAMP)
 	$(BIN)/minidiff run --preset $(PRESET) --out $(OUT)
 
+# one pytest-xdist worker per core (2 on the CI machine); a test file stays on one worker, so its
+# module-scoped fixtures (a smoke study, a trained run) are built once
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# the edit-test loop: everything but the tests marked slow (studies, kills, shipped-card
+# reproductions, two-process runs, browsers), in under 2 minutes on 2 cores
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

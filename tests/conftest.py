@@ -5,11 +5,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # under pytest-xdist (`make test`: one worker per core) each worker computes on one thread;
+    # alone, on at most two (the CI machine's cores)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // workers))
 
 
-@pytest.fixture
-def tiny_mnist():
+def _tiny_mnist():
     """A deterministic fake MNIST slice (no network, no cache): 64 images of blobs, labels 0..9."""
     from minidiff.data import MNIST
     g = torch.Generator().manual_seed(0)
@@ -17,3 +19,15 @@ def tiny_mnist():
     images[:, :6] = 0
     labels = torch.arange(64) % 10
     return MNIST(images, labels.to(torch.uint8))
+
+
+@pytest.fixture
+def tiny_mnist():
+    """A deterministic fake MNIST slice (no network, no cache): 64 images of blobs, labels 0..9."""
+    return _tiny_mnist()
+
+
+@pytest.fixture(scope="module")
+def module_mnist():
+    """``tiny_mnist`` for module-scoped fixtures (the same 64 images)."""
+    return _tiny_mnist()

@@ -24,6 +24,8 @@ from minidiff.config import train_config
 from minidiff.modelfile import load_model
 from minidiff.train import train
 
+pytestmark = pytest.mark.slow  # every test here runs studies or processes: make test, not test-fast
+
 TOL = 2e-3       # training: ‖ε̂_two − ε̂_one‖ / ‖ε̂_one‖ on fixed inputs (docs/training.md, "More processes")
 EVAL_TOL = 1e-6  # evaluate: relative difference of every metric (docs/training.md, "More processes")
 

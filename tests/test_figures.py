@@ -1,5 +1,6 @@
 import hashlib
 
+import pytest
 import torch
 
 from minidiff.config import ModelConfig
@@ -8,6 +9,7 @@ from minidiff.figures import make_all
 from minidiff.models.unet import SimpleUnet
 
 
+@pytest.mark.slow
 def test_figures_are_written_and_deterministic(tmp_path, tiny_mnist):
     torch.manual_seed(0)
     model = SimpleUnet(ModelConfig((8, 16), 16)).eval()

@@ -99,6 +99,7 @@ def test_a_missing_teacher_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # nothing written: the run can be started again as it is
 
 
+@pytest.mark.slow
 def test_masks_survive_a_resume_that_is_not_told_about_them(tmp_path, tiny_mnist):
     cfg = train_config("smoke", "reduced", epochs=4, sample_every=0)
     net = _net()

@@ -228,6 +228,7 @@ def _under_memory_bound(argvs: list[list[str]]) -> list[dict]:
     return json.loads(run.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_hostile_files_stay_within_the_memory_bound_and_the_widest_allowed_model_samples(files, tmp_path):
     argvs = []
     for case, (base, edit, _) in HOSTILE.items():
@@ -298,6 +299,7 @@ def _address_space_limit(extra: int):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(base=st.sampled_from(["dense", "sparse"]), command=st.sampled_from(COMMANDS), changes=edits)

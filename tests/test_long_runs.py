@@ -20,6 +20,7 @@ def _same_tensors(a, b):
         assert torch.equal(ta[k], tb[k]), k
 
 
+@pytest.mark.slow
 def test_a_run_cut_into_one_step_pieces_equals_an_uninterrupted_run(tmp_path, tiny_mnist):
     # cosine schedule with warm-up: the learning rate must depend on the step alone
     cfg = train_config("smoke", "reduced", sample_every=0, lr_schedule="cosine", warmup_steps=3,
@@ -43,6 +44,7 @@ def _logged(path):
     return [r.split(",")[:4] for r in path.read_text().splitlines()[1:]]
 
 
+@pytest.mark.slow
 def test_loss_csv_of_a_run_cut_between_log_rows_equals_an_uninterrupted_runs(tmp_path, tiny_mnist):
     # 14 steps, a row every 10 and at the end; cut after steps 1, 2 and 3, none a row's step
     cfg = train_config("smoke", "reduced", sample_every=0, epochs=3.5, ckpt_every_steps=3)
@@ -66,6 +68,7 @@ def test_minutes_stop_says_how_far_it_got(tmp_path, tiny_mnist):
     assert "--resume" in lines[-1]
 
 
+@pytest.mark.slow
 def test_no_ema_copy_is_saved_when_ema_is_off(tmp_path, tiny_mnist):
     cfg = train_config("smoke", "reduced", sample_every=0, ema_decay=0.0)
     T.train(cfg, tiny_mnist, tmp_path / "a", **QUIET)

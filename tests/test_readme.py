@@ -31,6 +31,7 @@ def _table(header_start: str) -> list[dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_the_python_example_runs_as_written_and_saves_a_grid_of_64_digits(tmp_path, monkeypatch):
     blocks = _python_blocks()
     assert len(blocks) == 1, "the README has one Python example"

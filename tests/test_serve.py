@@ -142,15 +142,28 @@ def _wait_for(condition, what: str, timeout: float = 30):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_hands_its_callback_x0_and_the_last_x0_is_the_sample(sampler):
     sched = make_schedule()
-    seen = []
+    seen, infos = [], []
+
+    def callback(info):
+        infos.append({k: v for k, v in info.items() if k in ("step", "steps", "t")})
+        seen.append((info["t"], info["x"].clone(), info["x0"].clone()))
     spec = SamplingSpec(sampler, None if sampler == "ddpm" else 7)
     x = run_sampler(spec, lambda x, t: 0.3 * x, sched, initial_noise(3, 0), torch.Generator().manual_seed(1),
-                    callback=lambda t, x, x0: seen.append((t, x.clone(), x0.clone())))
+                    callback=callback)
     ts = list(range(sched.T - 1, -1, -1)) if sampler == "ddpm" else timestep_grid(sched.T, 7)
     assert [t for t, _, _ in seen] == ts
+    assert infos == [dict(step=k + 1, steps=len(ts), t=t) for k, t in enumerate(ts)]
     assert torch.equal(seen[-1][1], x)
     assert torch.allclose(seen[-1][2], x, atol=1e-3)  # x̂_0 at t = 0 is the sample (up to float32)
     assert all(x0.abs().max() <= 1 for _, _, x0 in seen)  # clipped, as the sampler used it
+
+
+def test_generate_tells_its_callback_which_batch_each_step_belongs_to(tiny_models):
+    model, sched, _ = load_model(tiny_models["tiny"])
+    seen = []
+    generate(model, sched, 5, SamplingSpec("ddim", 3, batch_size=2), progress=False,
+             callback=lambda info: seen.append((info["batch"], info["step"])))
+    assert seen == [(b, k) for b in range(3) for k in (1, 2, 3)]
 
 
 def test_compare_streams_every_step_from_the_same_noise_and_ends_as_generate(port, tiny_models):
@@ -295,6 +308,7 @@ def test_a_full_queue_answers_503_and_a_client_that_leaves_cancels_its_generatio
         assert _get_json(p, "/api/status")[1]["finished"] == 1
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_reading_loses_its_generation_and_frees_the_worker(tiny_models, monkeypatch):
     from minidiff import serve
     monkeypatch.setattr(serve, "STALL_S", 0.5)
@@ -482,6 +496,7 @@ def _page_models(tiny_models) -> dict[str, Path]:
     return tiny_models
 
 
+@pytest.mark.slow
 def test_the_page_generates_live_scrubs_and_compares_in_headless_chromium(browser, tiny_models, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

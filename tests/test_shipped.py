@@ -1,6 +1,7 @@
 """Shipped weights: a name finds the file, every file carries its card, and the trained models
 draw digits the classifier recognises, seconds after installation."""
 import json
+import shutil
 
 import pytest
 
@@ -15,17 +16,24 @@ CARD_KEYS = {"commands", "seed", "optimizer_steps", "images_seen", "epochs", "wa
              "segments", "evaluation", "recipe", "params"}
 
 
-@pytest.fixture
-def fake_weights(tmp_path, monkeypatch, tiny_mnist):
-    """A weights directory holding a smoke-trained 'reduced' with a card."""
-    run = train(train_config("smoke", "reduced", sample_every=0), tiny_mnist, tmp_path / "run",
+@pytest.fixture(scope="module")
+def _smoke_reduced(tmp_path_factory, module_mnist):
+    """A smoke-trained 'reduced' with a card, trained once for the module."""
+    tmp = tmp_path_factory.mktemp("shipped")
+    run = train(train_config("smoke", "reduced", sample_every=0), module_mnist, tmp / "run",
                 progress=False, log=lambda *_: None)
     tensors, meta = C.load(run)
+    path = tmp / "reduced.safetensors"
+    C.save(path, tensors, dict(C.user_meta(meta), card={"epochs": 2.0, "params": 634_081, "hardware": ["test CPU"]}))
+    return path
+
+
+@pytest.fixture
+def fake_weights(tmp_path, monkeypatch, _smoke_reduced):
+    """A weights directory (this test's own copy) holding the smoke-trained 'reduced'."""
     d = tmp_path / "weights"
     d.mkdir()
-    keep = C.user_meta(meta)
-    C.save(d / "reduced.safetensors", tensors, dict(keep, card={"epochs": 2.0, "params": 634_081,
-                                                                  "hardware": ["test CPU"]}))
+    shutil.copyfile(_smoke_reduced, d / "reduced.safetensors")
     monkeypatch.setattr(shipped, "WEIGHTS_DIR", d)
     return d
 
@@ -123,6 +131,7 @@ CARD_TOLERANCE = 0.004
 
 
 @pytest.mark.parametrize("name", [n for n in shipped.MODEL_NAMES if n in SHIPPED])
+@pytest.mark.slow
 def test_each_shipped_model_reproduces_the_confidence_on_its_card(name):
     from minidiff.classifier import load_or_train_classifier
     from minidiff.data import to_model_range, to_uint8

@@ -24,6 +24,8 @@ from minidiff.claims import check_claims
 from minidiff.report import COLUMNS, PAPER_TABLE, READABLE, findings, readable_row, real_confidence, table_rows
 from minidiff.study import MODELS, run_study
 
+pytestmark = pytest.mark.slow  # every test here runs studies or processes: make test, not test-fast
+
 FIGURES = ("samples", "denoising", "loss", "digits", "efficiency")
 
 

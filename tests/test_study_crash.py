@@ -18,7 +18,7 @@ import torch
 
 from minidiff import checkpoint as C
 
-KILLS = 4
+KILLS = 3
 SEED = 7
 TIMEOUT = 600
 

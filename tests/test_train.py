@@ -27,6 +27,7 @@ def test_smoke_training_writes_a_complete_run(tmp_path, tiny_mnist):
     assert model(torch.zeros(1, 1, 28, 28), torch.zeros(1)).shape == (1, 1, 28, 28)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bit_exactly(tmp_path, tiny_mnist, monkeypatch):
     cfg = _cfg(sample_every=0)
     T.train(cfg, tiny_mnist, tmp_path / "a", progress=False, log=lambda *_: None)

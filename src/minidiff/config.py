@@ -276,6 +276,7 @@ class TrainConfig:
     sample_every: float = field(default=1.0, metadata=_flag(
         "epochs between sample grids and snapshots (snapshots/, for the quality curve); 0 = only at the end"))
     ckpt_every_steps: int = 500     # also checkpoint at every epoch end
+    grid_images: int = 64           # images in samples.png (a snapshot's grid: at most 36)
     # the sample grids drawn during training; their seed and precision are the run's own
     sampling: SamplingSpec = field(default_factory=lambda: DEFAULT_SAMPLING)
     seed: int = field(default=0, metadata=_flag("seed for weights, data order and noise"))
@@ -310,6 +311,7 @@ class TrainConfig:
         _check(0 <= self.sample_every < float("inf"),
                f"sample_every must be >= 0 and finite, got {self.sample_every}")
         _check(self.ckpt_every_steps >= 1, "ckpt_every_steps must be >= 1")
+        _check(1 <= self.grid_images <= 1024, f"grid_images must be in [1, 1024], got {self.grid_images}")
         # the data order is seeded with seed * 1_000_003 + epoch, which must fit torch's 64 bits
         _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         _check(isinstance(self.sampling, SamplingSpec), f"sampling must be a SamplingSpec, got {self.sampling!r}")
@@ -351,7 +353,7 @@ _PRESET_TRAIN: dict[str, dict[str, Any]] = {
     # seconds: a few steps on a tiny slice, used by the tests
     "smoke": dict(epochs=2, batch_size=16, train_subset=64, lr=1e-3, ema_decay=0.9,
                   precision="fp32", bn_recalib_batches=2, sample_every=1, ckpt_every_steps=2,
-                  sampling=SamplingSpec("ddim", 4, eta=0.0)),
+                  sampling=SamplingSpec("ddim", 4, eta=0.0), grid_images=16),
     # CPU-sized: bf16 where native, short warm-up + cosine decay, clipping, EMA with BN
     # re-estimation. On a 2-core AVX2 CPU the baseline trains at ~36 images/s whatever the batch
     # (16, 32 and 64 measured), so the budget is ~27k images; batch 16 turns them into ~1,700
@@ -414,6 +416,7 @@ class StudyConfig:
     sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec("ddpm", precision="auto"))
     eval_teacher_n: int = 0             # samples in the SSIM-vs-baseline comparison; 0 = all eval_n
     classifier_epochs: float = 3.0
+    denoising_samples: int = 4          # rows of the report's denoising strip (200 ancestral steps each)
     start: str = "scratch"              # "shipped": baseline, reduced, shallow are the package's
     train_preset: str = ""              # TrainConfig preset of training and fine-tuning ("" = the study's)
     train_precision: str = ""           # overrides that preset's precision ("" = keep it)
@@ -432,6 +435,7 @@ class StudyConfig:
         _check(0 < self.structural_ratio < 1, f"structural_ratio must be in (0, 1), got {self.structural_ratio}")
         _check(self.eval_n >= 2, f"eval_n must be >= 2, got {self.eval_n}")
         _check(self.eval_teacher_n >= 0, f"eval_teacher_n must be >= 0, got {self.eval_teacher_n}")
+        _check(1 <= self.denoising_samples <= 16, f"denoising_samples must be in [1, 16], got {self.denoising_samples}")
         _check(isinstance(self.sampling, SamplingSpec), f"sampling must be a SamplingSpec, got {self.sampling!r}")
 
 
@@ -439,7 +443,7 @@ STUDY_PRESETS: dict[str, StudyConfig] = {
     "smoke": StudyConfig(reduced_epochs=1, shallow_epochs=1, prune_ft_epochs=1, prune_ft_lr=1e-4,
                          reduced_ft_epochs=1, shallow_ft_epochs=1, eval_n=16,
                          sampling=SamplingSpec("ddim", 3, eta=0.0, precision="auto"),
-                         classifier_epochs=0.1),
+                         classifier_epochs=0.1, denoising_samples=1),
     # CPU-sized, to fit 45 minutes on a 2-core AVX2 CPU set-up included (README): fine-tuning for
     # a fraction of the baseline's training (≤ 20 %); the shallow variant, ~2x slower per image
     # than the baseline, trains on a third of its images. Evaluation: DDIM η = 1 at 10 steps

@@ -76,9 +76,10 @@ def plot_reverse(model, sched: Schedule, path: Path, n: int = 4, seed: int = 0) 
     x_T = initial_noise(n, seed)
     keep[sched.T - 1] = x_T
 
-    def cb(t, x, x0):  # called with x_{t-1} after the step at t; after t = 0 it is the sample
+    def cb(info):  # x is x_{t-1} after the step at t; after t = 0 it is the sample
+        t = info["t"]
         if t - 1 in TS or t == 0:
-            keep[t - 1] = x.clone()
+            keep[t - 1] = info["x"].clone()
     ddpm_sample(eps_fn, sched, x_T, torch.Generator().manual_seed(seed + 1), callback=cb)
     order = sorted(keep, reverse=True)
     rows = [[keep[t][i] for t in order] for i in range(n)]

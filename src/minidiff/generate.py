@@ -82,8 +82,9 @@ def generate(model: torch.nn.Module, sched: Schedule, n: int, spec: SamplingSpec
     precision).
     With ``distributed`` under torchrun (every rank must call it), each rank samples its share
     of x_T and every rank returns all ``n``; otherwise this process samples everything.
-    ``callback(t, x, x0)`` is called after every network evaluation; ``clip_x0=False`` is the
-    paper's exact ε-form (``minidiff.samplers``)."""
+    ``callback(info)`` is called after every network evaluation with a dict (``step``, ``steps``,
+    ``t``, ``x``, ``x0``; ``minidiff.samplers``) and, for sampling in batches, ``batch``
+    (0, 1, …); ``clip_x0=False`` is the paper's exact ε-form."""
     if n < 1:
         raise ConfigError(f"the number of samples must be >= 1, got {n}")
     spec = spec.for_schedule(sched.T)
@@ -100,7 +101,8 @@ def generate(model: torch.nn.Module, sched: Schedule, n: int, spec: SamplingSpec
                       disable=not progress, leave=False):
         # stochastic samplers: sample i draws its noise from its own stream, seeded by (seed, i)
         gens = [torch.Generator().manual_seed(sample_noise_seed(spec.seed, i)) for i in mine[start:start + batch]]
-        out.append(run_sampler(spec, eps_fn, sched, x_T[start:start + batch], gens, callback=callback,
+        each = None if callback is None else (lambda info, b=start // batch: callback({**info, "batch": b}))
+        out.append(run_sampler(spec, eps_fn, sched, x_T[start:start + batch], gens, callback=each,
                                clip_x0=clip_x0))
     x = torch.cat(out) if out else x_T[:0]
     x = gather_cat(x, n) if n_ranks > 1 else x

@@ -7,7 +7,8 @@ the digit distribution of each model's samples and efficiency against quality (m
 sampling time and parameters against pseudo-FID) are drawn from files the study already wrote;
 every number comes from its evaluations. One figure runs a network here: the denoising strip,
 for which ``write_study_report`` loads the baseline and runs its ancestral sampler (200 steps,
-4 samples, seeded; ``figures.plot_reverse``) from x_T to x_0. Nothing is timed or scored here.
+``StudyConfig.denoising_samples`` samples: 4, the smoke preset 1; seeded; ``figures.plot_reverse``)
+from x_T to x_0. Nothing is timed or scored here.
 """
 from __future__ import annotations
 
@@ -323,8 +324,9 @@ def write_study_report(out: Path, preset: str, sc, results: dict[str, Any],
     figures = {
         "samples": (plot_sample_grids(grids, figs / "samples.png"),
                     "The first 64 evaluation samples of each model (same initial noise)."),
-        "denoising": (plot_reverse(baseline, sched, figs / "denoising.png"),
-                      "The baseline's ancestral sampler (200 steps) from x_T to x_0, four samples."),
+        "denoising": (plot_reverse(baseline, sched, figs / "denoising.png", n=sc.denoising_samples),
+                      f"The baseline's ancestral sampler ({sched.T} steps) from x_T to x_0, "
+                      f"{sc.denoising_samples} sample{'s' if sc.denoising_samples > 1 else ''}."),
         "loss": (plot_losses(_loss_curves(out, models), figs / "loss.png"),
                  "Training loss of every training run in the study."),
         "digits": (plot_digit_counts(counts, figs / "digits.png"),

@@ -11,9 +11,11 @@ range [−1, 1] before using it. This matters most at the first step: with β_19
 √ᾱ_199 ≈ 5·10⁻⁵, so x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t amplifies any error in ε̂ by 2·10⁴.
 ``clip_x0=False`` is the paper's exact ε-form (and what the closed-form tests on Gaussian data use).
 
-Callback: ``callback(t, x, x0)`` after each network evaluation, with the timestep t just evaluated,
-the new state x (x_{t−1}, or x at the next grid point; after the last step, the sample) and the
-estimate x̂_0 made at t (clipped when ``clip_x0``).
+Callback: ``callback(info)`` after each network evaluation, with one dict (keys may be added,
+never renamed): ``step`` (evaluations done, 1 … ``steps``), ``steps`` (the sampler's total),
+``t`` (the timestep just evaluated), ``x`` (the new state: x_{t−1}, or x at the next grid point;
+after the last step, the sample) and ``x0`` (the estimate x̂_0 made at t, clipped when
+``clip_x0``). A caller reads what it needs by name, as k-diffusion's samplers' callbacks do.
 
 Grids: ``steps`` network evaluations at t_0 > … > t_{steps−1}, spaced as diffusers' DDIMScheduler
 spaces them; the last evaluation's x̂_0 is the sample. The default, ``leading`` (k·⌊T/steps⌋, so
@@ -107,7 +109,7 @@ def ddpm_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
         if t > 0:
             x = x + s.posterior_variance[t].sqrt() * noise_like(x, generator)
         if callback is not None:
-            callback(t, x, x0)
+            callback(dict(step=sched.T - t, steps=sched.T, t=t, x=x, x0=x0))
     return x
 
 
@@ -133,7 +135,7 @@ def ddim_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, timesteps: Se
         if eta > 0 and i + 1 < len(timesteps):
             x = x + sigma * noise_like(x, generator)
         if callback is not None:
-            callback(t, x, x0)
+            callback(dict(step=i + 1, steps=len(timesteps), t=t, x=x, x0=x0))
     return x
 
 
@@ -166,7 +168,7 @@ def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, timesteps:
             x = (sigma[tn] / sigma[t]) * x - alpha[tn] * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
         if callback is not None:
-            callback(t, x, x0)
+            callback(dict(step=i + 1, steps=len(timesteps), t=t, x=x, x0=x0))
     return x
 
 

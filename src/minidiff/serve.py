@@ -14,7 +14,7 @@ The answer is a text/event-stream of JSON events:
 - ``queued``: how many generations are ahead of this one;
 - ``start``: a run's settings, its number of steps and x_T as a PNG data URL;
 - ``frame``: after each network evaluation, the step, t, its milliseconds, and the x_t and x̂_0
-  grids as PNG data URLs (``callback(t, x, x0)`` of the samplers);
+  grids as PNG data URLs (the samplers' ``callback`` dict);
 - ``done``: the run's sampling seconds (the steps alone) and wall seconds (frames included);
 - ``end`` after the last run, or ``error`` with a message.
 
@@ -188,19 +188,19 @@ def sample_job(job: Job, models: dict[str, Model], emit: Callable[[dict], None],
         x_T = initial_noise(job.n, job.seed, m.device)
         emit(dict(type="start", run=i, setting=asdict(setting), steps=setting.steps,
                   x_T=png_data_url(x_T)))
-        step, sampling_s = 0, 0.0
+        sampling_s = 0.0
         start = last = time.perf_counter()
 
-        def callback(t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-            nonlocal step, sampling_s, last
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
+        def callback(info: dict[str, Any]) -> None:  # the samplers' dict: step, steps, t, x, x0
+            nonlocal sampling_s, last
+            if info["x"].is_cuda:
+                torch.cuda.synchronize(info["x"].device)
             ms = (time.perf_counter() - last) * 1000
             sampling_s += ms / 1000
-            step += 1
             if cancelled():
                 raise Cancelled
-            emit(dict(type="frame", run=i, step=step, t=t, ms=ms, x_t=png_data_url(x), x0=png_data_url(x0)))
+            emit(dict(type="frame", run=i, step=info["step"], t=info["t"], ms=ms, x_t=png_data_url(info["x"]),
+                      x0=png_data_url(info["x0"])))
             last = time.perf_counter()  # drawing and sending the frame is not the step's time
 
         spec = SamplingSpec(setting.sampler, setting.steps, eta=setting.eta, seed=job.seed,

@@ -407,17 +407,17 @@ def _snapshot(st: TrainState, cfg: TrainConfig, data: MNIST, sched, out: Path, p
     quality can be measured against images seen)."""
     name = f"step_{st.step:06d}"
     snap = _sampling_model(st, cfg, data, sched)
-    _grid(snap, cfg, sched, out / "samples" / f"{name}.png", precision, n=36)
+    _grid(snap, cfg, sched, out / "samples" / f"{name}.png", precision, n=min(36, cfg.grid_images))
     (out / "snapshots").mkdir(exist_ok=True)
     save_model(out / "snapshots" / f"{name}.safetensors", snap, cfg, st.step, **_file_extras(st, cfg))
     st.model.train()
 
 
-def _grid(model: torch.nn.Module, cfg: TrainConfig, sched, path: Path, precision: str, n: int = 64) -> None:
-    """Sample ``n`` images from ``model`` as the config's ``sampling`` says, with the run's seed
+def _grid(model: torch.nn.Module, cfg: TrainConfig, sched, path: Path, precision: str, n: int | None = None) -> None:
+    """Sample ``n`` (default ``cfg.grid_images``) images from ``model`` as the config's ``sampling`` says, with the run's seed
     and precision, into a grid at ``path``."""
     spec = replace(cfg.sampling, seed=cfg.seed, precision=precision)
-    save_images(generate(model, sched, n, spec, progress=False), path)
+    save_images(generate(model, sched, n or cfg.grid_images, spec, progress=False), path)
 
 
 def export_model(run: Path | str, data: MNIST, path: Path | str | None = None) -> Path:

@@ -62,7 +62,7 @@ def test_non_finite_loss_stops_with_step_and_lr(tmp_path, tiny_mnist, monkeypatc
         loss = real(*a, **k)
         return loss * float("nan") if len(calls) == 3 else loss
     monkeypatch.setattr(T, "p_losses", nan_at_step_3)
-    with pytest.raises(T.TrainingDiverged, match=r"loss became nan at step 2 \(lr 0.001\)"):
+    with pytest.raises(T.TrainingDiverged, match=r"loss became nan or inf at step 2 \(lr 0.001\)"):
         T.train(_cfg(sample_every=0), tiny_mnist, tmp_path, progress=False, log=lambda *_: None)
     assert load(tmp_path / "checkpoint.safetensors")[1]["step"] == 2  # last good one kept
 
@@ -115,3 +115,48 @@ def test_bn_recalibration_replaces_stale_statistics(tiny_mnist):
         h = m.conv(q_sample(sched, x0, t, torch.randn(x0.shape, generator=g)))
     torch.testing.assert_close(m.bn.running_mean, h.mean((0, 2, 3)), atol=0.05, rtol=0.1)
     torch.testing.assert_close(m.bn.running_var, h.var((0, 2, 3)), atol=0.05, rtol=0.25)
+
+
+def _rows(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_loss_csv_logs_the_held_out_mse_at_every_grid_and_at_the_end(tmp_path, tiny_mnist):
+    T.train(_cfg(), tiny_mnist, tmp_path, heldout=tiny_mnist, progress=False, log=lambda *_: None)
+    rows = _rows(tmp_path / "loss.csv")
+    assert [(r["step"], bool(r["heldout_mse"])) for r in rows] == [("4", True), ("8", True)]  # grid at 4, end at 8
+    # the logged value is the raw weights' ε-MSE on the fixed batch, recomputed here from the file
+    raw, sched, _ = load_model(tmp_path / "model_raw.safetensors")
+    again = T._Heldout(tiny_mnist, sched, torch.device("cpu")).mse(raw, "fp32", torch.contiguous_format)
+    assert float(rows[-1]["heldout_mse"]) == pytest.approx(again, abs=2e-6)
+    assert 0.1 < again < 10  # an ε-MSE of a barely trained network: near 1
+
+
+def test_loss_csv_leaves_the_held_out_column_empty_without_test_images(tmp_path, tiny_mnist):
+    T.train(_cfg(sample_every=0), tiny_mnist, tmp_path, progress=False, log=lambda *_: None)
+    assert [r["heldout_mse"] for r in _rows(tmp_path / "loss.csv")] == [""]
+
+
+def test_the_meter_splits_the_loss_by_quartile_of_t():
+    m = T._Meter(torch.device("cpu"))
+    m.add(0, torch.tensor(2.5), torch.tensor([0, 49, 60, 120, 199]), torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0]), 200, 5)
+    m.add(1, torch.tensor(1.0), torch.tensor([199]), torch.tensor([6.0]), 200, 1)
+    line, mean = m.row(2, 4, 1e-3, None)
+    fields = line.strip().split(",")
+    assert mean == pytest.approx(1.75)  # the mean of the two steps' losses
+    assert [float(v) for v in fields[6:10]] == [1.0, 2.0, 3.0, 5.0] and fields[10] == ""
+    assert m.first_bad_step() is None
+    m.add(2, torch.tensor(float("inf")), torch.tensor([0]), torch.tensor([1.0]), 200, 1)
+    m.add(3, torch.tensor(float("nan")), torch.tensor([0]), torch.tensor([1.0]), 200, 1)
+    assert m.first_bad_step() == 2
+
+
+def test_resuming_a_loss_csv_of_the_older_layout_keeps_its_values(tmp_path):
+    log = tmp_path / "loss.csv"
+    log.write_text("step,epoch,loss,lr,images_per_s,elapsed_s\n10,0.5,0.2,0.001,30.0,5.0\n20,1.0,0.1,0.001,30.0,9.0\n")
+    T._start_log(log, 15)
+    rows = _rows(log)
+    assert list(rows[0]) == list(T._LOG_COLUMNS)
+    assert [(r["step"], r["loss"], r["heldout_mse"]) for r in rows] == [("10", "0.2", "")]

@@ -382,6 +382,7 @@ def cmd_train(a: argparse.Namespace) -> None:
             raise UserError(f"--init {a.init} is a {meta.get('arch')} model; pass --arch {meta.get('arch')}")
     _writable_dir(a.out)
     data = load_split("train", a.data_dir)
+    heldout = load_split("test", a.data_dir)  # the held-out ε-MSE in loss.csv
     with _lock(a.out):
         if a.force and _writes_files():
             for pattern in RUN_FILES:  # the old run goes first: the new one never mixes with it
@@ -392,7 +393,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         from .runtime import default_device, limit_host_threads_for_gpu
         limit_host_threads_for_gpu(device or default_device())
         path = train(cfg, data, a.out, resume=a.resume, init_state=init_state, masks=masks, device=device,
-                     minutes=a.minutes, log=_say)
+                     minutes=a.minutes, heldout=heldout, log=_say)
     if path is None:
         _say(f"continue with: minidiff train --out {a.out} --resume [--minutes M]\n"
              f"or take its model at this step: minidiff export {a.out}")

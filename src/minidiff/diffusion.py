@@ -91,7 +91,8 @@ def predict_x0(sched: Schedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Te
 
 def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None,
              part: slice | None = None, teacher: torch.nn.Module | None = None,
-             distill_weight: float = 0.0, denoise_weight: float = 1.0) -> torch.Tensor:
+             distill_weight: float = 0.0, denoise_weight: float = 1.0,
+             stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The simplified DDPM objective (Ho et al. Algorithm 1, eq. 14), optionally with a teacher:
 
     t ~ U{0..T−1}, ε ~ N(0, I),  L = w_d ‖ε − ε_θ(x_t, t)‖² + λ ‖ε_θ(x_t, t) − ε_teacher(x_t, t)‖²
@@ -103,6 +104,8 @@ def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generato
 
     ``part`` keeps only a slice of the batch (one rank's share under data parallelism); t and ε
     are still drawn for the whole batch, so the slice sees exactly what a single process would.
+    ``stats``, a dict, receives each sample's ``t`` and its denoising ``mse`` (detached), from
+    which training logs the loss by timestep.
     """
     B = x0.shape[0]
     # drawn where the generator lives (a CPU generator on a GPU run), so a run resumed on
@@ -115,6 +118,8 @@ def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generato
     xt = q_sample(sched, x0, t, noise)
     eps = model(xt, t.float()).float()
     loss = denoise_weight * F.mse_loss(eps, noise.float()) if denoise_weight else eps.new_zeros(())
+    if stats is not None:
+        stats["t"], stats["mse"] = t, ((eps.detach() - noise.float()) ** 2).mean(dim=(1, 2, 3))
     if teacher is not None and distill_weight:
         with torch.no_grad():
             eps_teacher = teacher(xt, t.float()).float()

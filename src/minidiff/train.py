@@ -4,7 +4,8 @@ Run directory (``out``):
   config.json              the TrainConfig of the run
   checkpoint.safetensors   model, EMA, optimizer and RNG state (resume); ``*.prev`` = previous
   model.safetensors        the weights to sample from (EMA with re-estimated BN, or raw)
-  loss.csv                 step, epoch, loss, lr, images/s, elapsed seconds
+  loss.csv                 step, epoch, loss, lr, images/s, training seconds, the loss by quartile
+                           of t, and the held-out ε-MSE at every grid (see LOG_EVERY)
   samples/step_*.png       sample grids during training; samples.png at the end
 
 Resuming is exact: data order is a pure function of (seed, epoch), and the generator that
@@ -18,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -148,10 +150,125 @@ class TrainState:
     trained_s: float = 0.0                   # training time before this call (a resumed run)
 
 
+# loss.csv: one row every LOG_EVERY steps, at every grid and at the end. loss is the mean
+# training loss since the previous row; loss_t1 … loss_t4 split its denoising term by the
+# quartile of t (t < T/4, …; under torchrun, rank 0's share of each batch); heldout_mse is the
+# ε-MSE of the raw weights on a fixed batch of test images with fixed t and ε (``_Heldout``),
+# at every grid and at the end (empty on other rows, and when no test images were given).
+LOG_EVERY = 10
+_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s",
+                "loss_t1", "loss_t2", "loss_t3", "loss_t4", "heldout_mse")
+_LOG_HEADER = ",".join(_LOG_COLUMNS)
+
+
+def _start_log(path: Path, step: int) -> None:
+    """A new ``loss.csv``; on resume, the old one without the rows written after the checkpoint
+    (they will be written again). Rows of an older layout keep their values, and the columns
+    it lacked stay empty."""
+    if step == 0 or not path.exists():
+        path.write_text(_LOG_HEADER + "\n")
+        return
+    header, *rows = path.read_text().splitlines() or [""]
+    names = header.split(",")
+    kept = [_LOG_HEADER]
+    for line in rows:
+        fields_ = line.split(",")
+        # a SIGKILL can leave the file empty (write_text truncates first) or a row cut short
+        if len(fields_) != len(names) or not fields_[0].isdigit() or int(fields_[0]) > step:
+            continue
+        row = dict(zip(names, fields_))
+        kept.append(",".join(row.get(c, "") for c in _LOG_COLUMNS))
+    atomic_write_bytes(path, ("\n".join(kept) + "\n").encode())
+
+
+@dataclass
+class _Meter:
+    """What the next ``loss.csv`` row reports, accumulated on the device so that a step never
+    waits for the host: the loss sum, its denoising term by quartile of t, and the first step
+    whose loss was not finite. ``row`` reads them (one host synchronisation per row)."""
+
+    device: torch.device
+    t_start: float = field(default_factory=time.perf_counter)
+    seen: int = 0
+    before: float = 0.0  # seconds trained by earlier calls of a resumed run
+    n: int = 0
+    sums: torch.Tensor = None       # [loss, loss_t1..4 sums, counts of t1..4]: 9 float32
+    bad_step: torch.Tensor = None   # the first step with a non-finite loss, or −1
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(9, device=self.device)
+        self.bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
+
+    def add(self, step: int, loss: torch.Tensor, t: torch.Tensor, mse: torch.Tensor, T: int, images: int) -> None:
+        """One step's loss (a scalar) and its per-sample denoising MSE at timesteps ``t``."""
+        q = (t * 4) // T
+        by_q = torch.bincount(q, weights=mse.float(), minlength=4)[:4]
+        count = torch.bincount(q, minlength=4)[:4].float()
+        loss = loss.detach().float()
+        self.sums += torch.cat([loss.reshape(1), by_q, count])
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
+                                    torch.full_like(self.bad_step, step), self.bad_step)
+        self.seen, self.n = self.seen + images, self.n + 1
+
+    def first_bad_step(self) -> int | None:
+        bad = int(self.bad_step)  # a host synchronisation: only at rows, checkpoints and grids
+        return None if bad < 0 else bad
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def trained_s(self) -> float:
+        return self.before + self.elapsed()
+
+    def row(self, step: int, bpe: int, lr: float, heldout: float | None) -> tuple[str, float]:
+        """The next ``loss.csv`` row and its mean loss; starts a new window."""
+        e, s = self.elapsed(), self.sums.tolist()
+        quartiles = [f"{s[1 + q] / s[5 + q]:.6f}" if s[5 + q] else "" for q in range(4)]
+        mean = s[0] / self.n
+        line = ",".join([str(step), f"{step / bpe:.4f}", f"{mean:.6f}", f"{lr:.6g}", f"{self.seen / e:.1f}",
+                         f"{self.before + e:.1f}", *quartiles, "" if heldout is None else f"{heldout:.6f}"])
+        self.sums.zero_()
+        self.n = 0
+        return line + "\n", mean
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.cat([torch.tensor([float(self.n)]), self.sums.cpu()])
+
+    def restore(self, window: torch.Tensor | None, trained_s: float) -> None:
+        """Continue the window and the training time a checkpoint saved (checkpoints older than
+        these fields have neither)."""
+        self.before = trained_s
+        if window is None:
+            return
+        self.n = int(window[0])
+        self.sums = window[1:].to(device=self.device, dtype=torch.float32).clone()
+
+
+class _Heldout:
+    """A fixed batch of test images with fixed t (spread evenly over [0, T)) and ε: the held-out
+    ε-MSE of the weights, comparable from grid to grid and from run to run (nanoGPT's
+    ``estimate_loss``, on one fixed batch)."""
+
+    def __init__(self, data: MNIST, sched, device: torch.device, n: int = 256, seed: int = 1234):
+        x0 = to_model_range(data.images[:n]).to(device)
+        g = torch.Generator().manual_seed(seed)
+        self.t = (torch.arange(x0.shape[0]) * sched.T // x0.shape[0]).to(device)
+        self.eps = torch.randn(x0.shape, generator=g).to(device)
+        self.xt = q_sample(sched.to(device), x0, self.t, self.eps)
+
+    @torch.no_grad()
+    def mse(self, model: torch.nn.Module, precision: str, fmt) -> float:
+        was_training = model.training
+        model.eval()  # BN's running statistics, and none updated
+        with autocast(precision, self.xt.device):
+            eps = model(self.xt.contiguous(memory_format=fmt), self.t.float()).float()
+        model.train(was_training)
+        return float(((eps - self.eps) ** 2).mean())
+
+
 def _save_training(path: Path, st: TrainState, cfg: TrainConfig, total_steps: int, meter: _Meter) -> None:
-    """The resumable state: model, EMA (when on), optimizer, both generators, and the loss
-    window of the next ``loss.csv`` row (so a resumed run logs exactly what an uninterrupted
-    one would)."""
+    """The resumable state: model, EMA (when on), optimizer, both generators, and the window of
+    the next ``loss.csv`` row (so a resumed run logs exactly what an uninterrupted one would)."""
     opt_t, groups = ckpt.optimizer_to_tensors(st.opt)
     tensors = {**ckpt.with_prefix(st.model.state_dict(), "model"),
                **(ckpt.with_prefix(st.ema.state_dict(), "ema") if st.ema is not None else {}),
@@ -162,61 +279,6 @@ def _save_training(path: Path, st: TrainState, cfg: TrainConfig, total_steps: in
     meta = dict(model_header(cfg, st.step, total_steps=total_steps, optim_groups=groups), kind="training",
                 trained_s=meter.trained_s())  # the clock's, so in the header: tensors stay bit-exact
     ckpt.save(path, tensors, meta, keep_previous=True)
-
-
-_LOG_HEADER = "step,epoch,loss,lr,images_per_s,elapsed_s"
-
-
-def _start_log(path: Path, step: int) -> None:
-    """A new ``loss.csv``; on resume, the old one without the rows written after the checkpoint
-    (they will be written again)."""
-    if step == 0 or not path.exists():
-        path.write_text(_LOG_HEADER + "\n")
-        return
-    header, *rows = path.read_text().splitlines() or [""]
-    # a SIGKILL can leave the file empty (write_text truncates first) or a row cut short
-    kept = [_LOG_HEADER] + [ln for ln in rows if ln.count(",") == _LOG_HEADER.count(",")
-                            and ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= step]
-    atomic_write_bytes(path, ("\n".join(kept) + "\n").encode())
-
-
-@dataclass
-class _Meter:
-    """Images per second in this call, the mean loss since the last log row, and the training
-    time of the whole run (earlier segments included)."""
-
-    t_start: float = field(default_factory=time.perf_counter)
-    seen: int = 0
-    loss_sum: float = 0.0
-    n: int = 0
-    before: float = 0.0  # seconds trained by earlier calls of a resumed run
-
-    def add(self, loss: float, images: int) -> None:
-        self.seen, self.loss_sum, self.n = self.seen + images, self.loss_sum + loss, self.n + 1
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t_start
-
-    def row(self, step: int, bpe: int, lr: float) -> str:
-        """The next ``loss.csv`` row; starts a new loss window."""
-        e = self.elapsed()
-        line = (f"{step},{step / bpe:.4f},{self.loss_sum / self.n:.6f},{lr:.6g},{self.seen / e:.1f},"
-                f"{self.before + e:.1f}\n")
-        self.loss_sum, self.n = 0.0, 0
-        return line
-
-    def trained_s(self) -> float:
-        return self.before + self.elapsed()
-
-    def to_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.loss_sum, self.n], dtype=torch.float64)
-
-    def restore(self, window: torch.Tensor | None, trained_s: float) -> None:
-        """Continue the loss window and the training time a checkpoint saved (checkpoints older
-        than these fields have neither)."""
-        if window is not None:
-            self.loss_sum, self.n = float(window[0]), int(window[1])
-        self.before = trained_s
 
 
 def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.device,
@@ -251,25 +313,25 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
         st.g_noise.set_state(state["rng.noise"])
         torch.set_rng_state(state["rng.torch"])
         window, trained = state.get("log.window"), meta.get("trained_s", 0.0)
-        if window is not None and tuple(window.shape) != (2,):
-            raise ckpt.CheckpointError(f"{ckpt_path}: log.window has shape {tuple(window.shape)}, not (2,)")
+        if window is not None and tuple(window.shape) != (10,):
+            window = None  # another layout's window: the next row starts a new one
         st.log_window = window
         st.trained_s = float(trained) if isinstance(trained, (int, float)) and math.isfinite(trained) else 0.0
     return st
 
 
 def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sched, cfg: TrainConfig,
-                    lr: float, precision: str, part, teacher: torch.nn.Module | None) -> torch.Tensor:
+                    lr: float, precision: str, part, teacher: torch.nn.Module | None, meter: _Meter) -> None:
     """One step on batch ``x0``: loss (with the teacher's term when distilling), backward, clip,
-    Adam, masks, EMA. Returns the loss averaged over every process (raises TrainingDiverged
-    before stepping if it is not finite)."""
+    Adam, masks, EMA; the loss (averaged over every process) goes to ``meter`` without waiting
+    for it, and the run checks it at its next row, checkpoint or grid (``_Run.check_finite``)."""
     for group in st.opt.param_groups:
         group["lr"] = lr
+    stats: dict[str, torch.Tensor] = {}
     with autocast(precision, x0.device):
-        loss = p_losses(net, sched, x0, st.g_noise, part, teacher=teacher, distill_weight=cfg.distill_weight)
-    loss_all = mean_across(loss)  # what a single process would report
-    if not torch.isfinite(loss_all):
-        raise TrainingDiverged(f"loss became {loss_all.item()} at step {st.step} (lr {lr:.3g})")
+        loss = p_losses(net, sched, x0, st.g_noise, part, teacher=teacher, distill_weight=cfg.distill_weight,
+                        stats=stats)
+    meter.add(st.step, mean_across(loss), stats["t"], stats["mse"], sched.T, x0.shape[0])
     st.opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
@@ -280,31 +342,89 @@ def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sche
     if st.ema is not None:
         ema_update(st.ema, st.model, cfg.ema_decay, st.step)
     st.step += 1
-    return loss_all
 
 
-def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = False,
-          init_state: dict[str, torch.Tensor] | None = None,
-          masks: dict[str, torch.Tensor] | None = None, progress: bool = True,
-          device: torch.device | None = None, minutes: float | None = None, log=print) -> Path | None:
-    """Train (or resume) one model into run directory ``out``; returns the model file's path.
+@dataclass
+class _Run:
+    """One call of ``train``: the run directory and everything its phases share."""
 
-    ``minutes`` bounds this call's wall time: when it has passed, the resumable checkpoint is
-    written and ``None`` is returned; ``resume=True`` continues exactly where it stopped. The
-    learning-rate schedule depends only on the step, so how a run is cut into pieces changes
-    nothing.
+    cfg: TrainConfig
+    data: MNIST
+    out: Path
+    device: torch.device
+    precision: str
+    sched: Any
+    st: TrainState
+    teacher: torch.nn.Module | None
+    heldout: _Heldout | None
+    main: bool                      # rank 0 (or the only process): the one that writes
+    log: Any
+    net: torch.nn.Module = None     # st.model, or its DistributedDataParallel wrapper
+    part: slice | None = None       # this rank's share of each batch
+    meter: _Meter = None
+    stopping: bool = False          # the clock has run out: checkpoint and return
 
-    ``init_state`` starts from given weights (fine-tuning, possibly of a pruned architecture).
-    ``masks`` ({parameter name: bool tensor}, from ``prune.paper_prune`` or
-    ``prune.masks_from_zeros``) keeps pruned weights at zero: applied to the initial weights and
-    after every optimizer step, so fine-tuning cannot refill them (the paper's code removed its
-    masks before fine-tuning, and the zeroed weights grew back).
+    @property
+    def bpe(self) -> int:
+        return batches_per_epoch(len(self.data), self.cfg.batch_size)
 
-    Under torchrun (``minidiff.distributed``) every rank trains its slice of each global batch
-    of ``cfg.batch_size`` with DistributedDataParallel, and only rank 0 writes.
-    """
-    # -- set-up: processes, device, precision, data, schedule, the run directory
-    out = Path(out)
+    @property
+    def total_steps(self) -> int:
+        return max(1, math.ceil(self.cfg.epochs * self.bpe))
+
+    @property
+    def sample_every(self) -> int:
+        return max(1, round(self.cfg.sample_every * self.bpe)) if self.cfg.sample_every > 0 else 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.safetensors"
+
+    def is_grid_step(self) -> bool:
+        every, step = self.sample_every, self.st.step
+        return bool(every) and step % every == 0 and self.total_steps - step >= every // 2
+
+    def check_finite(self) -> None:
+        bad = self.meter.first_bad_step()
+        if bad is not None:
+            raise TrainingDiverged(f"loss became nan or inf at step {bad} (lr {lr_at(bad, self.cfg, self.total_steps):.3g}); "
+                                   f"the last good checkpoint is {self.ckpt_path}")
+
+    def log_row(self, lr: float, bar) -> None:
+        """A ``loss.csv`` row (with the held-out MSE at grids and at the end)."""
+        self.check_finite()
+        at_grid = self.is_grid_step() or self.st.step == self.total_steps
+        heldout = (self.heldout.mse(self.st.model, self.precision, memory_format(self.cfg.channels_last))
+                   if self.heldout is not None and at_grid and self.main else None)
+        row, mean = self.meter.row(self.st.step, self.bpe, lr, heldout)
+        bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{self.meter.seen / self.meter.elapsed():.0f}")
+        if self.main:
+            with open(self.out / "loss.csv", "a") as f:
+                f.write(row)
+
+    def checkpoint(self) -> None:
+        self.check_finite()  # a checkpoint holds only weights whose every loss was finite
+        if self.main:
+            _save_training(self.ckpt_path, self.st, self.cfg, self.total_steps, self.meter)
+
+    def batches(self):
+        """(learning rate, batch) of every remaining step, in the run's data order (a pure
+        function of seed and epoch), until the run ends or ``stopping`` is set."""
+        fmt = memory_format(self.cfg.channels_last)
+        while self.st.step < self.total_steps:
+            epoch, first_batch = divmod(self.st.step, self.bpe)
+            for _, u8 in iterate_batches(self.data, self.cfg.batch_size, epoch_generator(self.cfg.seed, epoch),
+                                         start=first_batch):
+                x0 = to_model_range(u8).to(self.device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
+                yield lr_at(self.st.step, self.cfg, self.total_steps), x0
+                if self.st.step >= self.total_steps or self.stopping:
+                    return
+
+
+def _start_run(cfg: TrainConfig, data: MNIST, out: Path, resume: bool, init_state, masks, device,
+               heldout: MNIST | None, log) -> _Run:
+    """Processes, device, precision, data, schedule, the state (fresh, from ``init_state``, or
+    resumed) and the run directory's config.json and loss.csv."""
     rank, n_ranks = world()
     main = rank == 0
     if cfg.batch_size % n_ranks:
@@ -316,80 +436,90 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
         remove_stale_temporaries(out)  # what a killed run was writing
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convs
-    precision = resolve_precision(cfg.precision, device)
-    data = data.subset(cfg.train_subset)
     sched = make_schedule(cfg.diffusion)
-    bpe = batches_per_epoch(len(data), cfg.batch_size)
-    total_steps = max(1, math.ceil(cfg.epochs * bpe))
-    sample_every = max(1, round(cfg.sample_every * bpe)) if cfg.sample_every > 0 else 0
-    ckpt_path, log_path = out / "checkpoint.safetensors", out / "loss.csv"
-
-    # -- state: fresh, from init_state (fine-tuning), or resumed from the checkpoint
     if masks:
         masks = {k: v.to(device) for k, v in masks.items()}
-    st = _initial_state(cfg, ckpt_path if resume else None, device, init_state, masks, log)
-    if main:
-        if st.step:
-            log(f"resuming {out} at step {st.step}/{total_steps}")
-        atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
-        _start_log(log_path, st.step)
-    net, part = st.model, None
+    st = _initial_state(cfg, out / "checkpoint.safetensors" if resume else None, device, init_state, masks, log)
+    run = _Run(cfg, data.subset(cfg.train_subset), out, device, resolve_precision(cfg.precision, device), sched,
+               st, teacher, _Heldout(heldout, sched, device) if heldout is not None else None, main, log)
+    run.meter = _Meter(device)
+    run.meter.restore(st.log_window, st.trained_s)
+    run.net = st.model
     if n_ranks > 1:
         from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(st.model, device_ids=[device.index] if device.type == "cuda" else None)
-        part = shard(cfg.batch_size)
+        run.net = DistributedDataParallel(st.model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.part = shard(cfg.batch_size)
+    if main:
+        if st.step:
+            log(f"resuming {out} at step {st.step}/{run.total_steps}")
+        atomic_write_bytes(out / "config.json", json.dumps(cfg.to_dict(), indent=2).encode())
+        _start_log(out / "loss.csv", st.step)
+    return run
 
-    # -- the loop: one optimiser step per batch; a log row, a checkpoint and a grid at their intervals
-    bar = tqdm(total=total_steps, initial=st.step, desc=f"train {cfg.arch}", unit="step",
-               disable=not (progress and main))
-    meter = _Meter()
-    meter.restore(st.log_window, st.trained_s)
-    deadline = None if minutes is None else meter.t_start + 60 * minutes
-    out_of_time = False
-    fmt = memory_format(cfg.channels_last)
+
+def _loop(run: _Run, minutes: float | None, progress: bool) -> bool:
+    """One optimiser step per batch, and a log row, a checkpoint and a grid at their intervals;
+    True when the run is finished, False when ``minutes`` stopped it (checkpoint written)."""
+    st, cfg = run.st, run.cfg
+    bar = tqdm(total=run.total_steps, initial=st.step, desc=f"train {cfg.arch}", unit="step",
+               disable=not (progress and run.main))
+    deadline = None if minutes is None else run.meter.t_start + 60 * minutes
     st.model.train()
     try:
-        while st.step < total_steps and not out_of_time:
-            epoch, first_batch = divmod(st.step, bpe)
-            for _, u8 in iterate_batches(data, cfg.batch_size, epoch_generator(cfg.seed, epoch), start=first_batch):
-                lr = lr_at(st.step, cfg, total_steps)
-                x0 = to_model_range(u8).to(device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
-                try:
-                    loss = _optimizer_step(st, net, x0, sched, cfg, lr, precision, part, teacher).item()
-                except TrainingDiverged as e:
-                    raise TrainingDiverged(f"{e}; the last good checkpoint is {ckpt_path}") from None
-                meter.add(loss, x0.shape[0])
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{meter.seen / meter.elapsed():.0f}")
-                if st.step % 10 == 0 or st.step == total_steps:
-                    row = meter.row(st.step, bpe, lr)
-                    if main:
-                        with open(log_path, "a") as f:
-                            f.write(row)
-                out_of_time = deadline is not None and time.perf_counter() >= deadline and st.step < total_steps
-                if main and (st.step % cfg.ckpt_every_steps == 0 or st.step % bpe == 0
-                             or st.step == total_steps or out_of_time):
-                    _save_training(ckpt_path, st, cfg, total_steps, meter)
-                if (main and sample_every and st.step % sample_every == 0
-                        and total_steps - st.step >= sample_every // 2):
-                    _snapshot(st, cfg, data, sched, out, precision)
-                if st.step >= total_steps or out_of_time:
-                    break
+        for lr, x0 in run.batches():
+            _optimizer_step(st, run.net, x0, run.sched, cfg, lr, run.precision, run.part, run.teacher, run.meter)
+            bar.update(1)
+            # decided once per step: a stop by the clock always has its checkpoint
+            run.stopping = deadline is not None and time.perf_counter() >= deadline and st.step < run.total_steps
+            if st.step % LOG_EVERY == 0 or st.step == run.total_steps or run.is_grid_step():
+                run.log_row(lr, bar)
+            if (st.step % cfg.ckpt_every_steps == 0 or st.step % run.bpe == 0 or st.step == run.total_steps
+                    or run.stopping):
+                run.checkpoint()
+            if run.main and run.is_grid_step():
+                run.check_finite()
+                _snapshot(st, cfg, run.data, run.sched, run.out, run.precision)
     finally:
         bar.close()
+    return st.step >= run.total_steps
 
-    # -- the end: stopped by the clock (the checkpoint resumes it), or the model files and a grid
-    if out_of_time:
-        if main:
-            log(f"stopped after {minutes:g} min at step {st.step}/{total_steps} "
-                f"(epoch {st.step / bpe:.2f} of {cfg.epochs:g}, {st.step * cfg.batch_size:,} images); "
-                f"the checkpoint {ckpt_path} resumes it exactly (--resume)")
+
+def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = False,
+          init_state: dict[str, torch.Tensor] | None = None,
+          masks: dict[str, torch.Tensor] | None = None, progress: bool = True,
+          device: torch.device | None = None, minutes: float | None = None,
+          heldout: MNIST | None = None, log=print) -> Path | None:
+    """Train (or resume) one model into run directory ``out``; returns the model file's path.
+
+    ``minutes`` bounds this call's wall time: when it has passed, the resumable checkpoint is
+    written and ``None`` is returned; ``resume=True`` continues exactly where it stopped. The
+    learning-rate schedule depends only on the step, so how a run is cut into pieces changes
+    nothing.
+
+    ``init_state`` starts from given weights (fine-tuning, possibly of a pruned architecture).
+    ``masks`` ({parameter name: bool tensor}, from ``prune.paper_prune`` or
+    ``prune.masks_from_zeros``) keeps pruned weights at zero: applied to the initial weights and
+    after every optimizer step, so fine-tuning cannot refill them (the paper's code removed its
+    masks before fine-tuning, and the zeroed weights grew back). ``heldout`` (test images) adds
+    the held-out ε-MSE to loss.csv at every grid and at the end.
+
+    Under torchrun (``minidiff.distributed``) every rank trains its slice of each global batch
+    of ``cfg.batch_size`` with DistributedDataParallel, and only rank 0 writes.
+    """
+    run = _start_run(cfg, data, Path(out), resume, init_state, masks, device, heldout, log)
+    finished = _loop(run, minutes, progress)
+    if not finished:  # stopped by the clock: the checkpoint resumes it
+        if run.main:
+            st = run.st
+            log(f"stopped after {minutes:g} min at step {st.step}/{run.total_steps} "
+                f"(epoch {st.step / run.bpe:.2f} of {cfg.epochs:g}, {st.step * cfg.batch_size:,} images); "
+                f"the checkpoint {run.ckpt_path} resumes it exactly (--resume)")
         barrier()
         return None
-    if main:
-        _write_model_files(st, cfg, data, sched, out, precision)
+    if run.main:
+        _write_model_files(run.st, cfg, run.data, run.sched, run.out, run.precision)
     barrier()  # no rank returns before the model file exists
-    return out / "model.safetensors"
+    return run.out / "model.safetensors"
 
 
 def _write_model_files(st: TrainState, cfg: TrainConfig, data: MNIST, sched, out: Path, precision: str) -> None:

@@ -1,4 +1,5 @@
-"""Docs that cannot rot: every ```python block in docs/*.md runs (blocks of one file share a
+"""Docs that cannot rot: every ```python block in docs/*.md runs and prints exactly the ```text block
+beneath it (nothing, when there is none; blocks of one file share a
 namespace, top to bottom, in a temporary directory; the README's example is run and checked by
 tests/test_readme.py); every `minidiff …` line (also under torchrun) in a ```bash block of the
 README and docs/*.md must parse with the real argument parser (running them would train models
@@ -44,14 +45,20 @@ def _anchors(path: Path) -> set[str]:
     return {_slug(m) for m in re.findall(r"^#+\s+(.*)$", text, re.M)}
 
 
+# a ```python block and the ```text block right after it: what the snippet prints
+SNIPPET = re.compile(r"```python\n(.*?)```\n(?:```text\n(.*?)```\n)?", re.S)
+
+
 @pytest.mark.parametrize("path", PAGES, ids=lambda p: p.name)
-def test_python_snippets_run(path, tmp_path, monkeypatch):
+def test_python_snippets_run_and_print_what_the_page_shows(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # whatever a snippet writes stays out of the working tree
     namespace = {"__name__": "__docs__"}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        for body in _blocks(path, "python"):
+    for body, shown in SNIPPET.findall(path.read_text()):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
             exec(compile(body, str(path), "exec"), namespace)
+        first = body.splitlines()[0]
+        assert out.getvalue() == shown, f"{path.name}: the snippet beginning {first!r} printed\n{out.getvalue()}"
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)

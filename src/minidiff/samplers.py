@@ -8,7 +8,7 @@
 
 Clipping: with ``clip_x0=True`` (the default) every sampler clips its estimate x̂_0 to the data
 range [−1, 1] before using it. This matters most at the first step: with β_199 = 0.9999,
-√ᾱ_199 ≈ 5·10⁻⁵, so x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t amplifies any error in ε̂ by 2·10⁴.
+√ᾱ_199 ≈ 8·10⁻⁵, so x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t amplifies any error in ε̂ by 1.3·10⁴.
 ``clip_x0=False`` is the paper's exact ε-form (and what the closed-form tests on Gaussian data use).
 
 Callback: ``callback(info)`` after each network evaluation, with one dict (keys may be added,

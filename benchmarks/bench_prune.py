@@ -42,6 +42,7 @@ def main() -> None:
     import torch
 
     from minidiff import prune as P
+    from minidiff.checkpoint import load_sparse
     from minidiff.config import ModelConfig, SamplingSpec
     from minidiff.generate import generate
     from minidiff.metrics import count_params, macs_per_eval, measure_latency
@@ -69,7 +70,7 @@ def main() -> None:
         entries.append(("paper 10 % + 30 %", load_model(paper).model, paper, True))
         sparse = P.prune_checkpoint(a.ckpt, "sparse", P.PAPER_UNSTRUCTURED,
                                     out_path=tmp / "sparse.safetensors")
-        state, smeta = P.load_sparse(sparse)
+        state, smeta = load_sparse(sparse)
         model = build_from_state_dict(ModelConfig(**smeta["model"]), state).eval()
         entries.append(("paper, sparse file", model, sparse, False))  # = "paper" once loaded
         for r in a.ratios:

@@ -79,6 +79,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.suptitle(f"{s['sampler']} {s['steps']} steps, N = {s['n']}, seed {s['seed']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:

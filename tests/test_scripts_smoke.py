@@ -1,0 +1,439 @@
+"""Every script in benchmarks/ and tools/, run end to end on a tiny model and tiny data.
+
+The scripts are not part of the package, so nothing else imports them: a refactor of the library
+that breaks one shows up here. Each script runs in this process (``main`` with its argv, or
+``sys.argv`` where ``main`` reads it), with fake MNIST (random images, no cache, no network), an
+untrained classifier where it would load or train the real one, and an untrained SimpleUnet of
+4, 8 and 12 channels where it takes a model. Scripts that time their configurations in
+subprocesses of themselves (``__file__ --worker SPEC``) get a ``subprocess.run`` that runs that
+same command line in this process, so the worker path and the parent's parsing of its
+``RESULT`` line both run. Everything is written under tmp_path.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import minidiff.classifier
+import minidiff.data
+import minidiff.generate  # noqa: F401  (it binds SimpleUnet on import: before bench_core's test swaps it)
+import minidiff.models.unet
+import minidiff.train
+from minidiff import checkpoint as ckpt
+from minidiff.classifier import save_classifier
+from minidiff.config import DiffusionConfig, ModelConfig, train_config
+from minidiff.data import MNIST
+from minidiff.modelfile import load_model, save_model
+from minidiff.models.classifier import MnistClassifier
+from minidiff.models.unet import SimpleUnet
+from minidiff.shipped import card
+
+from _support import ROOT, load_script
+
+TINY_CHANNELS = (4, 8, 12)
+
+
+def _fake_mnist(n: int = 64, seed: int = 0) -> MNIST:
+    """``n`` random 28x28 uint8 images (a blank top band, like MNIST's margins), labels 0..9."""
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(n, 28, 28, generator=g) * 255).to(torch.uint8)
+    images[:, :6] = 0
+    return MNIST(images, (torch.arange(n) % 10).to(torch.uint8))
+
+
+def _fake_load_split(n: int = 64):
+    """A stand-in for ``minidiff.data.load_split``: fake train/test splits, nothing fetched."""
+    def load_split(split: str = "train", *args, **kw) -> MNIST:
+        assert split in ("train", "test"), split
+        return _fake_mnist(n, seed=0 if split == "train" else 1)
+    return load_split
+
+
+def _fake_classifier(*args, **kw):
+    """A stand-in for ``load_or_train_classifier``: an untrained classifier, no info."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return MnistClassifier().eval(), {}
+
+
+TINY = ModelConfig(channels=TINY_CHANNELS, time_emb_dim=train_config("smoke", "reduced").model.time_emb_dim)
+
+
+class _TinyUnet(SimpleUnet):
+    """``SimpleUnet()`` at 4, 8 and 12 channels: what bench_core's workers build."""
+
+    def __init__(self, cfg: ModelConfig = TINY):
+        super().__init__(cfg)
+
+
+def _tiny_net(seed: int = 0) -> SimpleUnet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SimpleUnet(TINY)
+
+
+def _tiny_model(path: Path, seed: int = 0, step: int = 0, timesteps: int = 200) -> Path:
+    """An untrained reduced model cut to 4, 8 and 12 channels (as tests/test_serve.py makes one),
+    trained (nominally) for a schedule of ``timesteps``."""
+    cfg = train_config("smoke", "reduced", diffusion=DiffusionConfig(timesteps=timesteps))
+    return save_model(path, _tiny_net(seed), cfg, step=step)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_torch_state():
+    """The scripts seed torch's global generator and may set its thread count: neither leaks."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return _tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture
+def fake_data(monkeypatch):
+    """Fake MNIST wherever a script imports ``load_split`` inside its functions."""
+    monkeypatch.setattr(minidiff.data, "load_split", _fake_load_split())
+
+
+def _argv(monkeypatch, script: str, *args) -> None:
+    """For scripts whose ``main()`` parses ``sys.argv``."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+
+
+def _workers_in_process(monkeypatch, module) -> list[tuple[list[str], dict]]:
+    """Replace the ``subprocess`` a benchmark launches its workers with: each
+    ``[sys.executable, __file__, *args]`` runs as ``module.main()`` with ``sys.argv`` = args in
+    this process, its stdout returned as the process's. Returns the (args, env) of every call."""
+    calls = []
+
+    def run(cmd, env=None, capture_output=False, text=False, **kw):
+        assert cmd[0] == sys.executable and Path(cmd[1]).resolve() == Path(module.__file__).resolve(), cmd
+        assert capture_output and text
+        calls.append((cmd[2:], env))
+        out, argv = io.StringIO(), sys.argv
+        sys.argv = [str(c) for c in cmd[1:]]
+        try:
+            with contextlib.redirect_stdout(out):
+                module.main()
+        finally:
+            sys.argv = argv
+        return subprocess.CompletedProcess(cmd, 0, out.getvalue(), "")
+
+    monkeypatch.setattr(module, "subprocess", types.SimpleNamespace(run=run))
+    return calls
+
+
+def _table(text: str, first_cell: str) -> list[list[str]]:
+    """The cells of every Markdown table row in ``text`` whose first cell starts with ``first_cell``."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ")]
+    return [r for r in rows if r[0].startswith(first_cell)]
+
+
+# ------------------------------------------------------------------ benchmarks/
+def test_bench_classifier_trains_reports_and_saves_into_the_cache(monkeypatch, tmp_path, capsys):
+    bc = load_script("benchmarks", "bench_classifier")
+    monkeypatch.setattr(bc, "load_split", _fake_load_split())
+    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path / "cache"))
+    _argv(monkeypatch, "bench_classifier.py", "--epochs", "0.5", "--batch-size", "16", "--threads", "1",
+          "--save")
+    bc.main()
+    out = capsys.readouterr().out
+    log, rest = out.split("\n{", 1)  # train_classifier's log line, then the JSON, then the verdict
+    body, verdict = ("{" + rest).rstrip().rsplit("\n", 1)
+    assert log.startswith("classifier: test accuracy ")
+    info = json.loads(body)
+    assert {"test_accuracy", "train_seconds", "epochs", "batch_size", "train_images", "sha256", "path",
+            "device"} <= set(info)
+    assert info["epochs"] == 0.5 and info["batch_size"] == 16 and info["train_images"] == 64
+    assert 0 <= info["test_accuracy"] <= 1
+    saved = Path(info["path"])
+    assert saved.parent == tmp_path / "cache" / "classifier" and saved.is_file()
+    assert ckpt.load(saved)[1]["sha256"] == info["sha256"]
+    assert verdict.startswith("test accuracy ") and "the 99 % target" in verdict
+
+
+@pytest.mark.slow
+def test_bench_core_times_every_config_in_a_worker_and_prints_one_table(monkeypatch, fake_data, capsys):
+    bc = load_script("benchmarks", "bench_core")
+    # the workers' data (5 batches of 128: the naive DataLoader must not run dry) and model
+    monkeypatch.setattr(minidiff.data, "load_split", _fake_load_split(640))
+    monkeypatch.setattr(minidiff.models.unet, "SimpleUnet", _TinyUnet)
+    monkeypatch.delenv("MINIDIFF_NO_MALLOPT", raising=False)  # +alloc asserts the allocator fix applies
+    calls = _workers_in_process(monkeypatch, bc)
+    # not +compile (minutes of torch.compile) nor +bf16 (emulated on AVX2-only CPUs: seconds a step)
+    configs = ["naive", "+alloc", "+cl"]
+    for c in configs:
+        monkeypatch.setitem(bc.CONFIGS[c], "sample_bs", 8)  # the timed sampling batch (100 / 256)
+    _argv(monkeypatch, "bench_core.py", "--quick", "--configs", ",".join(configs))
+    bc.main()
+    out = capsys.readouterr().out
+    assert [args for args, _ in calls] == [["--worker", c, "--quick"] for c in configs]
+    assert [env.get("MINIDIFF_NO_MALLOPT") for _, env in calls] == ["1", None, None]
+    assert "failed" not in out and "machine: " in out
+    rows = {r[0]: r for r in _table(out, "") if r[0] in configs}
+    assert list(rows) == configs and all(len(r) == 8 for r in rows.values())
+    assert float(rows["naive"][2]) == 1.0 and float(rows["naive"][5]) == 1.0  # the ratios' base
+    assert all(float(r[1]) > 0 and float(r[4]) > 0 for r in rows.values())
+    # same weights, batch, t and noise: the first loss does not depend on the speed-ups
+    first = {c: float(r[6]) for c, r in rows.items()}
+    assert first["+alloc"] == pytest.approx(first["naive"], rel=1e-4)
+    assert first["+cl"] == pytest.approx(first["naive"], rel=1e-3)
+
+
+def test_bench_memory_reads_rss_through_a_training_run(monkeypatch, fake_data, tmp_path, capsys):
+    bm = load_script("benchmarks", "bench_memory")
+    T = minidiff.train
+    real_p_losses = T.p_losses
+    monkeypatch.setattr(T, "p_losses", real_p_losses)  # restored even if the script dies mid-run
+    _argv(monkeypatch, "bench_memory.py", "--preset", "smoke", "--arch", "reduced", "--batch-size", "8",
+          "--steps", "4", "--every", "1", "--warmup", "2", "--tolerance", "100",
+          "--out", tmp_path / "run")
+    assert bm.main() == 0
+    out = capsys.readouterr().out
+    assert "4 steps of batch 8, 8 steps per epoch" in out and "reference: step 2 (warm-up)" in out
+    readings = [line.split() for line in out.splitlines()
+                if line.split() and (line.split()[0].isdigit() or line.split()[0] == "final")]
+    assert [r[0] for r in readings] == ["0", "1", "2", "3", "final"]
+    assert all(float(r[2]) > 0 for r in readings)
+    assert "within 10000%: yes" in out
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert T.p_losses is real_p_losses  # the script put the loss back after wrapping it
+
+
+def test_bench_prune_prints_a_row_per_pruning(monkeypatch, fake_data, tiny_model, capsys):
+    bp = load_script("benchmarks", "bench_prune")
+    _argv(monkeypatch, "bench_prune.py", tiny_model, "--ratios", "0.25", "0.5", "--importance", "taylor",
+          "--n", "4", "--steps", "2", "--runs", "1")
+    bp.main()
+    out = capsys.readouterr().out
+    rows = {r[0]: r for r in _table(out, "") if r[0] not in ("model", "---")}
+    assert list(rows) == ["dense", "paper 10 % + 30 %", "paper, sparse file", "structural 0.25 (taylor)",
+                          "structural 0.5 (taylor)"]
+    params = {k: int(r[1].replace(",", "")) for k, r in rows.items()}
+    nonzero = {k: int(r[2].replace(",", "")) for k, r in rows.items()}
+    assert params["paper 10 % + 30 %"] == params["dense"] > nonzero["paper 10 % + 30 %"]
+    assert params["dense"] > params["structural 0.25 (taylor)"] > params["structural 0.5 (taylor)"]
+    assert rows["dense"][6] == "1.00×" and rows["dense"][7] == "0.000"
+    assert rows["paper, sparse file"][5] == "= paper" and rows["paper, sparse file"][7] == "= paper"
+
+
+def test_bench_prune_finetune_writes_four_rows(monkeypatch, tiny_model, tmp_path, capsys):
+    bpf = load_script("benchmarks", "bench_prune_finetune")
+    monkeypatch.setattr(bpf, "load_split", _fake_load_split())
+    monkeypatch.setattr(bpf, "load_or_train_classifier", _fake_classifier)
+    out_dir = tmp_path / "prune_ft"
+    _argv(monkeypatch, "bench_prune_finetune.py", tiny_model, "--ratio", "0.5", "--ft-fraction", "0.2",
+          "--n", "4", "--steps", "2", "--out", out_dir)
+    bpf.main()
+    result = json.loads((out_dir / "result.json").read_text())
+    names = ["unpruned", "pruned, no fine-tuning", "pruned + fine-tuned", "pruned arch from scratch"]
+    assert list(result["rows"]) == names and result["ratio"] == 0.5 and result["ft_steps"] == 1
+    for r in result["rows"].values():
+        assert set(r) == {"params", "macs", "bytes", "seconds", "fid", "floor"}
+    rows = result["rows"]
+    assert rows["unpruned"]["params"] > rows["pruned, no fine-tuning"]["params"] \
+        == rows["pruned + fine-tuned"]["params"] == rows["pruned arch from scratch"]["params"]
+    for sub in ("finetuned", "scratch"):
+        assert load_model(out_dir / sub / "model.safetensors").meta["step"] == 1
+    out = capsys.readouterr().out
+    assert [r[0] for r in _table(out, "") if r[0] in names] == names
+
+
+@pytest.mark.slow
+def test_bench_sampling_times_samples_scores_and_judges(monkeypatch, fake_data, tmp_path, capsys):
+    bs = load_script("benchmarks", "bench_sampling")
+    model = _tiny_model(tmp_path / "t20.safetensors", timesteps=20)  # ddpm: 20 steps, not 200
+    monkeypatch.setattr(minidiff.classifier, "load_or_train_classifier", _fake_classifier)
+    monkeypatch.delenv("MINIDIFF_NO_MALLOPT", raising=False)
+    calls = _workers_in_process(monkeypatch, bs)
+    out_dir = tmp_path / "bs"
+    argv = ["bench_sampling.py", str(model), "--n-quality", "4", "--n-speed", "4",
+            "--extrapolate-from", "2", "--samplers", "ddim,ddim:eta=1", "--steps", "2",
+            "--batch-sizes", "2", "--naive-batch", "2", "--out", str(out_dir)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bs.main()
+    specs = [json.loads(args[args.index("--worker") + 1]) for args, _ in calls]
+    # naive ddpm, then ddpm and each fast sampler, then the verdict again on all --n-speed samples
+    assert [(s["sampler"], s["steps"], s["naive"], s["n"]) for s in specs] == [
+        ("ddpm", 20, True, 2), ("ddpm", 20, False, 2), ("ddim", 2, False, 2), ("ddim", 2, False, 2),
+        (specs[-1]["sampler"], specs[-1]["steps"], False, 4)]
+    assert [env.get("MINIDIFF_NO_MALLOPT") for _, env in calls] == ["1", None, None, None, None]
+    result = json.loads((out_dir / "bench_sampling.json").read_text())
+    assert result["kind"] == "bench_sampling" and result["naive"]["config"] == "naive"
+    assert len(result["minidiff"]) == 4 and result["minidiff"][-1]["config"] == "minidiff (verdict, all samples)"
+    assert [(r["sampler"], r["steps"]) for r in result["quality"]["rows"]] == [
+        ("ddpm", 20), ("ddim", 2), ("ddim eta=1", 2)]
+    assert result["quality"]["n"] == 4 and result["verdict"]["speedup"] > 0
+    assert result["naive"]["nfe"] == 20 and result["minidiff"][1]["nfe"] == 2
+    assert (out_dir / "pseudo_fid_vs_steps.png").stat().st_size > 0
+    assert len(json.loads((out_dir / "quality_cache.json").read_text())) == 3
+    out = capsys.readouterr().out
+    assert "## Verdict" in out and "fastest configuration within 10% of ddpm-20" in out
+
+    # a second run takes every pseudo-FID from the cache
+    calls.clear()
+    bs.main()
+    again = json.loads((out_dir / "bench_sampling.json").read_text())
+    assert all(r.get("reused") for r in again["quality"]["rows"])
+    assert [r["pseudo_fid"] for r in again["quality"]["rows"]] == [r["pseudo_fid"] for r in result["quality"]["rows"]]
+    assert "reused (quality_cache.json)" in capsys.readouterr().out
+
+
+def test_bench_widths_writes_times_per_model_precision_and_layer(monkeypatch, tiny_model, tmp_path, capsys):
+    bw = load_script("benchmarks", "bench_widths")
+    names = []
+    monkeypatch.setattr(bw, "shipped_path", lambda name: names.append(name) or tiny_model)
+    assert bw.main(["--out", str(tmp_path / "w"), "--batch", "2", "--reps", "1",
+                    "--precisions", "fp32,bf16"]) == 0
+    assert set(names) == {"baseline"}
+    result = json.loads((tmp_path / "w" / "widths.json").read_text())
+    models = ["baseline", "structural", "structural, round_to 8", "structural, round_to 16"]
+    assert list(result["macs"]) == models and list(result["widths"]) == models
+    assert set(TINY_CHANNELS) <= set(result["widths"]["baseline"])
+    assert result["macs"]["structural"] < result["macs"]["structural, round_to 16"] <= result["macs"]["baseline"]
+    assert list(result["runs"]) == ["fp32", "bf16"]
+    for runs in result["runs"].values():
+        assert list(runs) == models
+        layers = runs["baseline"]["layers"]
+        assert layers and all(set(v) == {"width", "ms", "gflops"} for v in layers.values())
+        assert all(list(r["layers"]) == list(layers) and r["ms_per_sample"] > 0 for r in runs.values())
+    out = capsys.readouterr().out
+    # the summary table, then one per-convolution table per precision (one row per layer)
+    assert [r[0] for r in _table(out, "") if r[0] in models] == models
+    assert len(_table(out, "stem")) == 2 and f"written: {tmp_path / 'w' / 'widths.json'}" in out
+
+
+# ------------------------------------------------------------------ quality_curve → ship_model → models_doc
+@pytest.fixture(scope="module")
+def curve(tmp_path_factory):
+    """benchmarks/quality_curve.py on two tiny model files (steps 0 and 3), N = 4, ddim 20 steps
+    (the default sampling, which the model cards and docs/models.md report)."""
+    d = tmp_path_factory.mktemp("curve")
+    models = [_tiny_model(d / "a.safetensors", seed=0, step=0), _tiny_model(d / "b.safetensors", seed=1, step=3)]
+    qc = load_script("benchmarks", "quality_curve")
+    argv = [*map(str, models), "--out", str(d / "out"), "--label", "tiny", "-n", "4"]
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):
+        mp.setattr(qc, "load_split", _fake_load_split())
+        mp.setattr(qc, "load_or_train_classifier", _fake_classifier)
+        evaluated = []
+        real = qc.evaluate_checkpoint
+        mp.setattr(qc, "evaluate_checkpoint", lambda path, **kw: evaluated.append(path) or real(path, **kw))
+        assert qc.main(argv) == 0
+        first = (d / "out" / "curve.json").read_text()
+        assert qc.main(argv) == 0  # the same models, sampling and N: nothing evaluated again
+    return dict(models=models, out=d / "out", evaluated=evaluated, first=first)
+
+
+def test_quality_curve_writes_a_row_per_model_and_reuses_them(curve):
+    assert curve["evaluated"] == curve["models"]
+    rows = json.loads((curve["out"] / "curve.json").read_text())
+    assert (curve["out"] / "curve.json").read_text() == curve["first"]
+    assert [(r["file"], r["step"], r["images_seen"], r["label"]) for r in rows] == [
+        (str(curve["models"][0]), 0, 0, "tiny"), (str(curve["models"][1]), 3, 3 * 16, "tiny")]
+    for r in rows:
+        assert {"sha256", "epochs", "mean_confidence", "shares", "pseudo_fid", "floor", "precision", "recall",
+                "sampling", "device", "metrics_version", "smallest_share", "largest_share", "key"} <= set(r)
+        assert len(r["shares"]) == 10 and r["sampling"]["n"] == 4
+        assert (r["sampling"]["sampler"], r["sampling"]["steps"]) == ("ddim", 20)
+    assert rows[0]["sha256"] != rows[1]["sha256"]
+    assert (curve["out"] / "quality_curve.png").stat().st_size > 0
+
+
+def _ship(st, name: str, model: Path, provenance: dict, weights: Path, tmp_path: Path, *extra) -> Path:
+    """tools/ship_model.py MODEL --name NAME into ``weights`` instead of the package."""
+    sm = load_script("tools", "ship_model")
+    st.setattr(sm, "shipped_path", lambda n: weights / f"{n}.safetensors")
+    prov = tmp_path / f"{name}.provenance.json"
+    prov.write_text(json.dumps(provenance))
+    assert sm.main([str(model), "--name", name, "--provenance", str(prov), *map(str, extra)]) == 0
+    return weights / f"{name}.safetensors"
+
+
+PROVENANCE = {"commands": ["minidiff train --preset smoke"],
+              "segments": [{"hardware": "test CPU", "wall_s": 60, "steps": [0, 2], "command": "minidiff train",
+                            "precision": "fp32"},
+                           {"hardware": "test GPU", "wall_s": 30, "steps": [2, 3], "command": "minidiff train --resume",
+                            "precision": "bf16", "note": "resumed"}],
+              "notes": "a tiny untrained model for the tests"}
+CLASSIFIER_PROVENANCE = {"recipe": "v1_n64_e0.5_s0_b16", "segments": [
+    {"hardware": "test CPU", "wall_s": 5, "steps": [0, 2], "command": "minidiff classifier"}],
+    "notes": "untrained."}
+
+
+def _classifier_file(path: Path) -> Path:
+    model, _ = _fake_classifier()
+    save_classifier(path, model, {"test_accuracy": 0.125, "epochs": 0.5})
+    return path
+
+
+def test_ship_model_writes_a_card_with_provenance_and_evaluation(curve, monkeypatch, tmp_path, capsys):
+    weights = tmp_path / "weights"
+    model = curve["models"][1]
+    dest = _ship(monkeypatch, "reduced", model, PROVENANCE, weights, tmp_path, "--eval", curve["out"] / "curve.json")
+    assert sorted(p.name for p in weights.iterdir()) == ["reduced.safetensors"]
+    c = card(dest)
+    assert c["optimizer_steps"] == 3 and c["images_seen"] == 48 and c["complete"] is False
+    assert c["wall_time_s"] == 90 and c["hardware"] == ["test CPU", "test GPU"]
+    assert c["recipe"]["precision"] == "fp32 (steps 0 to 2); bf16 (steps 2 to 3)"
+    assert c["params"] == sum(p.numel() for p in load_model(model).model.parameters())
+    assert list(c["evaluation"]) == ["ddim20"]
+    assert c["evaluation"]["ddim20"]["n"] == 4
+    row = json.loads((curve["out"] / "curve.json").read_text())[1]
+    assert c["evaluation"]["ddim20"]["pseudo_fid"] == row["pseudo_fid"]
+    # the shipped file is the same model: same weights, loads and samples as before
+    assert c["weights_sha256"] == ckpt.read_header(model)["sha256"]
+    shipped, original = load_model(dest).model.state_dict(), load_model(model).model.state_dict()
+    assert all(torch.equal(shipped[k], original[k]) for k in original)
+    assert json.loads(capsys.readouterr().out)["name"] == "reduced"
+
+    clf = _ship(monkeypatch, "classifier", _classifier_file(tmp_path / "clf.safetensors"), CLASSIFIER_PROVENANCE,
+                weights, tmp_path)
+    c = card(clf)
+    assert c["test_accuracy"] == 0.125 and c["wall_time_s"] == 5 and c["recipe"] == "v1_n64_e0.5_s0_b16"
+    assert ckpt.load(clf)[1]["recipe"] == "v1_n64_e0.5_s0_b16"
+
+
+def test_models_doc_writes_the_page_and_the_grids(curve, monkeypatch, tmp_path, capsys):
+    weights = tmp_path / "weights"
+    files = {"reduced": _ship(monkeypatch, "reduced", curve["models"][1], PROVENANCE, weights, tmp_path,
+                              "--eval", curve["out"] / "curve.json"),
+             "classifier": _ship(monkeypatch, "classifier", _classifier_file(tmp_path / "clf.safetensors"),
+                                 CLASSIFIER_PROVENANCE, weights, tmp_path)}
+    capsys.readouterr()
+    md = load_script("tools", "models_doc")
+    docs = tmp_path / "docs"
+    (docs / "figures").mkdir(parents=True)
+    (docs / "figures" / "curve_reduced.png").write_bytes((curve["out"] / "quality_curve.png").read_bytes())
+    monkeypatch.setattr(md, "DOCS", docs)
+    monkeypatch.setattr(md, "available", lambda: dict(files))
+    assert md.main() == 0
+    page = (docs / "models.md").read_text()
+    assert page.startswith((ROOT / "tools" / "models.head.md").read_text())
+    rows = {r[0]: r for r in _table(page, "") if r[0] in ("baseline", "reduced", "shallow")}
+    assert rows["baseline"][1] == rows["shallow"][1] == "not shipped yet"
+    reduced = rows["reduced"]
+    assert len(reduced) == 9 and reduced[5] == "test CPU; test GPU" and reduced[7] == "—"
+    row = json.loads((curve["out"] / "curve.json").read_text())[1]  # its ddim20 evaluation
+    assert reduced[6].startswith(f"{row['mean_confidence']:.3f} / ") and f"{row['pseudo_fid']:.2f} (" in reduced[6]
+    assert reduced[1] == f"{sum(p.numel() for p in load_model(files['reduced']).model.parameters()):,}"
+    assert "## reduced" in page and "figures/curve_reduced.png" in page and "`minidiff train --resume` — resumed" in page
+    assert "reaches 12.50% on the 10,000 test digits; untrained." in page
+    assert sorted(p.name for p in (docs / "figures").iterdir()) == ["curve_reduced.png", "model_reduced.png",
+                                                                    "shipped.png"]
+    with Image.open(docs / "figures" / "model_reduced.png") as grid:
+        assert min(grid.size) > 7 * 28  # 64 samples, 8 x 8
+    assert capsys.readouterr().out.split() == [str(docs / "models.md"), str(docs / "figures" / "shipped.png")]

@@ -44,7 +44,7 @@ run: $(STAMP)
 # one pytest-xdist worker per core (2 on the CI machine); a test file stays on one worker, so its
 # module-scoped fixtures (a smoke study, a trained run) are built once
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # the edit-test loop: everything but the tests marked slow (studies, kills, shipped-card
 # reproductions, two-process runs, browsers), in under 2 minutes on 2 cores

@@ -31,3 +31,13 @@ def tiny_mnist():
 def module_mnist():
     """``tiny_mnist`` for module-scoped fixtures (the same 64 images)."""
     return _tiny_mnist()
+
+
+# The longest test files first: `make test` hands whole files to its two workers in this order,
+# so a file of minutes that came last would leave one worker idle while the other finishes it.
+LONGEST_FIRST = ("test_study_crash.py", "test_study.py", "test_shipped.py", "test_distributed.py", "test_crash.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order

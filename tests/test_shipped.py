@@ -25,15 +25,18 @@ def _smoke_reduced(tmp_path_factory, module_mnist):
     tensors, meta = C.load(run)
     path = tmp / "reduced.safetensors"
     C.save(path, tensors, dict(C.user_meta(meta), card={"epochs": 2.0, "params": 634_081, "hardware": ["test CPU"]}))
-    return path
+    return path, run.parent
 
 
 @pytest.fixture
 def fake_weights(tmp_path, monkeypatch, _smoke_reduced):
-    """A weights directory (this test's own copy) holding the smoke-trained 'reduced'."""
+    """A weights directory (this test's own copy) holding the smoke-trained 'reduced', and the
+    run directory it came from in ``tmp_path / "run"``."""
+    shipped_file, run = _smoke_reduced
     d = tmp_path / "weights"
     d.mkdir()
-    shutil.copyfile(_smoke_reduced, d / "reduced.safetensors")
+    shutil.copyfile(shipped_file, d / "reduced.safetensors")
+    shutil.copytree(run, tmp_path / "run")
     monkeypatch.setattr(shipped, "WEIGHTS_DIR", d)
     return d
 

@@ -161,8 +161,8 @@ class SamplingSpec:
     against T. ``eta=None`` is ``DEFAULT_DDIM_ETA`` for ``ddim`` and 0 for the samplers that take
     no η. ``spacing`` places the grid of a strided sampler (``samplers.timestep_grid``).
     The seed fixes x_T and every sample's noise stream (``generate``). ``precision`` defaults to
-    fp32, the same numbers on every machine; "auto" is bf16 where the device computes it natively
-    (the command line's default)."""
+    fp32, the same numbers on every machine (and the command line's default); "auto" is bf16 where
+    the device computes it natively."""
 
     sampler: str = "ddim"
     steps: int | None = None

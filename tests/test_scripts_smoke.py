@@ -407,6 +407,27 @@ def test_ship_model_writes_a_card_with_provenance_and_evaluation(curve, monkeypa
     assert ckpt.load(clf)[1]["recipe"] == "v1_n64_e0.5_s0_b16"
 
 
+def test_ship_model_sparse_stores_the_zeros_left_out_and_loads_the_same_weights(curve, monkeypatch, tmp_path, capsys):
+    model, _, meta = load_model(curve["models"][1])
+    with torch.no_grad():  # a paper-pruned-like file: most conv weights zero
+        for name, p in model.named_parameters():
+            if p.ndim == 4:
+                p[p.abs() < p.abs().flatten().quantile(0.7)] = 0
+    pruned = save_model(tmp_path / "pruned.safetensors", model, train_config("smoke", "reduced"), step=3)
+    dense = _ship(monkeypatch, "dense", pruned, PROVENANCE, tmp_path / "w", tmp_path)
+    sparse = _ship(monkeypatch, "sparse", pruned, PROVENANCE, tmp_path / "w", tmp_path, "--sparse")
+    capsys.readouterr()
+    assert sparse.stat().st_size < 0.8 * dense.stat().st_size
+    c = card(sparse)
+    assert c["storage"].startswith("sparse") and card(dense)["storage"] == "dense"
+    assert c["evaluated_sha256"] == ckpt.read_header(pruned)["sha256"] == card(dense)["evaluated_sha256"]
+    a, b = load_model(sparse).model.state_dict(), load_model(pruned).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    # shipping the sparse file again, dense, gives the dense file's weights
+    again = _ship(monkeypatch, "again", sparse, PROVENANCE, tmp_path / "w", tmp_path)
+    assert ckpt.read_header(again)["sha256"] == ckpt.read_header(dense)["sha256"]
+
+
 def test_models_doc_writes_the_page_and_the_grids(curve, monkeypatch, tmp_path, capsys):
     weights = tmp_path / "weights"
     files = {"reduced": _ship(monkeypatch, "reduced", curve["models"][1], PROVENANCE, weights, tmp_path,

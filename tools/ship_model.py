@@ -7,6 +7,8 @@ score (rows of benchmarks/quality_curve.py's curve.json for these exact weights)
 
   python tools/ship_model.py runs/gpu/reduced/model.safetensors --name reduced \
       --provenance docs/provenance/reduced.json --eval docs/curves/reduced/curve.json
+  python tools/ship_model.py runs/paper-pruned-long/model.safetensors --name paper_pruned --sparse \
+      --provenance docs/provenance/paper_pruned.json --eval docs/curves/paper_pruned/curve.json
   python tools/ship_model.py ~/.cache/minidiff/classifier/classifier_v1_n60000_e3_s0_b128.safetensors \
       --name classifier --provenance docs/provenance/classifier.json
 """
@@ -61,8 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--provenance", type=Path, required=True)
     ap.add_argument("--eval", type=Path, default=None, help="curve.json of benchmarks/quality_curve.py")
+    ap.add_argument("--sparse", action="store_true",
+                    help="store the weights with their zeros left out (non-zero values + a bitmask, "
+                         "checkpoint.save_sparse), so a paper-pruned model's pruning shows in its bytes; "
+                         "it loads to the very same dense weights")
     a = ap.parse_args(argv)
     tensors, meta = ckpt.load(a.model)
+    tensors = ckpt.densify(a.model, tensors, meta)  # a sparse input is stored afresh as asked
     prov = json.loads(a.provenance.read_text())
     c = dict(prov)
     if meta.get("kind") == "classifier":
@@ -80,13 +87,17 @@ def main(argv=None) -> int:
         c["recipe"]["precision"] = _precision_by_segment(prov.get("segments", []), cfg["precision"])
         if a.eval is not None:
             c["evaluation"] = _eval_rows(a.eval, meta["sha256"])
+        # the weights the evaluation describes, by the digest of the file it was run on (a file
+        # stored sparse has other stored tensors, so another digest of its own)
+        c["evaluated_sha256"] = meta["sha256"]
+        c["storage"] = "sparse (non-zero values + bitmask)" if a.sparse else "dense"
         c["params"] = count_params(load_model(a.model).model)["total"]
     c["wall_time_s"] = sum(s.get("wall_s", 0) for s in prov.get("segments", []))
     c["hardware"] = sorted({s["hardware"] for s in prov.get("segments", [])})
     dest = shipped_path(a.name)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    keep = ckpt.user_meta(meta)
-    ckpt.save(dest, tensors, dict(keep, card=c))
+    keep = {k: v for k, v in ckpt.user_meta(meta).items() if k != "sparse"}
+    (ckpt.save_sparse if a.sparse else ckpt.save)(dest, tensors, dict(keep, card=c))
     print(json.dumps(card(dest), indent=1)[:2000])
     return 0
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from minidiff.config import TrainConfig, with_overrides
 from minidiff.data import batches_per_epoch, load_split
-from minidiff.config import DEFAULT_SAMPLING
+from minidiff.cli import UserError, add_sampling_flags, sampling_spec
 from minidiff.evaluate import evaluate_checkpoint
 from minidiff.classifier import load_or_train_classifier
 from minidiff.prune import prune_checkpoint
@@ -34,14 +33,17 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--ft-fraction", type=float, default=0.2)
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--sampler", default=DEFAULT_SAMPLING.sampler)
-    ap.add_argument("--steps", type=int, default=DEFAULT_SAMPLING.steps)
     ap.add_argument("--out", type=Path, default=Path("runs/prune_ft"))
+    add_sampling_flags(ap)  # minidiff evaluate's flags and defaults (DEFAULT_SAMPLING)
     a = ap.parse_args()
     tune_allocator()
     a.out.mkdir(parents=True, exist_ok=True)
     meta = load_model(a.ckpt).meta
     src_cfg = TrainConfig.from_dict(meta["config"])
+    try:
+        spec = sampling_spec(a, src_cfg.diffusion.timesteps)
+    except UserError as e:
+        ap.error(str(e))
     train_data, test_data = load_split("train"), load_split("test")
     ft_steps = max(1, round(a.ft_fraction * meta["step"]))
     bpe = batches_per_epoch(len(train_data), src_cfg.batch_size)
@@ -60,7 +62,7 @@ def main() -> None:
     rows = {}
     for name, path in (("unpruned", a.ckpt), ("pruned, no fine-tuning", pruned),
                        ("pruned + fine-tuned", ft), ("pruned arch from scratch", scratch)):
-        r = evaluate_checkpoint(path, n=a.n, spec=replace(DEFAULT_SAMPLING, sampler=a.sampler, steps=a.steps),
+        r = evaluate_checkpoint(path, n=a.n, spec=spec,
                                 classifier=clf, test_data=test_data, train_data=train_data, progress=False)
         rows[name] = dict(params=r["efficiency"]["params_total"], macs=r["efficiency"]["macs_per_eval"],
                           bytes=r["efficiency"]["checkpoint_bytes"], seconds=r["timing"]["generate_s"],
@@ -68,7 +70,7 @@ def main() -> None:
     (a.out / "result.json").write_text(json.dumps(dict(rows=rows, ft_steps=ft_steps, ratio=a.ratio), indent=2))
     base = rows["unpruned"]
     print(f"structural ratio {a.ratio}, fine-tuning {ft_steps} steps = {a.ft_fraction:.0%} of {meta['step']}; "
-          f"{a.sampler} {a.steps} steps, N = {a.n}, floor {base['floor']:.2f}")
+          f"{spec.sampler} {spec.steps} steps, N = {a.n}, floor {base['floor']:.2f}")
     print("| model | params | MACs/eval | bytes | sampling s | × faster | pseudo-FID | vs unpruned |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():

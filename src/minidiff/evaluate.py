@@ -35,8 +35,6 @@ from .runtime import default_device, describe_device, resolve_precision
 # stochastic samplers draw each sample's noise from its own stream (generate.sample_noise_seed).
 METRICS_VERSION = 2
 
-
-
 # The fewest samples every metric is defined for: precision/recall (k = PR_K, as _quality
 # computes it) needs each sample's k-th nearest *other* sample, so k + 1; the pseudo-FID's
 # covariance needs 2.

@@ -358,7 +358,6 @@ class _Run:
     teacher: torch.nn.Module | None
     heldout: _Heldout | None
     main: bool                      # rank 0 (or the only process): the one that writes
-    log: Any
     net: torch.nn.Module = None     # st.model, or its DistributedDataParallel wrapper
     part: slice | None = None       # this rank's share of each batch
     meter: _Meter = None
@@ -441,7 +440,7 @@ def _start_run(cfg: TrainConfig, data: MNIST, out: Path, resume: bool, init_stat
         masks = {k: v.to(device) for k, v in masks.items()}
     st = _initial_state(cfg, out / "checkpoint.safetensors" if resume else None, device, init_state, masks, log)
     run = _Run(cfg, data.subset(cfg.train_subset), out, device, resolve_precision(cfg.precision, device), sched,
-               st, teacher, _Heldout(heldout, sched, device) if heldout is not None else None, main, log)
+               st, teacher, _Heldout(heldout, sched, device) if heldout is not None else None, main)
     run.meter = _Meter(device)
     run.meter.restore(st.log_window, st.trained_s)
     run.net = st.model
@@ -476,8 +475,7 @@ def _loop(run: _Run, minutes: float | None, progress: bool) -> bool:
             if (st.step % cfg.ckpt_every_steps == 0 or st.step % run.bpe == 0 or st.step == run.total_steps
                     or run.stopping):
                 run.checkpoint()
-            if run.main and run.is_grid_step():
-                run.check_finite()
+            if run.main and run.is_grid_step():  # its log row has checked the loss (log_row)
                 _snapshot(st, cfg, run.data, run.sched, run.out, run.precision)
     finally:
         bar.close()

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from _support import fake_mnist
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if "OMP_NUM_THREADS" not in os.environ:
     # under pytest-xdist (`make test`: one worker per core) each worker computes on one thread;
@@ -11,26 +13,16 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // workers))
 
 
-def _tiny_mnist():
-    """A deterministic fake MNIST slice (no network, no cache): 64 images of blobs, labels 0..9."""
-    from minidiff.data import MNIST
-    g = torch.Generator().manual_seed(0)
-    images = (torch.rand(64, 28, 28, generator=g) * 255).to(torch.uint8)
-    images[:, :6] = 0
-    labels = torch.arange(64) % 10
-    return MNIST(images, labels.to(torch.uint8))
-
-
 @pytest.fixture
 def tiny_mnist():
     """A deterministic fake MNIST slice (no network, no cache): 64 images of blobs, labels 0..9."""
-    return _tiny_mnist()
+    return fake_mnist()
 
 
 @pytest.fixture(scope="module")
 def module_mnist():
     """``tiny_mnist`` for module-scoped fixtures (the same 64 images)."""
-    return _tiny_mnist()
+    return fake_mnist()
 
 
 # The longest test files first: `make test` hands whole files to its two workers in this order,

@@ -7,13 +7,13 @@ import urllib.request
 
 import pytest
 
-from _support import load_script
+from _support import load_script, tiny_model_file
 from minidiff import cli, serve
 from minidiff.config import DEFAULT_DDIM_ETA, DEFAULT_SAMPLING, DEFAULT_STEPS, SamplingSpec, TrainConfig
 from minidiff.evaluate import evaluate_checkpoint
 from minidiff.generate import generate
 from minidiff.runtime import resolve_precision
-from test_serve import _tiny_model, serving
+from test_serve import serving
 
 T = 200  # the schedule length every preset uses
 
@@ -44,7 +44,7 @@ def test_the_benchmarks_use_it():
 
 
 def test_the_page_uses_it(tmp_path):
-    models = {"tiny": _tiny_model(tmp_path / "tiny.safetensors", 0)}
+    models = {"tiny": tiny_model_file(tmp_path / "tiny.safetensors", 0)}
     loaded = serve.load_models(models)
     assert loaded["tiny"].precision == resolve_precision(DEFAULT_SAMPLING.precision, loaded["tiny"].device)
     # a request that names no sampling setting gets the default one

@@ -30,31 +30,20 @@ import minidiff.models.unet
 import minidiff.train
 from minidiff import checkpoint as ckpt
 from minidiff.classifier import save_classifier
-from minidiff.config import DiffusionConfig, ModelConfig, train_config
+from minidiff.config import ModelConfig, train_config
 from minidiff.data import MNIST
 from minidiff.modelfile import load_model, save_model
 from minidiff.models.classifier import MnistClassifier
 from minidiff.models.unet import SimpleUnet
 from minidiff.shipped import card
 
-from _support import ROOT, load_script
-
-TINY_CHANNELS = (4, 8, 12)
-
-
-def _fake_mnist(n: int = 64, seed: int = 0) -> MNIST:
-    """``n`` random 28x28 uint8 images (a blank top band, like MNIST's margins), labels 0..9."""
-    g = torch.Generator().manual_seed(seed)
-    images = (torch.rand(n, 28, 28, generator=g) * 255).to(torch.uint8)
-    images[:, :6] = 0
-    return MNIST(images, (torch.arange(n) % 10).to(torch.uint8))
-
+from _support import ROOT, TINY_CHANNELS, fake_mnist, load_script, tiny_model_file, tiny_unet_config
 
 def _fake_load_split(n: int = 64):
     """A stand-in for ``minidiff.data.load_split``: fake train/test splits, nothing fetched."""
     def load_split(split: str = "train", *args, **kw) -> MNIST:
         assert split in ("train", "test"), split
-        return _fake_mnist(n, seed=0 if split == "train" else 1)
+        return fake_mnist(n, seed=0 if split == "train" else 1)
     return load_split
 
 
@@ -65,7 +54,7 @@ def _fake_classifier(*args, **kw):
         return MnistClassifier().eval(), {}
 
 
-TINY = ModelConfig(channels=TINY_CHANNELS, time_emb_dim=train_config("smoke", "reduced").model.time_emb_dim)
+TINY = tiny_unet_config()
 
 
 class _TinyUnet(SimpleUnet):
@@ -73,19 +62,6 @@ class _TinyUnet(SimpleUnet):
 
     def __init__(self, cfg: ModelConfig = TINY):
         super().__init__(cfg)
-
-
-def _tiny_net(seed: int = 0) -> SimpleUnet:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return SimpleUnet(TINY)
-
-
-def _tiny_model(path: Path, seed: int = 0, step: int = 0, timesteps: int = 200) -> Path:
-    """An untrained reduced model cut to 4, 8 and 12 channels (as tests/test_serve.py makes one),
-    trained (nominally) for a schedule of ``timesteps``."""
-    cfg = train_config("smoke", "reduced", diffusion=DiffusionConfig(timesteps=timesteps))
-    return save_model(path, _tiny_net(seed), cfg, step=step)
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +75,7 @@ def _isolated_torch_state():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    return _tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+    return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
 @pytest.fixture
@@ -256,7 +232,7 @@ def test_bench_prune_finetune_writes_four_rows(monkeypatch, tiny_model, tmp_path
 @pytest.mark.slow
 def test_bench_sampling_times_samples_scores_and_judges(monkeypatch, fake_data, tmp_path, capsys):
     bs = load_script("benchmarks", "bench_sampling")
-    model = _tiny_model(tmp_path / "t20.safetensors", timesteps=20)  # ddpm: 20 steps, not 200
+    model = tiny_model_file(tmp_path / "t20.safetensors", timesteps=20)  # ddpm: 20 steps, not 200
     monkeypatch.setattr(minidiff.classifier, "load_or_train_classifier", _fake_classifier)
     monkeypatch.delenv("MINIDIFF_NO_MALLOPT", raising=False)
     calls = _workers_in_process(monkeypatch, bs)
@@ -323,7 +299,7 @@ def curve(tmp_path_factory):
     """benchmarks/quality_curve.py on two tiny model files (steps 0 and 3), N = 4, ddim 20 steps
     (the default sampling, which the model cards and docs/models.md report)."""
     d = tmp_path_factory.mktemp("curve")
-    models = [_tiny_model(d / "a.safetensors", seed=0, step=0), _tiny_model(d / "b.safetensors", seed=1, step=3)]
+    models = [tiny_model_file(d / "a.safetensors", seed=0, step=0), tiny_model_file(d / "b.safetensors", seed=1, step=3)]
     qc = load_script("benchmarks", "quality_curve")
     argv = [*map(str, models), "--out", str(d / "out"), "--label", "tiny", "-n", "4"]
     with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]):

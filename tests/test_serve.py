@@ -24,31 +24,23 @@ import uvicorn
 from PIL import Image
 
 from minidiff import cli
-from minidiff.config import SAMPLERS, ModelConfig, SamplingSpec, train_config
+from minidiff.config import SAMPLERS, SamplingSpec
 from minidiff.data import to_uint8
 from minidiff.diffusion import make_schedule
 from minidiff.generate import generate, grid_image, initial_noise
-from minidiff.models.unet import SimpleUnet
 from minidiff.runtime import default_device
 from minidiff.samplers import run_sampler, timestep_grid
 from minidiff.serve import create_app
 from minidiff.shipped import available
-from minidiff.modelfile import load_model, save_model
+from minidiff.modelfile import load_model
 
-
-def _tiny_model(path: Path, seed: int) -> Path:
-    """An untrained reduced model cut to 4, 8 and 12 channels, as structural pruning leaves one
-    (52 k parameters): the plumbing is under test, not the digits, and a step takes milliseconds."""
-    torch.manual_seed(seed)
-    cfg = train_config("smoke", "reduced")
-    net = SimpleUnet(ModelConfig(channels=(4, 8, 12), time_emb_dim=cfg.model.time_emb_dim))
-    return save_model(path, net, cfg, step=0)
+from _support import tiny_model_file
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("serve")
-    return {"tiny": _tiny_model(d / "tiny.safetensors", 0), "tiny-b": _tiny_model(d / "b.safetensors", 1)}
+    return {"tiny": tiny_model_file(d / "tiny.safetensors", 0), "tiny-b": tiny_model_file(d / "b.safetensors", 1)}
 
 
 @contextlib.contextmanager

@@ -52,7 +52,11 @@ def row_of(path: Path, meta: dict, label: str, result: dict) -> dict:
             "precision": q["precision_recall"]["precision"], "recall": q["precision_recall"]["recall"],
             "sampling": result["sampling"], "device": result["timing"]["device"],
             "metrics_version": result["metrics_version"]}
-    return dict(row, smallest_share=min(row["shares"]), largest_share=max(row["shares"]))
+    # the curve's x: a compressed file not yet fine-tuned carries its source's step, but starts
+    # this run's curve at 0 images
+    pruned_only = bool(meta.get("pruning")) and not meta["pruning"].get("finetuned")
+    return dict(row, smallest_share=min(row["shares"]), largest_share=max(row["shares"]),
+                curve_images=0 if pruned_only else row["images_seen"])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -67,8 +71,8 @@ def plot(rows: list[dict], path: Path) -> None:
             latest[k] = r
     rows = list(latest.values())
     for label in sorted({r["label"] for r in rows}):
-        rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r["images_seen"])
-        x = [r["images_seen"] / 1e6 for r in rs]
+        rs = sorted((r for r in rows if r["label"] == label), key=lambda r: r.get("curve_images", r["images_seen"]))
+        x = [r.get("curve_images", r["images_seen"]) / 1e6 for r in rs]
         a.plot(x, [r["mean_confidence"] for r in rs], "o-", label=label)
         b.plot(x, [r["pseudo_fid"] for r in rs], "o-", label=label)
     a.axhline(0.95, color="grey", ls="--", lw=1)

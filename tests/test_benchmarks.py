@@ -2,10 +2,12 @@
 import json
 
 import pytest
+import torch
 
+from minidiff.models.classifier import MnistClassifier
 from minidiff.shipped import shipped_path
 
-from _support import load_script
+from _support import fake_mnist, load_script, tiny_model_file
 
 
 def _benchmark(name: str):
@@ -67,3 +69,109 @@ def test_quality_curve_evaluates_rows_written_without_a_key_again(quality_curve,
     (tmp_path / "curve.json").write_text(json.dumps([legacy]))
     assert qc.main([str(model), "--out", str(tmp_path), "--label", "reduced", "-n", "20"]) == 0
     assert len(calls) == 1
+
+
+@pytest.fixture
+def sampler_study(monkeypatch):
+    """benchmarks/sampler_study.py with fake MNIST splits and an untrained classifier (nothing
+    fetched or trained); the evaluations are real and recorded: (spec, N) of every call."""
+    ss = _benchmark("sampler_study")
+    monkeypatch.setattr(ss, "load_split", lambda split: fake_mnist(64, seed=0 if split == "train" else 1))
+
+    def untrained_classifier():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return MnistClassifier().eval(), {}
+    monkeypatch.setattr(ss, "load_or_train_classifier", untrained_classifier)
+    calls, real = [], ss.evaluate_checkpoint
+
+    def recorded(path, **kw):
+        calls.append((kw["spec"], kw["n"]))
+        return real(path, **kw)
+    monkeypatch.setattr(ss, "evaluate_checkpoint", recorded)
+    return ss, calls
+
+
+def _study(ss, calls, model, out, *flags, n=6):
+    """One run on ``model``: 2 step counts, 2 spacings unless ``flags`` say otherwise; how many
+    rows it measured."""
+    before = len(calls)
+    assert ss.main([str(model), "--out", str(out), "-n", str(n), "--steps", "2,3", "--spacings", "leading,logsnr",
+                    *flags]) == 0
+    return len(calls) - before
+
+
+def test_sampler_study_writes_a_row_per_configuration_and_reuses_only_identical_keys(sampler_study, tmp_path,
+                                                                                      monkeypatch):
+    ss, calls = sampler_study
+    model, out = tiny_model_file(tmp_path / "tiny.safetensors", timesteps=50), tmp_path / "out"
+    assert _study(ss, calls, model, out) == 1 + 4 * 2 * 2  # DDPM-50, then 4 samplers x 2 spacings x 2 steps
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 17 and len({json.dumps(r["key"], sort_keys=True) for r in rows}) == 17
+    assert (rows[0]["sampler"], rows[0]["steps"], rows[0]["spacing"], rows[0]["nfe"]) == ("ddpm", 50, None, 50)
+    assert {(r["sampler"], r["eta"]) for r in rows[1:]} == {("ddim", 0.0), ("ddim", 1.0), ("dpmpp2m", None),
+                                                           ("dpmpp3m", None)}
+    for r in rows:
+        assert {"model", "sampler", "steps", "spacing", "eta", "n", "nfe", "wall_s", "pseudo_fid", "floor",
+                "mean_confidence", "smallest_share", "largest_share", "precision", "recall", "machine"} <= set(r)
+        assert r["model"] == str(model) and r["n"] == 6 and r["nfe"] == r["steps"] and r["wall_s"] > 0
+        assert set(r["machine"]) >= {"cpu", "torch"} and r["smallest_share"] <= r["largest_share"]
+    assert {r["spacing"] for r in rows[1:]} == {"leading", "logsnr"} and {r["steps"] for r in rows[1:]} == {2, 3}
+    table = (out / "results.md").read_text()
+    assert table.count(f"| {model} |") == 17 and "| dpmpp3m | logsnr | 3 | 3 |" in table
+    assert (out / "pseudo_fid_vs_nfe.png").stat().st_size > 0
+    first = (out / "results.json").read_text()
+    plotted = []  # from here on, what the figure would show (matplotlib is the slow part)
+    monkeypatch.setattr(ss, "plot", lambda rows, path: plotted.append(rows))
+
+    assert _study(ss, calls, model, out) == 0                                   # every key identical
+    assert (out / "results.json").read_text() == first
+    assert _study(ss, calls, model, out, "--samplers", "dpmpp3m", "--no-ddpm") == 0  # a subset: reused
+    assert (out / "results.md").read_text().count(f"| {model} |") == 4            # and shown alone
+    assert [(r["sampler"], r["spacing"], r["steps"]) for r in plotted[-1]] == [
+        ("dpmpp3m", "leading", 2), ("dpmpp3m", "leading", 3), ("dpmpp3m", "logsnr", 2), ("dpmpp3m", "logsnr", 3)]
+    assert _study(ss, calls, model, out, "--samplers", "dpmpp3m", "--steps", "3,4") == 2  # only 4 steps is new
+    one = ("--samplers", "ddim:eta=1", "--spacings", "logsnr", "--steps", "2", "--no-ddpm")  # a measured row
+    assert _study(ss, calls, model, out, *one) == 0
+    assert _study(ss, calls, model, out, *one, n=8) == 1                       # N changed
+    assert _study(ss, calls, model, out, *one, "--seed", "1") == 1             # the seed
+    assert _study(ss, calls, model, out, *one, "--batch-size", "4") == 1       # the batch size
+    assert [(s.sampler, s.eta, s.spacing, s.steps, s.batch_size, n) for s, n in calls[-1:]] == [
+        ("ddim", 1.0, "logsnr", 2, 4, 6)]
+    assert len(json.loads((out / "results.json").read_text())) == 17 + 2 + 3
+
+
+def test_sampler_study_keeps_every_row_written_before_a_kill(sampler_study, tmp_path, monkeypatch):
+    ss, calls = sampler_study
+    model, out = tiny_model_file(tmp_path / "tiny.safetensors", timesteps=50), tmp_path / "out"
+    evaluate = ss.evaluate_checkpoint
+
+    def dies_third(path, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill in the middle of the third row
+        return evaluate(path, **kw)
+    monkeypatch.setattr(ss, "evaluate_checkpoint", dies_third)
+    with pytest.raises(KeyboardInterrupt):
+        _study(ss, calls, model, out, "--samplers", "dpmpp2m")
+    assert len(json.loads((out / "results.json").read_text())) == 2
+    assert [p.name for p in out.iterdir()] == ["results.json"]  # no temporary left, no table yet
+    monkeypatch.setattr(ss, "evaluate_checkpoint", evaluate)
+    assert _study(ss, calls, model, out, "--samplers", "dpmpp2m") == 3  # 1 + 2 x 2 rows, 2 of them kept
+
+
+def test_sampler_study_plans_the_default_study_on_shipped_names_and_refuses_bad_flags(sampler_study, tmp_path):
+    ss, _ = sampler_study
+    todo = ss.plan(ss.build_parser().parse_args(["reduced", "--out", str(tmp_path)]), torch.device("cpu"))
+    assert len(todo) == 1 + 4 * 4 * 6 and {t[1] for t in todo} == {shipped_path("reduced")}
+    specs = [t[3] for t in todo]
+    assert (specs[0].sampler, specs[0].for_schedule(200).steps) == ("ddpm", 200)
+    assert {(s.sampler, s.eta, s.spacing, s.steps) for s in specs[1:]} == {
+        (name, eta, spacing, k) for name, eta in (("ddim", 0.0), ("ddim", 1.0), ("dpmpp2m", 0.0), ("dpmpp3m", 0.0))
+        for spacing in ("leading", "linspace", "trailing", "logsnr") for k in (2, 4, 6, 8, 10, 20)}
+    assert all(s.seed == 0 for s in specs) and todo[0][4]["n"] == 2000
+    for flags in (["-n", "3"], ["--spacings", "log"], ["--samplers", "euler"], ["--steps", "201"],
+                  ["--steps", "two"]):
+        with pytest.raises(SystemExit) as e:
+            ss.main(["reduced", "--out", str(tmp_path / "bad"), *flags])
+        assert e.value.code == 2, flags
+    assert not (tmp_path / "bad").exists()

@@ -79,7 +79,7 @@ def test_sampling_spec_defaults_and_what_it_gives_its_sampler():
                                                               ("ddpm", None))] == [True, False, True, False]
     assert SamplingSpec("ddpm").for_schedule(50).describe() == {
         "sampler": "ddpm", "steps": 50, "eta": None, "spacing": None}
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp2m"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp2m", "dpmpp3m", "consistency"}
 
 
 @pytest.mark.parametrize("legacy, spec", [

@@ -114,3 +114,22 @@ def test_masks_survive_a_resume_that_is_not_told_about_them(tmp_path, tiny_mnist
     # the fine-tuned file is still known as paper-pruned: fine-tuning it again keeps its zeros
     _, again, _ = finetune_start(path)
     assert again is not None and all(torch.equal(again[k] | masks[k], masks[k]) for k in masks)
+
+
+@pytest.mark.parametrize("teacher", ["baseline", "file"])
+def test_the_command_line_trains_with_a_teacher_by_name_or_file_and_records_it_as_typed(
+        teacher, tmp_path, tiny_mnist, monkeypatch):
+    import minidiff.data
+    if teacher == "file":
+        teacher = str(save_model(tmp_path / "t.safetensors", _net(1).eval(), train_config("smoke", "reduced"), 0))
+    seen = {}
+
+    def fake_train(cfg, data, out, **kw):  # the run itself is tested above; here: what reaches it
+        seen["cfg"], seen["teacher"] = cfg, T.load_teacher(cfg, torch.device("cpu"))
+    monkeypatch.setattr(minidiff.data, "load_split", lambda split, data_dir=None: tiny_mnist)
+    monkeypatch.setattr(T, "train", fake_train)
+    code = cli.main(["train", "--preset", "smoke", "--distill-weight", "1", "--teacher", teacher,
+                     "--out", str(tmp_path / "r")])
+    assert code == 0
+    assert seen["cfg"].teacher == teacher  # a shipped name stays a name in the run's config
+    assert not any(p.requires_grad for p in seen["teacher"].parameters())

@@ -75,7 +75,7 @@ SAMPLING_KINDS = {"sampler": "str", "steps": "int?", "spacing": "str", "eta": "f
 
 def _sampling_ok(d: dict, T: int = 200) -> bool:
     """Whether SamplingSpec(**d).for_schedule(T) is valid: each field by its rule and type, η only
-    for ddim, ddpm's steps only T (or unset), the others' in [1, T]."""
+    for ddim, ddpm's steps only T (or unset), consistency's in [1, 4], the others' in [1, T]."""
     if not isinstance(d, dict) or set(d) - set(SAMPLING):
         return False
     if not all(_is(SAMPLING_KINDS[k], v) and SAMPLING[k][1](v) for k, v in d.items()):
@@ -83,8 +83,9 @@ def _sampling_ok(d: dict, T: int = 200) -> bool:
     d = {**{"sampler": "ddim", "steps": None, "eta": None}, **d}
     if d["sampler"] == "ddpm":
         return d["eta"] in (None, 0) and d["steps"] in (None, T)
+    most = 4 if d["sampler"] == "consistency" else T
     return (d["eta"] is None or d["eta"] == 0 or d["sampler"] == "ddim") and (
-        d["steps"] is None or 1 <= d["steps"] <= T)
+        d["steps"] is None or 1 <= d["steps"] <= most)
 
 
 @FAST
@@ -97,7 +98,7 @@ def test_sampling_spec_accepts_exactly_the_valid_values(d):
         return
     spec = SamplingSpec(**d).for_schedule(200)
     assert spec.sampler == d.get("sampler", "ddim") and isinstance(spec.eta, float)
-    assert spec.steps == (200 if spec.sampler == "ddpm" else d.get("steps") or 20)
+    assert spec.steps == (200 if spec.sampler == "ddpm" else d.get("steps") or (2 if spec.sampler == "consistency" else 20))
     assert spec.eta == (d["eta"] if d.get("eta") is not None else 1.0 if spec.sampler == "ddim" else 0.0)
 
 

@@ -356,6 +356,19 @@ def _classifier_file(path: Path) -> Path:
     return path
 
 
+def test_ship_model_records_what_a_fine_tune_started_from_and_its_evaluation_before(curve, monkeypatch, tmp_path):
+    weights = tmp_path / "weights"
+    before, after = curve["models"][:2]
+    base = card(_ship(monkeypatch, "reduced", before, PROVENANCE, weights, tmp_path))
+    c = card(_ship(monkeypatch, "structural", after, PROVENANCE, weights, tmp_path, "--eval",
+                   curve["out"] / "curve.json", "--before", before, "--finetuned-from", "reduced"))
+    assert c["finetuned_from"] == {"name": "reduced", "file_sha256": base["file_sha256"],
+                                   "images_seen": base["images_seen"], "epochs": base["epochs"]}
+    rows = {r["sha256"]: r for r in json.loads((curve["out"] / "curve.json").read_text())}
+    assert c["evaluation_before_finetune"]["ddim20"]["pseudo_fid"] == rows[ckpt.read_header(before)["sha256"]]["pseudo_fid"]
+    assert c["evaluation"]["ddim20"]["pseudo_fid"] == rows[ckpt.read_header(after)["sha256"]]["pseudo_fid"]
+
+
 def test_ship_model_writes_a_card_with_provenance_and_evaluation(curve, monkeypatch, tmp_path, capsys):
     weights = tmp_path / "weights"
     model = curve["models"][1]

@@ -29,7 +29,7 @@ from minidiff.data import to_uint8
 from minidiff.diffusion import make_schedule
 from minidiff.generate import generate, grid_image, initial_noise
 from minidiff.runtime import default_device
-from minidiff.samplers import run_sampler, timestep_grid
+from minidiff.samplers import consistency_grid, run_sampler, timestep_grid
 from minidiff.serve import create_app
 from minidiff.shipped import available
 from minidiff.modelfile import load_model
@@ -139,10 +139,12 @@ def test_every_sampler_hands_its_callback_x0_and_the_last_x0_is_the_sample(sampl
     def callback(info):
         infos.append({k: v for k, v in info.items() if k in ("step", "steps", "t")})
         seen.append((info["t"], info["x"].clone(), info["x0"].clone()))
-    spec = SamplingSpec(sampler, None if sampler == "ddpm" else 7)
+    steps = None if sampler == "ddpm" else SAMPLERS[sampler].max_steps or 7  # consistency takes at most 4
+    spec = SamplingSpec(sampler, steps)
     x = run_sampler(spec, lambda x, t: 0.3 * x, sched, initial_noise(3, 0), torch.Generator().manual_seed(1),
                     callback=callback)
-    ts = list(range(sched.T - 1, -1, -1)) if sampler == "ddpm" else timestep_grid(sched.T, 7)
+    ts = (list(range(sched.T - 1, -1, -1)) if sampler == "ddpm" else consistency_grid(sched, steps)
+          if sampler == "consistency" else timestep_grid(sched.T, steps))
     assert [t for t, _, _ in seen] == ts
     assert infos == [dict(step=k + 1, steps=len(ts), t=t) for k, t in enumerate(ts)]
     assert torch.equal(seen[-1][1], x)

@@ -94,19 +94,41 @@ def test_the_trained_models_and_the_classifier_ship():
     assert sum(p.stat().st_size for p in SHIPPED.values()) <= 25_000_000  # the repository stays small
 
 
-@pytest.mark.parametrize("name", [n for n in shipped.MODEL_NAMES if n in SHIPPED])
+@pytest.mark.parametrize("name", [n for n in shipped.DIFFUSION_NAMES if n in SHIPPED])
 def test_every_shipped_model_carries_its_card(name):
     model, _, meta = load_model(SHIPPED[name])  # verifies the weights' sha256
     card = shipped.card(SHIPPED[name])
     assert CARD_KEYS <= set(card), CARD_KEYS - set(card)
-    assert meta["arch"] == name and card["params"] == SPEC_PARAMS[name]
-    assert sum(p.numel() for p in model.parameters()) == SPEC_PARAMS[name]
+    params = SPEC_PARAMS[name] if name in SPEC_PARAMS else sum(p.numel() for p in model.parameters())
+    assert meta["arch"] == name if name in SPEC_PARAMS else meta["arch"] == card["finetuned_from"]["name"]
+    assert card["params"] == params
+    assert sum(p.numel() for p in model.parameters()) == params
     assert card["optimizer_steps"] == meta["step"]
     assert card["images_seen"] == meta["step"] * meta["config"]["batch_size"]
     assert card["weights_sha256"] == meta["sha256"]
     ev = card["evaluation"]["ddim20"]
     assert ev["n"] == 1000 and ev["seed"] == 0 and 0 < ev["floor"] < ev["pseudo_fid"]
     assert all(seg["command"] and seg["hardware"] and seg["wall_s"] > 0 for seg in card["segments"])
+
+
+@pytest.mark.parametrize("name", [n for n in shipped.COMPRESSED_NAMES if n in SHIPPED])
+def test_a_compressed_model_names_what_it_was_fine_tuned_from_and_counts_its_images_apart(name):
+    card = shipped.card(SHIPPED[name])
+    base = card["finetuned_from"]
+    assert base["file_sha256"] == shipped.card(SHIPPED[base["name"]])["file_sha256"]
+    assert base["images_seen"] == shipped.card(SHIPPED[base["name"]])["images_seen"]
+    assert 0 < card["images_seen"] < base["images_seen"]  # the fine-tune's own images, counted apart
+    before, after = card["evaluation_before_finetune"]["ddim20"], card["evaluation"]["ddim20"]
+    assert before["n"] == after["n"] and before["seed"] == after["seed"]
+
+
+@pytest.mark.skipif("paper-pruned" not in SHIPPED, reason="paper-pruned is not shipped")
+def test_paper_pruned_ships_sparse_and_loads_to_masked_dense_weights():
+    model, _, meta = load_model(SHIPPED["paper-pruned"])
+    assert SHIPPED["paper-pruned"].stat().st_size < 0.85 * SHIPPED["baseline"].stat().st_size
+    for name in meta["pruning"]["masked"]:  # the paper's 30 % of the remaining weights stay zero
+        w = model.get_parameter(name)
+        assert (w == 0).float().mean() >= 0.3, name
 
 
 def test_the_shipped_classifier_is_used_without_training(tmp_path, monkeypatch):
@@ -132,7 +154,7 @@ def test_the_shipped_classifier_is_used_without_training(tmp_path, monkeypatch):
 CARD_TOLERANCE = 0.004
 
 
-@pytest.mark.parametrize("name", [n for n in shipped.MODEL_NAMES if n in SHIPPED])
+@pytest.mark.parametrize("name", [n for n in shipped.DIFFUSION_NAMES if n in SHIPPED])
 @pytest.mark.slow
 def test_each_shipped_model_reproduces_the_confidence_on_its_card(name):
     from minidiff.classifier import load_or_train_classifier

@@ -14,13 +14,13 @@ from minidiff.config import DEFAULT_SAMPLING
 from minidiff.generate import generate, save_images
 from minidiff.modelfile import load_model
 from minidiff.report import plot_sample_grids
-from minidiff.shipped import MODEL_NAMES, available, card
+from minidiff.shipped import DIFFUSION_NAMES, available, card
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-def _ev(c: dict, key: str) -> str:
-    e = (c.get("evaluation") or {}).get(key)
+def _ev(c: dict, key: str, field: str = "evaluation") -> str:
+    e = (c.get(field) or {}).get(key)
     if not e:
         return "—"
     return (f"{e['mean_confidence']:.3f} / {100 * e['smallest_share']:.1f}–{100 * e['largest_share']:.1f} % / "
@@ -30,7 +30,7 @@ def _ev(c: dict, key: str) -> str:
 def main() -> int:
     files = available()
     rows, sections, grids = [], [], {}
-    for name in MODEL_NAMES:
+    for name in DIFFUSION_NAMES:
         if name not in files:
             rows.append(f"| {name} | not shipped yet | | | | | | | |")
             continue
@@ -39,8 +39,10 @@ def main() -> int:
         grid = grids[name] = DOCS / "figures" / f"model_{name}.png"
         save_images(generate(model, sched, 64, DEFAULT_SAMPLING, progress=False), grid)
         state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned: stopped, see below"
-        rows.append(f"| {name} | {c['params']:,} | {c['file_bytes']:,} | {c['epochs']:.2f} ({state}); "
-                    f"{c['images_seen']:,} images, {c['optimizer_steps']:,} steps | "
+        base = c.get("finetuned_from")
+        before = (f"{base['name']} ({base['images_seen']:,} images), then a fine-tune of " if base else "")
+        rows.append(f"| {name} | {c['params']:,} | {c['file_bytes']:,} | {before}{c['epochs']:.2f} epochs "
+                    f"({state}); {c['images_seen']:,} images, {c['optimizer_steps']:,} steps | "
                     f"{c['wall_time_s'] / 60:.1f} min | {'; '.join(c['hardware'])} | {_ev(c, 'ddim20')} | "
                     f"{_ev(c, 'ddpm200')} | `{c['file_sha256'][:16]}…` |")
         cmds = "\n".join(f"{i + 1}. {s['hardware']}, {s['wall_s'] / 60:.1f} min, steps {s['steps'][0]:,} → "
@@ -55,7 +57,10 @@ def main() -> int:
             f"{r['grad_clip'] or 'none'}, {r['precision']}, seed {c['seed']}; weights: {c['weights']} "
             f"(EMA decay {r['ema_decay']:g}, BatchNorm statistics re-estimated on {r['bn_recalib_batches']} "
             f"training batches). Weights sha256 `{c['weights_sha256']}`, file sha256 `{c['file_sha256']}`.\n\n"
-            f"How it was trained, segment by segment (each resumed the previous one exactly):\n\n{cmds}\n\n"
+            + (f"Before its fine-tune (the compressed file, evaluated the same way), DDIM η = 1, 20 steps: "
+               f"confidence / digit shares / pseudo-FID (floor) / precision, recall = "
+               f"{_ev(c, 'ddim20', 'evaluation_before_finetune')}.\n\n" if c.get("evaluation_before_finetune") else "")
+            + f"How it was trained, segment by segment (each resumed the previous one exactly):\n\n{cmds}\n\n"
             + (f"{c['notes']}\n\n" if c.get("notes") else ""))
     clf = card(files["classifier"]) if "classifier" in files else None
     head = (Path(__file__).with_name("models.head.md")).read_text()

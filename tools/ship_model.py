@@ -67,6 +67,12 @@ def main(argv=None) -> int:
                     help="store the weights with their zeros left out (non-zero values + a bitmask, "
                          "checkpoint.save_sparse), so a paper-pruned model's pruning shows in its bytes; "
                          "it loads to the very same dense weights")
+    ap.add_argument("--finetuned-from", default=None, metavar="NAME",
+                    help="the shipped model this one was compressed from and fine-tuned: the card "
+                         "counts that model's images apart from the fine-tune's own")
+    ap.add_argument("--before", type=Path, default=None, metavar="MODEL",
+                    help="the compressed file before its fine-tune: its rows of --eval go on the card "
+                         "as evaluation_before_finetune")
     a = ap.parse_args(argv)
     tensors, meta = ckpt.load(a.model)
     tensors = ckpt.densify(a.model, tensors, meta)  # a sparse input is stored afresh as asked
@@ -87,6 +93,12 @@ def main(argv=None) -> int:
         c["recipe"]["precision"] = _precision_by_segment(prov.get("segments", []), cfg["precision"])
         if a.eval is not None:
             c["evaluation"] = _eval_rows(a.eval, meta["sha256"])
+            if a.before is not None:
+                c["evaluation_before_finetune"] = _eval_rows(a.eval, ckpt.load(a.before)[1]["sha256"])
+        if a.finetuned_from is not None:
+            base = card(shipped_path(a.finetuned_from))
+            c["finetuned_from"] = {"name": a.finetuned_from, "file_sha256": base["file_sha256"],
+                                   "images_seen": base["images_seen"], "epochs": base["epochs"]}
         # the weights the evaluation describes, by the digest of the file it was run on (a file
         # stored sparse has other stored tensors, so another digest of its own)
         c["evaluated_sha256"] = meta["sha256"]

@@ -13,9 +13,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import (ARCHS, DEFAULT_DDIM_ETA, DEFAULT_SAMPLING, DEFAULT_STEPS, PRECISIONS, PRESETS,
-                     RESUME_FLAGS, SAMPLERS, SPACINGS, STUDY_PRESETS, TRAIN_FLAGS, ConfigError,
-                     SamplingSpec, TrainConfig, train_config)
+from .config import (ARCHS, CONSISTENCY_STEPS, DEFAULT_DDIM_ETA, DEFAULT_GUIDANCE, DEFAULT_SAMPLING, DEFAULT_STEPS,
+                     MNIST_CLASSES, PRECISIONS, PRESETS, RESUME_FLAGS, SAMPLERS, SPACINGS, STUDY_PRESETS,
+                     TRAIN_FLAGS, ConfigError, SamplingSpec, TrainConfig, check_guidance, default_sampler,
+                     train_config)
 
 EPILOG_MAIN = """examples:
   minidiff run                                  # the study on the shipped trained models: Table 1, report.html
@@ -23,6 +24,10 @@ EPILOG_MAIN = """examples:
   minidiff train --out runs/reduced --resume    # continue an interrupted run
   minidiff sample runs/reduced/model.safetensors -n 64 --out digits.png
   minidiff sample baseline -n 64 --out digits.png   # the shipped, trained baseline
+  minidiff train --arch reduced --conditional --out runs/cond   # learns to draw a chosen digit
+  minidiff train --objective consistency --teacher baseline --init baseline --out runs/student
+  minidiff sample runs/student -n 64 --out digits.png   # a consistency student: 2 network evaluations
+  minidiff sample runs/cond --digit 7 -n 64 --guidance 2 --out sevens.png
   minidiff models                               # the shipped models and their cards
   minidiff prune runs/reduced/model.safetensors --method structural --ratio 0.3 --out pruned.safetensors
   minidiff data                                 # fetch + verify MNIST into the cache
@@ -35,8 +40,8 @@ class UserError(Exception):
 
 
 MODEL_HELP = ("a model file (model.safetensors or a training checkpoint.safetensors), a run "
-              "directory, or the name of a shipped model: baseline, reduced, shallow "
-              "(`minidiff models` lists them)")
+              "directory, or the name of a shipped model: baseline, reduced, shallow, paper-pruned, "
+              "structural (`minidiff models` lists those this installation has)")
 
 MODEL_ARGS = ("ckpt", "teacher", "init")  # every argument that names a model
 
@@ -58,11 +63,14 @@ class _Given(argparse.Action):
 
 def _resolve_models(a: argparse.Namespace) -> None:
     """Turn each model argument into a file: as given, a run directory's model.safetensors, or
-    a shipped model's name (minidiff.shipped.resolve_model); CheckpointError otherwise."""
+    a shipped model's name (minidiff.shipped.resolve_model); CheckpointError otherwise.
+    A training run's teacher is checked here but kept as typed: its config.json records it
+    (a shipped name stays a name, so a resume on another machine finds that machine's file)."""
     from .shipped import resolve_model
     for name in MODEL_ARGS:
         if getattr(a, name, None) is not None:
-            setattr(a, name, resolve_model(getattr(a, name)))
+            path = resolve_model(getattr(a, name))
+            setattr(a, name, str(getattr(a, name)) if (a.cmd, name) == ("train", "teacher") else path)
 
 
 def _positive_minutes(text: str) -> float:
@@ -97,22 +105,32 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="numbers for a budget: smoke (seconds), quick (CPU minutes), paper (the "
                         "paper's recipe: Adam, batch 128, lr 1e-3, 50 epochs; a GPU job)")
     p.add_argument("--arch", default="baseline", choices=list(ARCHS), action=_Given, help="SimpleUnet variant")
+    p.add_argument("--conditional", action="store_true",
+                   help=f"a class-conditional model: it learns the {MNIST_CLASSES} digits' labels and a "
+                        "\"no label\" entry (dropped with --label-dropout), so `sample --digit` can draw "
+                        "a chosen digit with classifier-free guidance")
     types = {f.name: f for f in fields(TrainConfig)}
     for name in TRAIN_FLAGS:  # one flag per overridable config field, its help from the field
         f = types[name]
-        kind = dict(choices=PRECISIONS) if name == "precision" else dict(type={"int": int, "float": float, "str": str}[f.type])
+        kind = (dict(choices=PRECISIONS) if name == "precision" else dict(choices=f.metadata["choices"])
+                if "choices" in f.metadata else dict(type={"int": int, "float": float, "str": str}[f.type]))
         p.add_argument(f"--{name.replace('_', '-')}", help=f.metadata["flag"], **kind)
     _add_data_dir(p)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """--sampler, --steps, --spacing, --eta, --seed, --batch-size and --precision, each defaulting
-    to DEFAULT_SAMPLING's value: ``minidiff sample``, ``evaluate`` and the benchmarks share them."""
+    to DEFAULT_SAMPLING's value (the sampler: the model's own, ``sampling_spec``): ``minidiff
+    sample``, ``evaluate`` and the benchmarks share them."""
     d = DEFAULT_SAMPLING
-    p.add_argument("--sampler", default=d.sampler, choices=list(SAMPLERS), help=f"default {d.sampler}")
+    # None: the model's own (config.default_sampler), known once its file is read
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                   help=f"default {d.sampler}; for a consistency student (trained with --objective "
+                        f"consistency) consistency, at {CONSISTENCY_STEPS} steps")
     # steps and η: None is the sampler's own default (SamplingSpec), so ddpm and dpmpp2m stay valid
     p.add_argument("--steps", type=int, default=None,
-                   help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T)")
+                   help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T; "
+                        f"consistency takes 1 to {SAMPLERS['consistency'].max_steps}, default {CONSISTENCY_STEPS})")
     p.add_argument("--spacing", default=d.spacing, choices=SPACINGS,
                    help=f"timesteps of ddim/dpmpp2m, as diffusers' DDIMScheduler spaces them "
                         f"(default {d.spacing}; see minidiff.samplers.timestep_grid)")
@@ -127,12 +145,59 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                         f"where the CPU or GPU computes it natively (faster there)")
 
 
-def sampling_spec(a: argparse.Namespace, T: int | None = None) -> SamplingSpec:
-    """The sampling flags as one validated SamplingSpec, its steps resolved for a model of T
-    steps if given; SamplingSpec's error, shown with the flag to blame (``--seed must be …``)."""
+def add_label_flags(p: argparse.ArgumentParser, digit_help: str) -> None:
+    """--digit and --guidance: which digits a conditional model draws, and how strongly guided."""
+    p.add_argument("--digit", default=None, metavar="D", help=digit_help)
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="conditional models: classifier-free guidance weight w >= 0, ε̂ = ε(no label) + "
+                        "w·(ε(digit) − ε(no label)): 0 unconditional, 1 plain conditional, > 1 guided "
+                        f"(default {DEFAULT_GUIDANCE:g}; Ho & Salimans' and the (1 + w) convention's w "
+                        "is this w − 1)")
+
+
+def label_flags(a: argparse.Namespace) -> tuple[list[int] | None, float | None]:
+    """--digit as a list of digits (``all``: 0–9; None if not given) and --guidance as a float
+    (None if not given), checked before a model is loaded: one-line errors otherwise."""
+    digits = None
+    if a.digit == "all":
+        digits = list(range(MNIST_CLASSES))
+    elif a.digit is not None:
+        if a.digit not in [str(d) for d in range(MNIST_CLASSES)]:
+            raise UserError(f"--digit must be a digit 0–{MNIST_CLASSES - 1} or all, got {a.digit!r}")
+        digits = [int(a.digit)]
     try:
-        spec = SamplingSpec(sampler=a.sampler, steps=a.steps, spacing=a.spacing, eta=a.eta, seed=a.seed,
-                            batch_size=a.batch_size, precision=a.precision)
+        return digits, None if a.guidance is None else check_guidance(a.guidance)
+    except ConfigError as e:
+        raise _as_flag_error(e) from None
+
+
+def _check_conditional(a: argparse.Namespace, model) -> bool:
+    """Whether ``model`` is conditional; a UserError if it is not and --digit or --guidance was given."""
+    from .models.unet import num_classes
+    if not num_classes(model) and (a.digit is not None or a.guidance is not None):
+        flag = "--digit" if a.digit is not None else "--guidance"
+        raise UserError(f"{flag}: {a.ckpt} is an unconditional model (trained without labels); a digit or "
+                        "a guidance weight needs a conditional one (minidiff train --conditional)")
+    return bool(num_classes(model))
+
+
+def digit_labels(digits: list[int], n: int):
+    """n samples shared evenly by ``digits``, rounded up: k of each, digit by digit (digit d's are
+    samples k·i … k·i + k − 1 for the i-th digit). Returns the labels (int64) and k."""
+    import torch
+    k = -(-n // len(digits))
+    return torch.tensor(digits).repeat_interleave(k), k
+
+
+def sampling_spec(a: argparse.Namespace, T: int | None = None, header: dict | None = None) -> SamplingSpec:
+    """The sampling flags as one validated SamplingSpec, its steps resolved for a model of T
+    steps if given; SamplingSpec's error, shown with the flag to blame (``--seed must be …``).
+    Without --sampler, the sampler is the one of the model whose file ``header`` is given
+    (``config.default_sampler``: a consistency student's own), else DEFAULT_SAMPLING's."""
+    objective = ((header or {}).get("config") or {}).get("objective", "ddpm")
+    try:
+        spec = SamplingSpec(sampler=a.sampler or default_sampler(objective), steps=a.steps, spacing=a.spacing,
+                            eta=a.eta, seed=a.seed, batch_size=a.batch_size, precision=a.precision)
         return spec if T is None else spec.for_schedule(T)
     except ConfigError as e:
         raise _as_flag_error(e) from None
@@ -165,7 +230,8 @@ def _add_train_command(sub) -> None:
                         "--resume continues exactly, on this or another machine")
     p.add_argument("--init", type=Path, default=None, metavar="MODEL",
                    help="fine-tune: start from this model file (its architecture, pruned widths "
-                        "included; a paper-pruned model keeps its zeros)")
+                        "included; a paper-pruned model keeps its zeros); --objective consistency: "
+                        "the teacher")
 
 
 def _add_export_command(sub) -> None:
@@ -189,6 +255,9 @@ def _add_sample_command(sub) -> None:
     p.add_argument("ckpt", type=Path, metavar="MODEL", help=MODEL_HELP)
     p.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", type=Path, required=True, help="output file, .png or .npz")
+    add_label_flags(p, "conditional models: draw this digit (0–9), or all: one row per digit, -n "
+                       "rounded up to a multiple of ten (-n 64: 7 of each, 70 images; an .npz keeps "
+                       "that order). Without it a conditional model draws unconditionally")
     add_sampling_flags(p)
 
 
@@ -209,6 +278,11 @@ def _add_prune_command(sub) -> None:
                         "remaining weights zeroed by magnitude (default 0.3, the paper's)")
     p.add_argument("--importance", default="l1", choices=("l1", "taylor"),
                    help="structural only: channel importance; taylor uses loss gradients on MNIST")
+    p.add_argument("--round-to", type=int, default=None, metavar="K",
+                   help="structural only: keep every width a multiple of K (Torch-Pruning's round_to). "
+                        "CPU convolution kernels block channels by 8: on a 2-core AVX2 EPYC, 30 %% "
+                        "pruning gave 1.10x the baseline's forward time with its odd widths "
+                        "(22/44/89) and 0.50x with K = 8 (16/40/88); benchmarks/bench_widths.py")
     p.add_argument("--out", type=Path, required=True, help="output model file (.safetensors)")
     _add_data_dir(p)
 
@@ -289,6 +363,9 @@ def _add_evaluate_command(sub) -> None:
     p.add_argument("--teacher", type=Path, default=None, metavar="MODEL",
                    help="uncompressed model: add SSIM between its samples and CKPT's from the "
                         "same noise (deterministic sampler)")
+    add_label_flags(p, "conditional models: the digit to evaluate (0–9), or all (the default): -n "
+                       "shared evenly by them, rounded up; adds each digit's accuracy, mean "
+                       "confidence and pseudo-FID against the test images of that digit")
     add_sampling_flags(p)
     p.add_argument("--json", type=Path, required=True, dest="json_out", help="output .json file")
     p.add_argument("--cache-dir", type=Path, default=None, help="classifier cache (see `classifier`)")
@@ -396,16 +473,25 @@ def _writable_dir(path: Path) -> Path:
 def cmd_train(a: argparse.Namespace) -> None:
     from .data import load_split
     from .train import train
-    cfg = train_config(a.preset, a.arch, **{k: getattr(a, k) for k in TRAIN_FLAGS})
+    if a.label_dropout is not None and not a.conditional and not a.resume:
+        raise UserError("--label-dropout applies to a conditional model (--conditional) only")
+    cfg = train_config(a.preset, a.arch, MNIST_CLASSES if a.conditional else 0,
+                       **{k: getattr(a, k) for k in TRAIN_FLAGS})
     _check_run_directory(a)
     if a.resume:
         cfg = _resume_config(a.out, cfg, **{k: getattr(a, k) for k in RESUME_FLAGS})
+    if cfg.objective == "consistency" and a.init is None and not a.resume:  # ECT: the student starts as its teacher
+        raise UserError(f"--objective consistency starts the student from its teacher's weights: add --init "
+                        f"{cfg.teacher}")
     init_state = masks = None
     if a.init is not None:
         from .prune import finetune_start
         init_state, masks, meta = finetune_start(a.init)
         if meta.get("arch") != cfg.arch:
             raise UserError(f"--init {a.init} is a {meta.get('arch')} model; pass --arch {meta.get('arch')}")
+        if meta["model"].get("num_classes", 0) != cfg.model.num_classes:
+            kind, hint = ("an unconditional", "leave out") if cfg.model.num_classes else ("a conditional", "pass")
+            raise UserError(f"--init {a.init} is {kind} model; {hint} --conditional")
     _writable_dir(a.out)
     data = load_split("train", a.data_dir)
     heldout = load_split("test", a.data_dir)  # the held-out ε-MSE in loss.csv
@@ -442,6 +528,7 @@ def _check_run_directory(a: argparse.Namespace) -> None:
         raise UserError("--resume continues the run in OUT and --force replaces it; give one of them")
     if a.resume:
         fixed = [f"--{k}" for k in ("preset", "arch") if k in getattr(a, "given", ())]
+        fixed += ["--conditional"] if a.conditional else []
         fixed += [f"--{k.replace('_', '-')}" for k in TRAIN_FLAGS if k not in RESUME_FLAGS and getattr(a, k) is not None]
         if fixed:
             raise UserError(f"{', '.join(fixed)}: a resumed run keeps its saved recipe "
@@ -506,16 +593,25 @@ def cmd_sample(a: argparse.Namespace) -> None:
     if a.n > MAX_SAMPLES:
         raise UserError(f"-n must be <= {MAX_SAMPLES:,}, got {a.n}")
     spec = sampling_spec(a)
+    digits, guidance = label_flags(a)
     if a.out.suffix not in (".png", ".npz"):
         raise UserError(f"--out must end in .png or .npz, got {a.out.name!r}")
     _output_file(a.out, inputs=(a.ckpt,))
-    model, sched, _ = load_model(a.ckpt, default_device())
-    spec = sampling_spec(a, sched.T)  # steps that do not fit this model: one line, before sampling
+    model, sched, meta = load_model(a.ckpt, default_device())
+    spec = sampling_spec(a, sched.T, meta)  # its own sampler; steps that do not fit it: one line, before sampling
+    _check_conditional(a, model)
+    if guidance is not None and digits is None:
+        raise UserError("--guidance needs --digit: without a digit a conditional model draws unconditionally")
+    labels, nrow = None, None
+    if digits is not None:  # --digit all: a row of k per digit
+        labels, k = digit_labels(digits, a.n)
+        nrow = k if len(digits) > 1 else None
     try:
-        images = generate(model, sched, a.n, spec)
+        images = generate(model, sched, a.n if labels is None else len(labels), spec, labels=labels,
+                          guidance=guidance)
     except NonFiniteSamples as e:  # named with the model, not written as a black grid
         raise UserError(f"{a.ckpt}: {e}") from None
-    print(save_images(images, a.out))
+    print(save_images(images, a.out, nrow=nrow))
 
 
 def cmd_prune(a: argparse.Namespace) -> None:
@@ -523,15 +619,17 @@ def cmd_prune(a: argparse.Namespace) -> None:
     from .prune import prune_checkpoint
     if a.importance != "l1" and a.method != "structural":
         raise UserError("--importance applies to --method structural only")
+    if a.round_to is not None and a.method != "structural":
+        raise UserError("--round-to applies to --method structural only")
     _output_file(a.out, (".safetensors",), inputs=(a.ckpt,))
     data = None
     if a.method == "structural" and a.importance == "taylor":
         from .data import load_split
         data = load_split("train", a.data_dir)
     try:
-        path = prune_checkpoint(a.ckpt, a.method, a.ratio, a.importance, a.out, data)
-    except ValueError as e:  # a ratio out of range
-        raise UserError(f"--ratio: {e}") from None
+        path = prune_checkpoint(a.ckpt, a.method, a.ratio, a.importance, a.out, data, round_to=a.round_to)
+    except ValueError as e:  # a ratio or --round-to out of range
+        raise UserError(f"--round-to: {e}" if "round_to" in str(e) else f"--ratio: {e}") from None
     info = load(path)[1]["pruning"]
     print(f"{path}: {info['method']} {info['ratio']}: parameters {info['params_before']:,} -> "
           f"{info['params_after']:,}, zero weights {info['sparsity']:.1%}, "
@@ -549,7 +647,7 @@ def cmd_models(a: argparse.Namespace) -> None:
     if not cards:
         print("no trained weights ship with this installation")
         return
-    print(f"{'name':<11}{'arch':<10}{'params':>11}{'bytes':>12}  {'epochs':>7}  {'trained on':<40}"
+    print(f"{'name':<14}{'arch':<10}{'params':>11}{'bytes':>12}  {'epochs':>7}  {'trained on':<40}"
           f"{'confidence':>11}  {'pseudo-FID':>10}")
     for c in cards:
         ev = (c.get("evaluation") or {}).get("ddim20") or {}
@@ -561,7 +659,7 @@ def cmd_models(a: argparse.Namespace) -> None:
         params = f"{c['params']:,}" if "params" in c else "—"
         epochs = f"{c['epochs']:.2f}" if "epochs" in c else "—"
         where = ", ".join(h.split(" (")[0] for h in c.get("hardware", []))
-        print(f"{c['name']:<11}{arch:<10}{params:>11}{c['file_bytes']:>12,}  {epochs:>7}  {where[:39]:<40}"
+        print(f"{c['name']:<14}{arch:<10}{params:>11}{c['file_bytes']:>12,}  {epochs:>7}  {where[:39]:<40}"
               f"{conf:>11}  {fid:>10}")
     print("use a name wherever a model file goes, e.g. `minidiff sample reduced -n 64 --out digits.png`; "
           "--json for the full cards")
@@ -633,10 +731,13 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     spec = sampling_spec(a)
+    digits, guidance = label_flags(a)
     if a.json_out.suffix != ".json":
         raise UserError(f"--json must end in .json, got {a.json_out.name!r}")
     # loaded as `sample` loads them: a file that is no diffusion model, or whose weights do not fit, is one line here
-    spec = sampling_spec(a, load_model(a.ckpt).schedule.T)  # steps that fit this model
+    model, sched, meta = load_model(a.ckpt)
+    spec = sampling_spec(a, sched.T, meta)  # its own sampler, steps that fit this model
+    labels = _evaluation_labels(a, model, digits)
     if a.teacher is not None:
         load_model(a.teacher)
     _output_file(a.json_out, inputs=(a.ckpt, a.teacher), flag="--json")
@@ -648,7 +749,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     clf, _ = rank_zero_first(lambda: load_or_train_classifier(a.cache_dir, data_dir=a.data_dir,
                                                               log=_say))
     r = evaluate_checkpoint(a.ckpt, n=a.n, spec=spec, classifier=clf, test_data=test_data,
-                            train_data=train_data, teacher=a.teacher, device=device, progress=is_main())
+                            train_data=train_data, teacher=a.teacher, device=device, progress=is_main(),
+                            labels=labels, guidance=guidance)
     if not is_main():
         return
     q, t = r["quality"], r["timing"]
@@ -659,9 +761,37 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
           f"chi2 {q['digit_distribution']['chi2']:.1f} | SSIM (paper) {q['ssim_paper']['mean']:.3f}")
     if r["teacher_consistency"]:
         print(f"teacher SSIM {r['teacher_consistency']['ssim']['mean']:.4f}")
+    if "per_digit" in r:
+        _print_per_digit(r)
     print(f"{a.n} samples in {t['generate_s']:.1f} s ({r['sampling']['sampler']}, "
           f"{r['sampling']['steps']} steps, {t['device']['device']}, batch {spec.batch_size})")
     print(write_json(r, a.json_out))
+
+
+def _evaluation_labels(a: argparse.Namespace, model, digits: list[int] | None):
+    """The labels a conditional model is evaluated with: -n shared by the --digit digits (default
+    all ten), rounded up (``a.n`` becomes the count drawn); None for an unconditional model."""
+    if not _check_conditional(a, model):
+        return None
+    if a.teacher is not None:
+        raise UserError(f"--teacher compares unconditional models; {a.ckpt} is conditional")
+    digits = digits or list(range(MNIST_CLASSES))
+    labels, k = digit_labels(digits, a.n)
+    if k < 2:
+        raise UserError(f"-n must be >= {2 * len(digits)} for {len(digits)} digits: each digit's "
+                        "pseudo-FID needs 2 samples (a covariance)")
+    a.n = len(labels)
+    return labels
+
+
+def _print_per_digit(r: dict) -> None:
+    """The per-digit table of a conditional model's evaluation."""
+    print(f"per digit, guidance w = {r['sampling']['guidance']:g}:\n"
+          "digit  accuracy  mean confidence  pseudo-FID (floor)  samples")
+    for d, v in r["per_digit"].items():
+        fid = v["pseudo_fid"]
+        print(f"{d:>5}  {v['accuracy']:8.1%}  {v['mean_confidence']:15.3f}  "
+              f"{fid['value']:10.3f} ({fid['floor']['value']:.3f})  {v['n']:7d}")
 
 
 def _listen(host: str, port: int):
@@ -686,9 +816,9 @@ def _listen(host: str, port: int):
 
 def cmd_serve(a: argparse.Namespace) -> None:
     from .serve import create_app, host_names, is_loopback, serve_forever
-    from .shipped import MODEL_NAMES, available, resolve_model
+    from .shipped import DIFFUSION_NAMES, available, resolve_model
     models = {str(arg): resolve_model(arg) for arg in a.models}  # listed first: the page's default
-    models.update({n: p for n, p in available().items() if n in MODEL_NAMES and n not in models})
+    models.update({n: p for n, p in available().items() if n in DIFFUSION_NAMES and n not in models})
     if not models:
         raise UserError("no model to serve: this installation ships none; pass a model file")
     sock = _listen(a.host, a.port)

@@ -19,24 +19,38 @@ ARCHS: dict[str, tuple[tuple[int, ...], int]] = {
 }
 PRESETS = ("smoke", "quick", "paper")
 STARTS = ("scratch", "shipped")
-SPACINGS = ("leading", "linspace", "trailing")  # timestep grids of ddim/dpmpp2m (samplers.timestep_grid)
+# timestep grids of the strided samplers (samplers.timestep_grid): diffusers' DDIMScheduler's three,
+# and uniform in the schedule's log-SNR
+SPACINGS = ("leading", "linspace", "trailing", "logsnr")
 DEFAULT_SPACING = "leading"  # diffusers' DDIMScheduler default; measured better here (samplers.py)
 # The command line's sampling defaults: DDIM with η = 1 at 20 steps came within 3 % of the
 # 200-step ancestral sampler's pseudo-FID (N = 2,000) at a tenth of its network evaluations;
 # deterministic DDIM (η = 0) at 20 steps was 32 % worse (benchmarks/bench_sampling.py, README).
 DEFAULT_STEPS = 20
 DEFAULT_DDIM_ETA = 1.0
+# A consistency student's own sampling: its sampler at 2 network evaluations (Song et al. 2023
+# and its successors report their few-step results at 1 and 2); `minidiff sample` and `evaluate`
+# use it for a file trained with objective "consistency" (``default_sampler``).
+CONSISTENCY_STEPS = 2
+OBJECTIVES = ("ddpm", "consistency")  # TrainConfig.objective
+# k, the timesteps of the teacher's DDIM step in consistency distillation: T/k = 20 intervals, near
+# the N = 18 with which Song et al. 2023 distilled CIFAR-10 best (minidiff.consistency)
+DEFAULT_CONSISTENCY_SKIP = 10
 
 
 @dataclass(frozen=True)
 class Sampler:
     """What the rest of minidiff needs to know about a sampler, without importing torch: the
     function in ``minidiff.samplers`` that runs it, whether it runs on a grid of fewer than T
-    timesteps (``timesteps=`` argument), and whether it takes DDIM's η."""
+    timesteps (``timesteps=`` argument), and whether it takes DDIM's η. A few-step sampler with a
+    grid of its own (``max_steps`` set) is handed ``steps=`` instead: at most ``max_steps``,
+    ``default_steps`` when a spec names none."""
 
     function: str
     strided: bool
     takes_eta: bool = False
+    default_steps: int | None = None
+    max_steps: int | None = None
 
 
 # The one registry of samplers. Adding one: a function in minidiff/samplers.py with the
@@ -45,6 +59,10 @@ SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler("ddpm_sample", strided=False),          # Ho et al. Algorithm 2, all T steps
     "ddim": Sampler("ddim_sample", strided=True, takes_eta=True),
     "dpmpp2m": Sampler("dpmpp2m_sample", strided=True),     # DPM-Solver++(2M), deterministic
+    "dpmpp3m": Sampler("dpmpp3m_sample", strided=True),     # DPM-Solver++(3M), deterministic
+    # multistep consistency sampling (Song et al. 2023, Algorithm 1), for a consistency student
+    # (TrainConfig.objective "consistency"): one network evaluation per step, 1 to 4 of them
+    "consistency": Sampler("consistency_sample", strided=False, default_steps=CONSISTENCY_STEPS, max_steps=4),
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -82,15 +100,16 @@ class ModelLimits:
     """The largest model minidiff builds, checked by ModelConfig and DiffusionConfig before
     anything is allocated for one. A model file is untrusted input (files are what people share):
     its header declares these sizes, and a file outside them is refused, not tried. Within them
-    the widest SimpleUnet has about 84 M parameters (322 MiB in fp32); the layers a file's weights
-    rebuild are never wider than its header's (``models.unet.build_from_state_dict``), and a
-    sparse tensor expands only to the entries its stored bitmask covers
+    the widest SimpleUnet has about 84 M parameters (322 MiB in fp32; 86 M with the largest class
+    embedding); the layers a file's weights rebuild are never wider than its header's
+    (``models.unet.build_from_state_dict``), and a sparse tensor expands only to the entries its stored bitmask covers
     (``checkpoint.decode_sparse``), so loading costs what the file's contents justify."""
 
     timesteps: int = 10_000      # T: 50x the paper's 200 (the schedule is a few arrays of T)
     levels: int = 3              # 28 -> 14 -> 7: at most two stride-2 downsamples keep sizes integral
     channels: int = 512          # per level: 4x the widest of the paper's models (128)
     time_emb_dim: int = 2048     # 8x the paper's 256
+    num_classes: int = 1_000     # class labels of a conditional model: 100x MNIST's ten digits
 
 
 LIMITS = ModelLimits()
@@ -98,10 +117,13 @@ LIMITS = ModelLimits()
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """SimpleUnet architecture: channels per resolution level and the time-embedding width."""
+    """SimpleUnet architecture: channels per resolution level, the time-embedding width and, for a
+    class-conditional network, the number of classes (0: unconditional, the paper's; 10: MNIST's
+    digits, plus one "no label" entry for classifier-free guidance)."""
 
     channels: tuple[int, ...] = (32, 64, 128)
     time_emb_dim: int = 256
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         # a list of whole numbers, not a string or floats that int() would quietly turn into one
@@ -120,12 +142,14 @@ class ModelConfig:
                f"time_emb_dim must be an even number >= 4, got {self.time_emb_dim}")
         _check(self.time_emb_dim <= LIMITS.time_emb_dim,
                f"time_emb_dim must be at most {LIMITS.time_emb_dim}, got {self.time_emb_dim}")
+        _check(0 <= self.num_classes <= LIMITS.num_classes,
+               f"num_classes must be in [0, {LIMITS.num_classes:,}] (0 = unconditional), got {self.num_classes}")
 
     @classmethod
-    def from_arch(cls, arch: str) -> "ModelConfig":
+    def from_arch(cls, arch: str, num_classes: int = 0) -> "ModelConfig":
         _check(arch in ARCHS, f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
         channels, d = ARCHS[arch]
-        return cls(channels=channels, time_emb_dim=d)
+        return cls(channels=channels, time_emb_dim=d, num_classes=num_classes)
 
 
 @dataclass(frozen=True)
@@ -157,8 +181,8 @@ class SamplingSpec:
     ``evaluate``, the grids drawn during training, the study and the benchmarks.
 
     ``steps=None`` is the sampler's default: every one of the T steps for ``ddpm`` (which cannot
-    skip any), ``DEFAULT_STEPS`` for the others; ``for_schedule(T)`` fills it in and checks it
-    against T. ``eta=None`` is ``DEFAULT_DDIM_ETA`` for ``ddim`` and 0 for the samplers that take
+    skip any), ``CONSISTENCY_STEPS`` for ``consistency`` (which takes 1 to 4), ``DEFAULT_STEPS``
+    for the others; ``for_schedule(T)`` fills it in and checks it against T. ``eta=None`` is ``DEFAULT_DDIM_ETA`` for ``ddim`` and 0 for the samplers that take
     no η. ``spacing`` places the grid of a strided sampler (``samplers.timestep_grid``).
     The seed fixes x_T and every sample's noise stream (``generate``). ``precision`` defaults to
     fp32, the same numbers on every machine (and the command line's default); "auto" is bf16 where
@@ -199,7 +223,14 @@ class SamplingSpec:
     def for_schedule(self, T: int) -> "SamplingSpec":
         """This spec with ``steps`` resolved for a model of T diffusion steps (ConfigError if they
         do not fit)."""
-        if not SAMPLERS[self.sampler].strided:
+        entry = SAMPLERS[self.sampler]
+        if entry.max_steps is not None:  # a few-step sampler on its own grid
+            steps = entry.default_steps if self.steps is None else self.steps
+            most = min(entry.max_steps, T)
+            _check(1 <= steps <= most, f"steps must be in [1, {most}] for the {self.sampler} sampler, got {steps}",
+                   "steps")
+            return replace(self, steps=steps)
+        if not entry.strided:
             _check(self.steps in (None, T), f"the {self.sampler} sampler always runs all {T} steps "
                                             f"(got steps {self.steps}); use ddim or dpmpp2m to take fewer", "steps")
             return replace(self, steps=T)
@@ -239,13 +270,38 @@ class SamplingSpec:
 # tests/test_defaults.py checks that every one of those places uses it.
 DEFAULT_SAMPLING = SamplingSpec()
 
+
+def default_sampler(objective: Any = "ddpm") -> str:
+    """The sampler for a model trained with ``objective`` (its config's) when none is asked for:
+    a consistency student's own (at its ``CONSISTENCY_STEPS``), DEFAULT_SAMPLING's for the rest.
+    Any other sampler still runs a student: it is an ε-network."""
+    return "consistency" if objective == "consistency" else DEFAULT_SAMPLING.sampler
+
 # What configs written before SamplingSpec meant when they left the grids' fields out.
 _LEGACY_GRIDS = SamplingSpec("ddim", 50, eta=0.0)
 
 
-def _flag(help: str) -> Any:
-    """Metadata of a TrainConfig field that the command line may override (``--field-name``)."""
-    return {"flag": help}
+# Classifier-free guidance weight w of a conditional model's samples, ε̂ = ε_∅ + w·(ε_y − ε_∅)
+# (generate.guided_eps): 0 is the unconditional model, 1 the plain conditional one, above 1
+# guided. 2 is Ho & Salimans' (2022) w = 1, their (1 + w) convention; a starting point until a
+# trained conditional model measures the trade-off.
+DEFAULT_GUIDANCE = 2.0
+MNIST_CLASSES = 10  # the digits 0–9: the classes of a conditional model (``minidiff train --conditional``)
+
+
+def check_guidance(w: Any) -> float:
+    """A guidance weight as a float, or a ConfigError (field ``guidance``): w must be a finite
+    number >= 0 (negative w pushes samples away from their label)."""
+    _check(isinstance(w, numbers.Real) and not isinstance(w, bool),
+           f"guidance must be a number, got {w!r}", "guidance")
+    _check(0 <= w < float("inf"), f"guidance must be a finite number >= 0, got {w}", "guidance")
+    return float(w)
+
+
+def _flag(help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """Metadata of a TrainConfig field that the command line may override (``--field-name``),
+    with the values it may take where they are few."""
+    return {"flag": help} if choices is None else {"flag": help, "choices": choices}
 
 
 @dataclass(frozen=True)
@@ -267,7 +323,25 @@ class TrainConfig:
         "λ of teacher distillation: the loss gains λ·‖ε_student − ε_teacher‖² on the same x_t, t "
         "(0 = off; needs --teacher)"))
     teacher: str = field(default="", metadata=_flag(
-        "the frozen teacher of --distill-weight: a model file or a shipped name (e.g. baseline)"))
+        "the frozen teacher of --distill-weight or --objective consistency: a model file or a "
+        "shipped name (e.g. baseline)"))
+    # what the network learns: the DDPM's ε (diffusion.p_losses), or a few-step consistency
+    # student distilled from ``teacher`` (minidiff.consistency: Song et al. 2023, Algorithm 2,
+    # with iCT's and ECT's changes), whose files sample with the consistency sampler by default
+    objective: str = field(default="ddpm", metadata=_flag(
+        "ddpm (default): learn ε; consistency: distil a few-step student from --teacher by "
+        "consistency distillation, started from the teacher's weights (--init TEACHER); it samples "
+        "with `--sampler consistency` at 2 steps by default", choices=OBJECTIVES))
+    # k, the teacher's DDIM step in timesteps: from t to max(t − k, 0)
+    consistency_skip: int = field(default=DEFAULT_CONSISTENCY_SKIP, metadata=_flag(
+        "--objective consistency: timesteps k of the teacher's DDIM step, from t to max(t − k, 0) "
+        f"(default {DEFAULT_CONSISTENCY_SKIP})"))
+    # classifier-free guidance (Ho & Salimans 2022): a conditional model (model.num_classes > 0)
+    # sees "no label" instead of its label with this probability, so one network learns both
+    # the conditional and the unconditional ε; an unconditional model ignores it
+    label_dropout: float = field(default=0.1, metadata=_flag(
+        "conditional models (--conditional): probability that a training label is replaced by "
+        "\"no label\", so the network also learns the unconditional ε (default 0.1)"))
     precision: str = field(default="fp32", metadata=_flag(
         "auto = bf16 where the CPU/GPU computes it natively, else fp32"))
     channels_last: bool = True      # same math, ~15 % faster on CPU (measured, fp32 training)
@@ -287,7 +361,7 @@ class TrainConfig:
         _check_types(self)
         _check(self.arch in ARCHS, f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         # the arch is the checkpoints' label: it must name the model actually built
-        _check(self.model == ModelConfig.from_arch(self.arch),
+        _check(self.model == ModelConfig.from_arch(self.arch, self.model.num_classes),
                f"model (channels {list(self.model.channels)}, time_emb_dim {self.model.time_emb_dim}) "
                f"does not match arch {self.arch!r} (channels {list(ARCHS[self.arch][0])}, "
                f"time_emb_dim {ARCHS[self.arch][1]})")
@@ -303,9 +377,11 @@ class TrainConfig:
                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         _check(0 <= self.distill_weight < float("inf"),
                f"distill_weight must be >= 0 and finite, got {self.distill_weight}")
-        _check((self.distill_weight > 0) == bool(self.teacher),
-               "distill_weight > 0 needs a teacher, and a teacher needs distill_weight > 0 "
-               f"(got distill_weight {self.distill_weight}, teacher {self.teacher!r})")
+        self._check_objective()
+        _check(0 <= self.label_dropout < 1, f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        # an unconditional teacher's ε is neither of a conditional student's two
+        _check(not (self.model.num_classes and self.distill_weight),
+               "teacher distillation (distill_weight > 0) is for unconditional models")
         _check(self.train_subset >= 0, f"train_subset must be >= 0, got {self.train_subset}")
         _check(self.bn_recalib_batches >= 0, "bn_recalib_batches must be >= 0")
         _check(0 <= self.sample_every < float("inf"),
@@ -316,6 +392,24 @@ class TrainConfig:
         _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         _check(isinstance(self.sampling, SamplingSpec), f"sampling must be a SamplingSpec, got {self.sampling!r}")
         self.sampling.for_schedule(self.diffusion.timesteps)  # the grids' steps fit this T
+
+    def _check_objective(self) -> None:
+        """What each objective takes: a consistency student needs its teacher and a skip that
+        fits T, and has no distill_weight; for the DDPM a teacher and distill_weight > 0 come
+        together."""
+        _check(self.objective in OBJECTIVES,
+               f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == "ddpm":
+            _check((self.distill_weight > 0) == bool(self.teacher),
+                   "distill_weight > 0 needs a teacher, and a teacher needs distill_weight > 0 "
+                   f"(got distill_weight {self.distill_weight}, teacher {self.teacher!r})")
+            return
+        T = self.diffusion.timesteps
+        _check(bool(self.teacher), "objective consistency needs a teacher: the model it distils (e.g. baseline)")
+        _check(self.distill_weight == 0, "distill_weight applies to objective ddpm; objective consistency "
+                                         f"has a loss of its own (got distill_weight {self.distill_weight})")
+        _check(not self.model.num_classes, "objective consistency is for unconditional models")
+        _check(1 <= self.consistency_skip < T, f"consistency_skip must be in [1, {T - 1}], got {self.consistency_skip}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -376,18 +470,25 @@ TRAIN_FLAGS = tuple(f.name for f in fields(TrainConfig) if "flag" in f.metadata)
 RESUME_FLAGS = ("epochs", "precision")
 
 
-def train_config(preset: str = "quick", arch: str = "baseline", **overrides: Any) -> TrainConfig:
-    """Build a TrainConfig from a preset and an architecture, then apply overrides.
+def train_config(preset: str = "quick", arch: str = "baseline", num_classes: int = 0,
+                 **overrides: Any) -> TrainConfig:
+    """Build a TrainConfig from a preset and an architecture (class-conditional with
+    ``num_classes`` > 0), then apply overrides.
 
     ``None`` overrides are ignored so CLI flags that were not given fall through to the preset.
+    A consistency student's grids use its own sampler (``default_sampler``) unless ``sampling``
+    is given.
     """
     _check(preset in PRESETS, f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = dict(_PRESET_TRAIN[preset])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("objective") == "consistency" and overrides.get("sampling") is None:
+        grids = values.get("sampling", DEFAULT_SAMPLING)
+        values["sampling"] = replace(grids, sampler=default_sampler("consistency"), steps=None, eta=None)
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(values) - known
     _check(not unknown, f"unknown config keys: {', '.join(sorted(unknown))}")
-    return TrainConfig(arch=arch, model=ModelConfig.from_arch(arch), **values)
+    return TrainConfig(arch=arch, model=ModelConfig.from_arch(arch, num_classes), **values)
 
 
 def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:

@@ -250,13 +250,15 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def iterate_batches(data: MNIST, batch_size: int, generator: torch.Generator, *,
-                    start: int = 0, drop_last: bool = True):
-    """Yield (batch index, uint8 images) for one shuffled epoch, starting at batch ``start``."""
+                    start: int = 0, drop_last: bool = True, labels: bool = False):
+    """Yield (batch index, uint8 images) for one shuffled epoch, starting at batch ``start``;
+    with ``labels``, (batch index, uint8 images, their labels as int64). The order is the same
+    either way."""
     perm = torch.randperm(len(data), generator=generator)
     n_batches = batches_per_epoch(len(data), batch_size, drop_last)
     for b in range(start, n_batches):
         idx = perm[b * batch_size:(b + 1) * batch_size]
-        yield b, data.images[idx]
+        yield (b, data.images[idx], data.labels[idx].long()) if labels else (b, data.images[idx])
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:

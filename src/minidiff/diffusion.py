@@ -89,10 +89,21 @@ def predict_x0(sched: Schedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Te
             / extract(sched.sqrt_alpha_bars, t, xt.ndim))
 
 
+def drop_labels(y: torch.Tensor, p: float, no_label: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Label dropout of classifier-free guidance (Ho & Salimans 2022, Algorithm 1): each label is
+    replaced by ``no_label`` (the "no label" index) with probability ``p``, independently, so one
+    network learns the conditional ε(x_t, t, y) and the unconditional ε(x_t, t, ∅). The coin
+    flips are drawn from ``generator`` on its own device (one uniform per label), so a seeded run
+    drops the same labels again."""
+    gdev = generator.device if generator is not None else y.device
+    drop = torch.rand(y.shape, generator=generator, device=gdev).to(y.device) < p
+    return torch.where(drop, torch.full_like(y, no_label), y)
+
+
 def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None,
              part: slice | None = None, teacher: torch.nn.Module | None = None,
              distill_weight: float = 0.0, denoise_weight: float = 1.0,
-             stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+             stats: dict[str, torch.Tensor] | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
     """The simplified DDPM objective (Ho et al. Algorithm 1, eq. 14), optionally with a teacher:
 
     t ~ U{0..T−1}, ε ~ N(0, I),  L = w_d ‖ε − ε_θ(x_t, t)‖² + λ ‖ε_θ(x_t, t) − ε_teacher(x_t, t)‖²
@@ -105,7 +116,8 @@ def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generato
     ``part`` keeps only a slice of the batch (one rank's share under data parallelism); t and ε
     are still drawn for the whole batch, so the slice sees exactly what a single process would.
     ``stats``, a dict, receives each sample's ``t`` and its denoising ``mse`` (detached), from
-    which training logs the loss by timestep.
+    which training logs the loss by timestep. ``y`` (B,), a conditional model's labels (after
+    ``drop_labels``), is sliced as the batch is and handed to the model: ε_θ(x_t, t, y).
     """
     B = x0.shape[0]
     # drawn where the generator lives (a CPU generator on a GPU run), so a run resumed on
@@ -115,8 +127,9 @@ def p_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generato
     noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
     if part is not None:
         x0, t, noise = x0[part], t[part], noise[part]
+        y = None if y is None else y[part]
     xt = q_sample(sched, x0, t, noise)
-    eps = model(xt, t.float()).float()
+    eps = (model(xt, t.float()) if y is None else model(xt, t.float(), y)).float()
     loss = denoise_weight * F.mse_loss(eps, noise.float()) if denoise_weight else eps.new_zeros(())
     if stats is not None:
         stats["t"], stats["mse"] = t, ((eps.detach() - noise.float()) ** 2).mean(dim=(1, 2, 3))

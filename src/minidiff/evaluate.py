@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import metrics as M
-from .config import DEFAULT_SAMPLING, SamplingSpec
+from .config import DEFAULT_GUIDANCE, DEFAULT_SAMPLING, SamplingSpec
 from .data import MNIST, to_model_range, to_uint8
 from .distributed import shard, world
 from .files import write_text
@@ -55,8 +55,10 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
 
 
-def _sample(path: Path | str, device: torch.device, n: int, spec: SamplingSpec, progress: bool):
-    """Load a checkpoint and generate n quantised samples; returns (model, meta, images, timing).
+def _sample(path: Path | str, device: torch.device, n: int, spec: SamplingSpec, progress: bool,
+            labels: torch.Tensor | None = None, guidance: float | None = None):
+    """Load a checkpoint and generate n quantised samples (of ``labels`` with ``guidance``, for a
+    conditional model: ``generate``); returns (model, meta, images, timing).
     ``spec`` has its precision resolved for ``device``."""
     model, sched, meta = load_model(path, device)
     spec = spec.for_schedule(sched.T)
@@ -69,7 +71,8 @@ def _sample(path: Path | str, device: torch.device, n: int, spec: SamplingSpec, 
     # Sample with that same ε-function, counting the images it evaluates (measured, not assumed).
     counted = CountedEps(eps_fn)
     t0 = time.perf_counter()
-    images = generate(model, sched, n, spec, progress=progress, distributed=True, eps_fn=counted)
+    images = generate(model, sched, n, spec, progress=progress, distributed=True, eps_fn=counted,
+                      labels=labels, guidance=guidance)
     if sync:
         sync()
     seconds = time.perf_counter() - t0
@@ -150,13 +153,37 @@ def _quality(classifier: MnistClassifier, images: torch.Tensor, test_data: MNIST
     return quality, record
 
 
+def per_digit_quality(classifier: MnistClassifier, images: torch.Tensor, labels: torch.Tensor,
+                      test_data: MNIST, train_data: MNIST, seed: int) -> dict[str, dict[str, Any]]:
+    """How well a conditional model draws each digit it was asked for, keyed by the digit: of the
+    samples (N, 1, 28, 28) asked to be digit d (``labels`` == d), the share the classifier calls d
+    (``accuracy``), the mean probability it gives d (``mean_confidence``), and their pseudo-FID
+    against the test images of d, with its floor: as many training images of d against the same
+    test images (``metrics.fid_floor``, as ``_quality`` scores all digits)."""
+    feats, probs = predict(classifier, images)
+    labels, out = torch.as_tensor(labels).cpu(), {}
+    for d in labels.unique().tolist():
+        mine = labels == d
+        n = int(mine.sum())
+        real_f, _ = predict(classifier, to_model_range(test_data.images[test_data.labels == d]))
+        pool = train_data.images[train_data.labels == d]
+        pool_f, _ = predict(classifier, to_model_range(pool[M.random_subset(len(pool), n, seed)]))
+        p = probs[mine]
+        out[str(d)] = {"n": n, "accuracy": float((p.argmax(1) == d).double().mean()),
+                       "mean_confidence": float(p[:, d].double().mean()),
+                       "pseudo_fid": {"value": M.frechet_distance(feats[mine], real_f), "n_fake": n,
+                                      "n_real": real_f.shape[0], "floor": M.fid_floor(pool_f, real_f, n, seed)}}
+    return out
+
+
 def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSpec = DEFAULT_SAMPLING,
                         classifier: MnistClassifier | None = None, test_data: MNIST | None = None,
                         train_data: MNIST | None = None, teacher: Path | str | None = None,
                         device: torch.device | None = None, progress: bool = True,
                         samples_png: Path | str | None = None,
                         teacher_n: int | None = None,
-                        teacher_samples: dict | None = None) -> dict[str, Any]:
+                        teacher_samples: dict | None = None, labels: torch.Tensor | None = None,
+                        guidance: float | None = None) -> dict[str, Any]:
     """Generate ``n`` samples from a checkpoint as ``spec`` says and measure efficiency and quality.
 
     ``classifier`` / ``test_data`` / ``train_data`` default to the cached classifier and the MNIST
@@ -168,8 +195,13 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSp
     is a dict the caller owns: pass the same one to several evaluations against one teacher and
     its samples are drawn once (a study does); without it they are drawn for this call alone.
     With ``samples_png``, the first 64 samples are also saved there as a grid.
+    A conditional model draws sample i as digit ``labels[i]`` with classifier-free ``guidance``
+    (``generate``); the result then adds ``per_digit`` (``per_digit_quality``) to the metrics
+    of all n samples, and ``sampling`` records the digits and the weight.
     """
     check_sample_count(n)
+    if labels is not None and teacher is not None:
+        raise ValueError("the teacher comparison is for unconditional models: give no labels with a teacher")
     if teacher_n is not None and teacher_n < 1:
         raise ValueError(f"teacher_n must be >= 1, got {teacher_n}")
     if classifier is None:
@@ -183,7 +215,7 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSp
     spec = replace(spec, precision=resolve_precision(spec.precision, device))
     classifier = classifier.to(device).eval()
 
-    model, meta, images, timing = _sample(ckpt_path, device, n, spec, progress)
+    model, meta, images, timing = _sample(ckpt_path, device, n, spec, progress, labels, guidance)
     if samples_png is not None:
         save_images(images[:64], samples_png)
     quality, clf_record = _quality(classifier, images, test_data, train_data, spec.seed)
@@ -198,7 +230,7 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSp
                        "step": meta.get("step"), "weights": meta.get("weights")},
         "sampling": {"n": n, **spec.describe(), "steps": timing.pop("steps"), "seed": spec.seed,
                      "batch_size": spec.batch_size, "precision": spec.precision, "nfe_per_sample": nfe,
-                     "processes": world()[1],
+                     "processes": world()[1], **_conditioning(labels, guidance),
                      "images": "clamped to [-1, 1] and quantised to uint8 before every metric"},
         "efficiency": {**{f"params_{k}": v for k, v in M.count_params(model).items()},
                        "checkpoint_bytes": n_bytes, "checkpoint_mib": n_bytes / 2**20,
@@ -208,6 +240,8 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSp
         "teacher_consistency": None,
         "versions": ckpt.versions(),
     }
+    if labels is not None:
+        result["per_digit"] = per_digit_quality(classifier, images, labels, test_data, train_data, spec.seed)
     if teacher is not None:
         result["teacher_consistency"], extra = _teacher_consistency(
             ckpt_path, teacher, images, device, min(n, teacher_n or n),
@@ -217,6 +251,14 @@ def evaluate_checkpoint(ckpt_path: Path | str, n: int = 10_000, spec: SamplingSp
                             batch_size=spec.batch_size, warmup="2 untimed network evaluations on one "
                             "batch before timing; generation timed once, end to end")
     return result
+
+
+def _conditioning(labels: torch.Tensor | None, guidance: float | None) -> dict[str, Any]:
+    """What ``sampling`` records of a conditional model's labels: the digits and the weight."""
+    if labels is None:
+        return {}
+    return {"digits": torch.as_tensor(labels).unique().tolist(),
+            "guidance": DEFAULT_GUIDANCE if guidance is None else guidance}
 
 
 def _finite(obj: Any) -> Any:

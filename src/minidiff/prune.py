@@ -225,13 +225,13 @@ def structural_prune(model: nn.Module, ratio: float, importance: str = "l1",
 
 def prune_checkpoint(ckpt_path: Path | str, method: str, ratio: float, importance: str = "l1",
                      out_path: Path | str = "pruned.safetensors",
-                     data: MNIST | torch.Tensor | None = None) -> Path:
+                     data: MNIST | torch.Tensor | None = None, round_to: int | None = None) -> Path:
     """Load a model file, prune it and write a self-describing model file; returns its path.
 
     ``method``: ``paper`` (masks baked into dense weights, ``ratio`` = the unstructured fraction,
     structured fixed at the paper's 10 %), ``sparse`` (the same pruning, written with
     ``save_sparse``), ``structural`` (``ratio`` of channels removed by ``importance``; ``taylor``
-    needs ``data``). The header's ``pruning`` entry records method, ratio, importance, sparsity,
+    needs ``data``; ``round_to`` keeps its widths multiples of that number). The header's ``pruning`` entry records method, ratio, importance, sparsity,
     parameter counts, every layer's width and the masked weights (to rebuild masks for
     fine-tuning with ``masks_from_zeros``)."""
     from .config import TrainConfig
@@ -244,12 +244,13 @@ def prune_checkpoint(ckpt_path: Path | str, method: str, ratio: float, importanc
     params_before = count_params(model)["total"]
     masks: dict[str, torch.Tensor] = {}
     if method == "structural":
-        structural_prune(model, ratio, importance, example_data=data, sched=sched)
+        structural_prune(model, ratio, importance, example_data=data, sched=sched, round_to=round_to)
     else:
         masks = paper_prune(model, PAPER_STRUCTURED, ratio)
     report = sparsity_report(model)
     info = dict(method=method, ratio=ratio,
                 importance=importance if method == "structural" else None,
+                round_to=round_to if method == "structural" else None,
                 structured=PAPER_STRUCTURED if method != "structural" else None,
                 source=str(ckpt_path), source_sha256=meta.get("sha256"),
                 params_before=params_before, params_after=report["params"],

@@ -5,6 +5,9 @@
 - ``ddim``: Song et al. 2021 eq. 12 on a strided grid (``timestep_grid``);
   η = 0 is deterministic, η = 1 at full steps is the ancestral sampler.
 - ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), deterministic, second order.
+- ``dpmpp3m``: DPM-Solver++(3M) (Lu et al. 2022), deterministic, third order after two warm-up steps.
+- ``consistency``: multistep consistency sampling (Song et al. 2023, Algorithm 1) for a
+  consistency student (``minidiff.consistency``), 1 to 4 steps on a grid of its own (``consistency_grid``).
 
 Clipping: with ``clip_x0=True`` (the default) every sampler clips its estimate x̂_0 to the data
 range [−1, 1] before using it. This matters most at the first step: with β_199 = 0.9999,
@@ -22,6 +25,8 @@ spaces them; the last evaluation's x̂_0 is the sample. The default, ``leading``
 190, 180, …, 0 for 20 steps), beat ``linspace`` (199 … 0) on the quick baseline: pseudo-FID 20.1
 vs 22.8 for DDIM 10 and 17.0 vs 18.1 for DDIM 20 (N = 256, same x_T). Starting one stride below
 T−1 skips the step from the clipped β_199, where x̂_0 is least reliable.
+``logsnr`` spaces the grid uniformly in log-SNR instead (the step size DPM-Solver's error
+analysis is written in), which needs the schedule's ᾱ.
 Randomness comes in only through the ``torch.Generator`` (one per batch, or one per sample).
 
 Which samplers exist and what each takes is ``config.SAMPLERS``, the one registry; a
@@ -34,7 +39,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .config import DEFAULT_SPACING, SAMPLERS, SPACINGS, SamplingSpec
+from .config import CONSISTENCY_STEPS, DEFAULT_SPACING, SAMPLERS, SPACINGS, SamplingSpec
+from .consistency import consistency_t_max
 from .diffusion import Schedule, predict_x0
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,17 +48,25 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 
-def timestep_grid(T: int, steps: int, spacing: str = DEFAULT_SPACING) -> list[int]:
-    """``steps`` distinct timesteps in decreasing order, spaced as diffusers' DDIMScheduler does:
+def timestep_grid(T: int, steps: int, spacing: str = DEFAULT_SPACING,
+                  alpha_bars: torch.Tensor | Sequence[float] | None = None) -> list[int]:
+    """``steps`` distinct timesteps in decreasing order. The first three are spaced as diffusers'
+    DDIMScheduler spaces them; ``logsnr`` follows the schedule (``alpha_bars``, ᾱ_t of t = 0 … T−1,
+    required for it and ignored by the others):
 
     - ``linspace``: T−1 down to 0 evenly, both ends included (rounded);
     - ``leading``: k·⌊T/steps⌋ for k = steps−1 … 0 (diffusers' default): never starts at T−1;
-    - ``trailing``: round(T − k·T/steps) − 1 for k = 0 … steps−1: starts at T−1, never reaches 0.
+    - ``trailing``: round(T − k·T/steps) − 1 for k = 0 … steps−1: starts at T−1, never reaches 0;
+    - ``logsnr``: T−2 down to 0, uniform in λ_t = log(ᾱ_t/(1 − ᾱ_t)) (``logsnr_grid``): at most T−1 steps.
     """
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing == "logsnr":
+        if alpha_bars is None:
+            raise ValueError("the logsnr spacing needs the schedule's alpha_bars")
+        return logsnr_grid(alpha_bars, steps)
     if spacing == "leading":
         return (torch.arange(steps - 1, -1, -1) * (T // steps)).tolist()
     if spacing == "trailing":
@@ -60,6 +74,38 @@ def timestep_grid(T: int, steps: int, spacing: str = DEFAULT_SPACING) -> list[in
     if steps == 1:
         return [T - 1]
     return torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
+
+def logsnr_grid(alpha_bars: torch.Tensor | Sequence[float], steps: int) -> list[int]:
+    """``steps`` distinct timesteps from T−2 down to 0 spaced uniformly in log-SNR
+    λ_t = log(ᾱ_t/(1 − ᾱ_t)), so that every step of a DPM-Solver has the same size h (Lu et al.
+    2022 step in log(α_t/σ_t), half this λ): the k-th target λ_{T−2} + k (λ_0 − λ_{T−2})/(steps − 1)
+    goes to the timestep whose λ_t is nearest.
+
+    The range starts one timestep below T−1 for the reason the ``leading`` grid does: the
+    cosine schedule's clipped β_{T−1} = 0.9999 puts λ_199 = −18.9 nine nats below λ_198 = −9.7,
+    so a range from λ_{T−1} would spend a quarter of 20 steps at t ≥ 195, where x̂_0 is noise
+    (diffusers' ``lambda_min_clipped`` cuts the same tail). Where λ moves by more than a target's
+    spacing in one timestep, two targets can share one; the later then takes the next timestep
+    down, and no timestep goes below what the remaining targets need to stay distinct down to 0."""
+    ab = torch.as_tensor(alpha_bars, dtype=torch.float64)
+    T = ab.shape[0]
+    if ab.ndim != 1 or T < 2 or not 1 <= steps <= T - 1:
+        raise ValueError(f"need a 1-D alpha_bars and steps in [1, {T - 1}], got shape {tuple(ab.shape)}, "
+                         f"steps {steps}")
+    lam = ab.log() - (-ab).log1p()  # (T,)
+    if not (ab > 0).all() or not (ab < 1).all() or not (lam[1:] < lam[:-1]).all():
+        raise ValueError("alpha_bars must decrease strictly inside (0, 1)")
+    if steps == 1:
+        return [T - 2]
+    rising = lam[:T - 1].flip(0)  # λ at t = T−2 … 0, increasing
+    target = torch.linspace(float(rising[0]), float(rising[-1]), steps, dtype=torch.float64)
+    hi = torch.searchsorted(rising, target).clamp(1, T - 2)  # rising[hi − 1] <= target <= rising[hi]
+    nearer = torch.where(target - rising[hi - 1] <= rising[hi] - target, hi - 1, hi)
+    grid: list[int] = []
+    for k, t in enumerate((T - 2 - nearer).tolist()):
+        grid.append(max(min(t, grid[-1] - 1 if grid else T - 2), steps - 1 - k))
+    return grid
 
 
 def noise_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
@@ -172,13 +218,125 @@ def dpmpp2m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, timesteps:
     return x
 
 
+# Below this many steps DPM-Solver++(3M) takes its last step before the sample at second order,
+# as diffusers' DPMSolverMultistepScheduler does (``lower_order_final``, for numerical stability):
+# with few steps each is wide in λ, and a third-order extrapolation from points far back is the
+# least reliable part of the update.
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def dpmpp3m_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, timesteps: Sequence[int],
+                   generator: torch.Generator | None = None, callback=None,
+                   clip_x0: bool = True) -> torch.Tensor:
+    """DPM-Solver++(3M), Lu et al. 2022: the multistep solver of DPM-Solver++ at third order, in
+    data-prediction form, on the decreasing grid ``timesteps``. With α, σ, λ as in
+    ``dpmpp2m_sample``, m_0, m_1, m_2 the x̂_0 of the last three grid points s, s_1, s_2,
+    h = λ_t − λ_s, r_0 = (λ_s − λ_{s_1})/h and r_1 = (λ_{s_1} − λ_{s_2})/h:
+
+    D_{1,0} = (m_0 − m_1)/r_0,  D_{1,1} = (m_1 − m_2)/r_1,
+    D_1 = D_{1,0} + r_0/(r_0 + r_1) (D_{1,0} − D_{1,1}) ≈ h x̂_0',  D_2 = (D_{1,0} − D_{1,1})/(r_0 + r_1) ≈ h² x̂_0''/2,
+    x_t = (σ_t/σ_s) x_s − α_t φ_1 m_0 + α_t φ_2 D_1 − α_t φ_3 D_2,
+    φ_1 = e^{−h} − 1,  φ_2 = φ_1/h + 1,  φ_3 = φ_2/h − 1/2
+
+    (the exact solution x_t = (σ_t/σ_s) x_s + σ_t ∫ e^λ x̂_0(λ) dλ with x̂_0 expanded to second
+    order in λ). Orders as diffusers' ``DPMSolverMultistepScheduler(solver_order=3)``: the first
+    step is first order (DDIM), the second is DPM-Solver++(2M)'s, and with fewer than
+    ``LOWER_ORDER_FINAL_BELOW`` steps so is the step into the last grid point; the last
+    evaluation's x̂_0 is the sample (the step to σ = 0).
+    """
+    s = sched.to(x_T.device)
+    alpha, sigma = s.sqrt_alpha_bars, s.sqrt_one_minus_alpha_bars
+    lam = (alpha / sigma).log()
+    n = len(timesteps)
+    x, x0s, hs = x_T, [], []  # newest first: x̂_0 of the last three points, λ steps of the last two
+    for i, t in enumerate(timesteps):
+        _, x0 = model_predictions(eps_fn, s, x, t, clip_x0)
+        x0s = [x0, *x0s[:2]]
+        if i + 1 == n:
+            x = x0
+        else:
+            tn = timesteps[i + 1]
+            h = lam[tn] - lam[t]
+            order = min(i + 1, 2 if i + 2 == n and n < LOWER_ORDER_FINAL_BELOW else 3)
+            x = (sigma[tn] / sigma[t]) * x + alpha[tn] * _dpmpp_increment(x0s[:order], hs, h)
+            hs = [h, *hs[:1]]
+        if callback is not None:
+            callback(dict(step=i + 1, steps=n, t=t, x=x, x0=x0))
+    return x
+
+
+def _dpmpp_increment(x0s: list[torch.Tensor], hs: list[torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """The data term of one DPM-Solver++ multistep update, divided by α_t, at the order
+    len(x0s) (1–3): x0s = [m_0, m_1, m_2] newest first, hs the previous steps' λ increments
+    newest first. Order 2 is DPM-Solver++(2M)'s −φ_1 (m_0 + D_{1,0}/2) (``dpmpp2m_sample``)."""
+    phi1 = torch.expm1(-h)
+    if len(x0s) == 1:
+        return -phi1 * x0s[0]
+    m0, m1 = x0s[0], x0s[1]
+    r0 = hs[0] / h
+    d1_0 = (m0 - m1) / r0
+    if len(x0s) == 2:
+        return -phi1 * (m0 + d1_0 / 2)
+    r1 = hs[1] / h
+    d1_1 = (m1 - x0s[2]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi2 = phi1 / h + 1
+    phi3 = phi2 / h - 0.5
+    return -phi1 * m0 + phi2 * d1 - phi3 * d2
+
+
+def consistency_grid(sched: Schedule, steps: int) -> list[int]:
+    """The decreasing timesteps of multistep consistency sampling: first t_max, the largest t
+    with σ_t = √((1 − ᾱ_t)/ᾱ_t) ≤ 80 (``consistency.consistency_t_max``, the top of the
+    student's training range: 197 here), then the ``trailing`` grid's later points, round(T(1 − i/steps)) − 1:
+    [197], [197, 99], [197, 132, 66], [197, 149, 99, 49] for T = 200. The 2-step sampler thus
+    re-noises at ᾱ_99 ≈ 0.49, log-SNR ≈ 0, the middle of the cosine schedule; Song et al.'s
+    two-step σ = 0.821 for CIFAR-10 is ᾱ = 0.597 (t ≈ 86 here)."""
+    t_max = consistency_t_max(sched)
+    grid = [t_max, *timestep_grid(sched.T, steps, "trailing")[1:]]
+    if any(a <= b for a, b in zip(grid, grid[1:])):
+        raise ValueError(f"{steps} consistency steps do not fit below t_max = {t_max} (T = {sched.T})")
+    return grid
+
+
+def consistency_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, steps: int = CONSISTENCY_STEPS,
+                       generator: torch.Generator | Sequence[torch.Generator] | None = None, callback=None,
+                       clip_x0: bool = True) -> torch.Tensor:
+    """Multistep consistency sampling, Song et al. 2023 Algorithm 1, on ``consistency_grid``
+    t_0 > t_1 > …, with f(x, t) the student's x̂_0 = (x − √(1 − ᾱ_t) ε̂)/√ᾱ_t (clipped with
+    ``clip_x0``). x_T stands for x_{t_0} (it lacks only √ᾱ_{t_0} x_0, 0.016 x_0 here):
+
+    x̂_0 = f(x_T, t_0);  for i ≥ 1: x_{t_i} = √ᾱ_{t_i} x̂_0 + √(1 − ᾱ_{t_i}) z,  x̂_0 = f(x_{t_i}, t_i),
+
+    z ~ N(0, I) from ``generator`` (``noise_like``: one stream per sample where one generator per
+    sample is given); the sample is the last x̂_0. Each step's ``x`` in the callback is the state
+    at the next grid point, the sample after the last."""
+    s = sched.to(x_T.device)
+    grid = consistency_grid(sched, steps)
+    x = x_T
+    for i, t in enumerate(grid):
+        _, x0 = model_predictions(eps_fn, s, x, t, clip_x0)
+        if i + 1 < len(grid):
+            tn = grid[i + 1]
+            x = s.sqrt_alpha_bars[tn] * x0 + s.sqrt_one_minus_alpha_bars[tn] * noise_like(x0, generator)
+        else:
+            x = x0
+        if callback is not None:
+            callback(dict(step=i + 1, steps=len(grid), t=t, x=x, x0=x0))
+    return x
+
+
 def run_sampler(spec: SamplingSpec, eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None, **kw) -> torch.Tensor:
     """Run the sampler ``spec`` names (``config.SAMPLERS``) from x_T: a strided one on
-    ``timestep_grid(T, steps, spacing)``, with η where it takes one. ``kw``: ``callback``, ``clip_x0``."""
+    ``timestep_grid(T, steps, spacing, ᾱ)``, a few-step one with its ``steps``, with η where it takes
+    one. ``kw``: ``callback``, ``clip_x0``."""
     spec = spec.for_schedule(sched.T)
     entry = SAMPLERS[spec.sampler]
     fn = globals()[entry.function]
     if entry.strided:
-        kw["timesteps"] = timestep_grid(sched.T, spec.steps, spec.spacing)
+        kw["timesteps"] = timestep_grid(sched.T, spec.steps, spec.spacing, sched.alpha_bars)
+    elif entry.max_steps is not None:
+        kw["steps"] = spec.steps
     return fn(eps_fn, sched, x_T, generator=generator, **spec.sampler_kwargs(), **kw)

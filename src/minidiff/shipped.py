@@ -19,19 +19,23 @@ from . import checkpoint as ckpt
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MODEL_NAMES = ("baseline", "reduced", "shallow")  # the paper's three architectures
+# the shipped baseline compressed and fine-tuned: the paper's pruning (masks, stored sparse) and
+# Torch-Pruning's channel removal; each card names the model it was fine-tuned from
+COMPRESSED_NAMES = ("paper-pruned", "structural")
+DIFFUSION_NAMES = MODEL_NAMES + COMPRESSED_NAMES
 CLASSIFIER = "classifier"                          # the evaluation CNN (minidiff.classifier)
 
 
 def shipped_path(name: str) -> Path:
     """Where the shipped file of ``name`` lives (it may be absent: not every model ships yet)."""
-    if name not in MODEL_NAMES + (CLASSIFIER,):
-        raise ValueError(f"unknown shipped model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if name not in DIFFUSION_NAMES + (CLASSIFIER,):
+        raise ValueError(f"unknown shipped model {name!r}; choose one of {', '.join(DIFFUSION_NAMES)}")
     return WEIGHTS_DIR / f"{name}.safetensors"
 
 
 def available() -> dict[str, Path]:
     """The shipped files present in this installation, diffusion models first."""
-    return {n: shipped_path(n) for n in MODEL_NAMES + (CLASSIFIER,) if shipped_path(n).is_file()}
+    return {n: shipped_path(n) for n in DIFFUSION_NAMES + (CLASSIFIER,) if shipped_path(n).is_file()}
 
 
 def resolve_model(arg: str | Path) -> Path:
@@ -44,9 +48,9 @@ def resolve_model(arg: str | Path) -> Path:
             return p / "model.safetensors"
         raise ckpt.CheckpointError(f"{p}: a directory without model.safetensors (is the run finished? "
                                    "`minidiff train --out DIR --resume` continues it)")
-    if p.exists() or str(arg) not in MODEL_NAMES:
+    if p.exists() or str(arg) not in DIFFUSION_NAMES:
         if not p.exists():
-            names = ", ".join(n for n in available() if n in MODEL_NAMES) or "none in this installation"
+            names = ", ".join(n for n in available() if n in DIFFUSION_NAMES) or "none in this installation"
             raise ckpt.CheckpointError(f"{p}: no such checkpoint file, run directory or shipped "
                                        f"model (shipped: {names})")
         return p

@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .consistency import consistency_losses
 from .data import MNIST, batches_per_epoch, epoch_generator, iterate_batches, to_model_range
 from .distributed import barrier, mean_across, shard, world
-from .diffusion import make_schedule, p_losses, q_sample
+from .diffusion import drop_labels, make_schedule, p_losses, q_sample
 from .files import atomic_write_bytes, remove_stale_temporaries
 from .generate import generate, save_images
 from .modelfile import model_header, save_model
-from .models.unet import SimpleUnet, build_from_state_dict
+from .models.unet import SimpleUnet, build_from_state_dict, num_classes
 from .prune import apply_masks
 from .runtime import autocast, default_device, memory_format, resolve_precision
 
@@ -65,11 +66,12 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 @torch.no_grad()
 def recalibrate_bn(model: torch.nn.Module, data: MNIST, sched, n_batches: int, batch_size: int,
-                   seed: int = 0) -> torch.nn.Module:
+                   seed: int = 0, label_dropout: float = 0.0) -> torch.nn.Module:
     """Re-estimate BatchNorm running statistics for the current weights on noised training batches.
 
     EMA weights with the live model's BN statistics sample badly (measured: a skewed digit
     distribution, too-bright strokes): the statistics belong to other weights. A cumulative average over ``n_batches`` fixes that.
+    A conditional model sees the batches' labels as in training, dropped with ``label_dropout``.
     """
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns or n_batches == 0:
@@ -82,13 +84,15 @@ def recalibrate_bn(model: torch.nn.Module, data: MNIST, sched, n_batches: int, b
     g = torch.Generator().manual_seed(seed)
     model.train()
     fmt = memory_format(next(model.parameters()).is_contiguous(memory_format=torch.channels_last))
-    for i, (_, u8) in enumerate(iterate_batches(data, batch_size, g)):
+    classes = num_classes(model)
+    for i, (_, u8, y) in enumerate(iterate_batches(data, batch_size, g, labels=True)):
         if i >= n_batches:
             break
         x0 = to_model_range(u8).to(device)
         t = torch.randint(0, sched.T, (x0.shape[0],), generator=g).to(device)
         xt = q_sample(sched.to(device), x0, t, torch.randn(x0.shape, generator=g).to(device))
-        model(xt.contiguous(memory_format=fmt), t.float())
+        labels = (drop_labels(y, label_dropout, classes, g).to(device),) if classes else ()
+        model(xt.contiguous(memory_format=fmt), t.float(), *labels)
     for m, mom in zip(bns, saved):
         m.momentum = mom
     return model.eval()
@@ -114,8 +118,9 @@ def _file_extras(st: TrainState, cfg: TrainConfig) -> dict:
 
 def load_teacher(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | None:
     """The frozen teacher of a distilling run (``cfg.teacher``: a model file or a shipped name),
-    in eval mode and without gradients; None when ``cfg.distill_weight`` is 0."""
-    if not cfg.distill_weight:
+    in eval mode and without gradients; None unless ``cfg.distill_weight`` > 0 or the objective
+    is consistency."""
+    if not cfg.distill_weight and cfg.objective != "consistency":
         return None
     from .modelfile import load_model
     from .shipped import resolve_model
@@ -127,11 +132,15 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | No
 
 
 def _sampling_model(state: TrainState, cfg: TrainConfig, data: MNIST, sched) -> torch.nn.Module:
-    """The weights to sample from: the EMA (with BN re-estimated) if EMA is on, else the model."""
+    """The weights to sample from: the EMA (with BN re-estimated) if EMA is on, else the model.
+    A consistency student keeps the statistics it was trained with (``minidiff.consistency``:
+    its BatchNorm ran in eval mode), so they are not re-estimated."""
     if state.ema is None:
         return copy.deepcopy(state.model).eval()
+    if cfg.objective == "consistency":
+        return copy.deepcopy(state.ema).eval()
     return recalibrate_bn(copy.deepcopy(state.ema), data, sched, cfg.bn_recalib_batches, cfg.batch_size,
-                          seed=cfg.seed + 7)
+                          seed=cfg.seed + 7, label_dropout=cfg.label_dropout)
 
 
 @dataclass
@@ -247,10 +256,11 @@ class _Meter:
 class _Heldout:
     """A fixed batch of test images with fixed t (spread evenly over [0, T)) and ε: the held-out
     ε-MSE of the weights, comparable from grid to grid and from run to run (nanoGPT's
-    ``estimate_loss``, on one fixed batch)."""
+    ``estimate_loss``, on one fixed batch). A conditional model is given the images' labels."""
 
     def __init__(self, data: MNIST, sched, device: torch.device, n: int = 256, seed: int = 1234):
         x0 = to_model_range(data.images[:n]).to(device)
+        self.y = data.labels[:n].long().to(device)
         g = torch.Generator().manual_seed(seed)
         self.t = (torch.arange(x0.shape[0]) * sched.T // x0.shape[0]).to(device)
         self.eps = torch.randn(x0.shape, generator=g).to(device)
@@ -260,8 +270,9 @@ class _Heldout:
     def mse(self, model: torch.nn.Module, precision: str, fmt) -> float:
         was_training = model.training
         model.eval()  # BN's running statistics, and none updated
+        labels = (self.y,) if num_classes(model) else ()
         with autocast(precision, self.xt.device):
-            eps = model(self.xt.contiguous(memory_format=fmt), self.t.float()).float()
+            eps = model(self.xt.contiguous(memory_format=fmt), self.t.float(), *labels).float()
         model.train(was_training)
         return float(((eps - self.eps) ** 2).mean())
 
@@ -321,16 +332,25 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
 
 
 def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sched, cfg: TrainConfig,
-                    lr: float, precision: str, part, teacher: torch.nn.Module | None, meter: _Meter) -> None:
-    """One step on batch ``x0``: loss (with the teacher's term when distilling), backward, clip,
+                    lr: float, precision: str, part, teacher: torch.nn.Module | None, meter: _Meter,
+                    y: torch.Tensor | None = None) -> None:
+    """One step on batch ``x0`` (labels ``y`` for a conditional model, dropped with
+    ``cfg.label_dropout`` by the run's generator before it draws t and ε): loss (with the
+    teacher's term when distilling; the consistency loss for that objective), backward, clip,
     Adam, masks, EMA; the loss (averaged over every process) goes to ``meter`` without waiting
     for it, and the run checks it at its next row, checkpoint or grid (``_Run.check_finite``)."""
     for group in st.opt.param_groups:
         group["lr"] = lr
     stats: dict[str, torch.Tensor] = {}
+    if y is not None:
+        y = drop_labels(y, cfg.label_dropout, cfg.model.num_classes, st.g_noise)
     with autocast(precision, x0.device):
-        loss = p_losses(net, sched, x0, st.g_noise, part, teacher=teacher, distill_weight=cfg.distill_weight,
-                        stats=stats)
+        if cfg.objective == "consistency":
+            loss = consistency_losses(net, sched, x0, st.g_noise, part, teacher=teacher,
+                                      skip=cfg.consistency_skip, stats=stats)
+        else:
+            loss = p_losses(net, sched, x0, st.g_noise, part, teacher=teacher, distill_weight=cfg.distill_weight,
+                            stats=stats, y=y)
     meter.add(st.step, mean_across(loss), stats["t"], stats["mse"], sched.T, x0.shape[0])
     st.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -407,15 +427,17 @@ class _Run:
             _save_training(self.ckpt_path, self.st, self.cfg, self.total_steps, self.meter)
 
     def batches(self):
-        """(learning rate, batch) of every remaining step, in the run's data order (a pure
-        function of seed and epoch), until the run ends or ``stopping`` is set."""
+        """(learning rate, batch, its labels or None) of every remaining step, in the run's data
+        order (a pure function of seed and epoch), until the run ends or ``stopping`` is set;
+        labels only for a conditional model."""
         fmt = memory_format(self.cfg.channels_last)
         while self.st.step < self.total_steps:
             epoch, first_batch = divmod(self.st.step, self.bpe)
-            for _, u8 in iterate_batches(self.data, self.cfg.batch_size, epoch_generator(self.cfg.seed, epoch),
-                                         start=first_batch):
+            for _, u8, y in iterate_batches(self.data, self.cfg.batch_size, epoch_generator(self.cfg.seed, epoch),
+                                            start=first_batch, labels=True):
                 x0 = to_model_range(u8).to(self.device).contiguous(memory_format=fmt)  # (B, 1, 28, 28)
-                yield lr_at(self.st.step, self.cfg, self.total_steps), x0
+                y = y.to(self.device) if self.cfg.model.num_classes else None
+                yield lr_at(self.st.step, self.cfg, self.total_steps), x0, y
                 if self.st.step >= self.total_steps or self.stopping:
                     return
 
@@ -465,8 +487,8 @@ def _loop(run: _Run, minutes: float | None, progress: bool) -> bool:
     deadline = None if minutes is None else run.meter.t_start + 60 * minutes
     st.model.train()
     try:
-        for lr, x0 in run.batches():
-            _optimizer_step(st, run.net, x0, run.sched, cfg, lr, run.precision, run.part, run.teacher, run.meter)
+        for lr, x0, y in run.batches():
+            _optimizer_step(st, run.net, x0, run.sched, cfg, lr, run.precision, run.part, run.teacher, run.meter, y)
             bar.update(1)
             # decided once per step: a stop by the clock always has its checkpoint
             run.stopping = deadline is not None and time.perf_counter() >= deadline and st.step < run.total_steps
@@ -545,7 +567,11 @@ def _grid(model: torch.nn.Module, cfg: TrainConfig, sched, path: Path, precision
     """Sample ``n`` (default ``cfg.grid_images``) images from ``model`` as the config's ``sampling`` says, with the run's seed
     and precision, into a grid at ``path``."""
     spec = replace(cfg.sampling, seed=cfg.seed, precision=precision)
-    save_images(generate(model, sched, n or cfg.grid_images, spec, progress=False), path)
+    n = n or cfg.grid_images
+    # a conditional model draws digit i % 10 in column i % 10, at the default guidance
+    labels = torch.arange(n) % cfg.model.num_classes if cfg.model.num_classes else None
+    save_images(generate(model, sched, n, spec, progress=False, labels=labels), path,
+                nrow=min(n, cfg.model.num_classes) if labels is not None else None)
 
 
 def export_model(run: Path | str, data: MNIST, path: Path | str | None = None) -> Path:

@@ -3,6 +3,10 @@ Linear + SiLU; residual Blocks (conv-BN-ReLU twice, the time embedding added in 
 saved before each stride-2 downsample and concatenated after the upsample.
 
 Parameter counts are acceptance facts: baseline 2,529,217, reduced 634,081, shallow 2,148,097.
+A class-conditional network (``num_classes`` > 0) adds one learned embedding of the label,
+summed with the time embedding: (num_classes + 1) · time_emb_dim parameters, the extra row being
+"no label" (Ho & Salimans 2022), so for MNIST's ten digits baseline 2,532,033, reduced 635,489,
+shallow 2,150,913. An unconditional network has no such module: its state_dict is the paper's.
 Structurally pruned models keep the same topology with narrower layers; ``widths`` records
 every layer's output width so such a model is rebuilt from its checkpoint alone.
 """
@@ -53,7 +57,10 @@ class Block(nn.Module):
 
 
 class SimpleUnet(nn.Module):
-    """ε-prediction U-Net for 1×28×28 images: x (B, 1, 28, 28), t (B,) -> ε̂ (B, 1, 28, 28)."""
+    """ε-prediction U-Net for 1×28×28 images: x (B, 1, 28, 28), t (B,) -> ε̂ (B, 1, 28, 28).
+
+    A conditional one also takes labels y (B,) in 0 … num_classes − 1, or ``num_classes`` for
+    "no label"; y = None is "no label" for every image."""
 
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
@@ -61,6 +68,8 @@ class SimpleUnet(nn.Module):
         self.cfg = cfg
         c, d = cfg.channels, cfg.time_emb_dim
         self.time_mlp = nn.Sequential(SinusoidalPositionEmbeddings(d), nn.Linear(d, d), nn.SiLU())
+        # row num_classes is "no label": the unconditional ε of classifier-free guidance
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, d) if cfg.num_classes else None
         self.stem = nn.Conv2d(1, c[0], 3, padding=1)
         self.downs = nn.ModuleList()
         for i in range(len(c) - 1):
@@ -76,8 +85,12 @@ class SimpleUnet(nn.Module):
                 block1=Block(2 * c[i + 1], c[i], d), block2=Block(c[i], c[i], d))))
         self.head = nn.Conv2d(c[0], 1, 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         t_emb = self.time_mlp(t)                        # (B, d)
+        if self.label_emb is not None:                  # + e(y): every Block sees time and label
+            t_emb = t_emb + self.label_emb(self._labels(y, x))
+        elif y is not None:
+            raise ValueError("this SimpleUnet is unconditional (num_classes 0): it takes no labels")
         h = self.stem(x)                                # (B, c0, 28, 28)
         skips = []
         for level in self.downs:
@@ -89,6 +102,19 @@ class SimpleUnet(nn.Module):
             h = torch.cat([level["up"](h), skips.pop()], dim=1)  # upsampled first
             h = level["block2"](level["block1"](h, t_emb), t_emb)
         return self.head(h)
+
+    def _labels(self, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """y as embedding indices, (B,) long: "no label" (index num_classes) where y is None."""
+        if y is None:
+            return torch.full((x.shape[0],), self.cfg.num_classes, dtype=torch.long, device=x.device)
+        return y.to(device=x.device, dtype=torch.long)
+
+
+def num_classes(model: nn.Module) -> int:
+    """The classes a SimpleUnet (or a wrapper with ``.module``, as DistributedDataParallel) is
+    conditioned on: 0 for an unconditional network or any other module."""
+    cfg = getattr(getattr(model, "module", model), "cfg", None)
+    return getattr(cfg, "num_classes", 0)
 
 
 def _resized(layer: nn.Module, shapes: dict[str, torch.Size]) -> nn.Module:
@@ -113,6 +139,10 @@ def _resized(layer: nn.Module, shapes: dict[str, torch.Size]) -> nn.Module:
         return nn.Linear(w[1], w[0], bias=layer.bias is not None)
     if isinstance(layer, nn.BatchNorm2d) and w[0] != layer.num_features:
         return nn.BatchNorm2d(w[0])
+    if isinstance(layer, nn.Embedding) and tuple(w) != tuple(layer.weight.shape):
+        if w[0] != layer.num_embeddings:  # one row per class and "no label", as the header says
+            raise ValueError(f"a label embedding of {w[0]} rows does not fit {layer.num_embeddings - 1} classes")
+        return nn.Embedding(w[0], w[1])  # a pruned time-embedding width narrows the labels' too
     return layer
 
 
@@ -121,7 +151,7 @@ def build_from_state_dict(cfg: ModelConfig, state_dict: dict[str, torch.Tensor])
     pruned) and load the weights. Raises ValueError if the weights do not fit together."""
     model = SimpleUnet(cfg)
     for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d)):
+        if not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d, nn.Embedding)):
             continue
         shapes = {k[len(name) + 1:]: v.shape for k, v in state_dict.items()
                   if k.startswith(name + ".") and "." not in k[len(name) + 1:]}

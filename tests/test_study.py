@@ -245,7 +245,7 @@ def test_paper_study_preset_is_the_papers_recipe():
     assert (sc.shallow_ft_epochs, sc.shallow_ft_lr) == (20, 1e-4)
     assert (sc.eval_n, sc.sampling.sampler, sc.sampling.for_schedule(200).steps, sc.eval_teacher_n) == \
         (10_000, "ddpm", 200, 0)
-    assert set(STUDY_PRESETS) == {"smoke", "quick", "paper", "trained"}
+    assert set(STUDY_PRESETS) == {"smoke", "quick", "paper", "trained", "short-finetune"}
 
 
 def test_real_confidence_of_evaluations_written_before_it_was_recorded():
@@ -276,8 +276,8 @@ def test_a_truncated_study_file_is_recovered_not_a_traceback(smoke, tmp_path):
 # ---------------------------------------------------------------- the study on the shipped models
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The trained preset's code path at test size: shipped weights, 1-step fine-tunes, N = 16."""
-    tiny = StudyConfig(start="shipped", train_preset="smoke", prune_ft_epochs=0.25, prune_ft_lr=1e-4,
+    """The short-finetune preset's code path at test size: shipped weights, 1-step fine-tunes, N = 16."""
+    tiny = StudyConfig(start="shipped-base", train_preset="smoke", prune_ft_epochs=0.25, prune_ft_lr=1e-4,
                        eval_n=16, sampling=SamplingSpec("ddim", 3, eta=1.0, precision="auto"), eval_teacher_n=8)
     STUDY_PRESETS["trained-test"] = tiny
     try:
@@ -308,6 +308,44 @@ def test_the_trained_study_starts_from_the_shipped_weights(trained):
         assert res["results"][name]["images_seen"] == {"total": base_images + 16, "finetune": 16}
     for name in {"reduced", "shallow"} - set(ships):
         assert f"{name}: this installation ships no {name} weights yet; its row is left out" in logs
+
+
+@pytest.fixture(scope="module")
+def as_shipped(tmp_path_factory):
+    """The trained preset's code path at test size: every model the package's file, N = 16."""
+    STUDY_PRESETS["shipped-test"] = StudyConfig(start="shipped", eval_n=16, eval_teacher_n=8,
+                                                sampling=SamplingSpec("ddim", 3, eta=1.0, precision="auto"))
+    try:
+        out = tmp_path_factory.mktemp("shipped")
+        logs = []
+        res = run_study("shipped-test", out, _data(64, 0), _data(40, 1), classifier=MnistClassifier().eval(),
+                        progress=False, log=logs.append)
+    finally:
+        del STUDY_PRESETS["shipped-test"]
+    return out, res, logs
+
+
+def test_the_trained_study_evaluates_every_shipped_model_and_trains_nothing(as_shipped):
+    out, res, logs = as_shipped
+    names = {"baseline": "baseline", "paper_pruned": "paper-pruned", "structural": "structural",
+             "reduced": "reduced", "shallow": "shallow"}
+    ships = {m for m, f in names.items() if shipped.shipped_path(f).is_file()}
+    assert set(res["results"]) == ships and "baseline" in ships
+    assert not list(out.rglob("model.safetensors")) and not list(out.rglob("checkpoint.safetensors"))
+    base = shipped.card(shipped.shipped_path("baseline"))
+    for name in ships:
+        assert res["models"][name] == str(shipped.shipped_path(names[name]))
+        c = shipped.card(shipped.shipped_path(names[name]))
+        source = c.get("finetuned_from")
+        want = ({"total": source["images_seen"] + c["images_seen"], "finetune": c["images_seen"]} if source
+                else {"total": c["images_seen"], "finetune": 0})
+        assert res["results"][name]["images_seen"] == want
+    if "paper_pruned" in ships:  # fine-tuned from the shipped baseline: its images count too
+        assert res["results"]["paper_pruned"]["images_seen"]["total"] > base["images_seen"]
+    for name in set(names) - ships:
+        assert f"{names[name]}: this installation ships no {names[name]} weights yet; its row is left out" in logs
+    page = (out / "report.html").read_text()
+    assert "efficiency.png" in page or "data:image/png" in page
 
 
 def test_the_trained_report_opens_with_findings_from_its_numbers(trained):

@@ -156,20 +156,25 @@ def plot_digit_counts(counts: dict[str, list[int]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_efficiency(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Pseudo-FID against measured sampling time and against parameters, the floor dashed."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, label in ((axes[0], "latency_s", "sampling time for N samples (s, measured)"),
-                           (axes[1], "nonzero_params", "non-zero parameters")):
-        for r in rows:
-            ax.scatter(r[key], r["pseudo_fid"], s=30)
-            ax.annotate(r["model"], (r[key], r["pseudo_fid"]), fontsize=8, xytext=(4, 3),
-                        textcoords="offset points")
-        ax.axhline(rows[0]["fid_floor"], color="k", lw=0.8, ls="--", label="floor (N real images)")
-        ax.set(xlabel=label, ylabel="pseudo-FID (lower is better)")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"efficiency vs quality (N = {rows[0]['n']}, {rows[0]['sampler']} "
-                 f"{rows[0]['steps']} steps)", fontsize=10)
+def plot_efficiency(rows: list[dict[str, Any]], path: Path, measured_on: str = "") -> Path:
+    """The efficiency–quality frontier, one point per model: pseudo-FID (its floor dashed) and mean
+    confidence against measured time per sample and against MACs per network evaluation."""
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4), sharex="col")
+    xs = (("ms", "time per sample (ms, measured)"), ("macs_per_eval", "MACs per network evaluation"))
+    ys = (("pseudo_fid", "pseudo-FID (lower is better)"), ("mean_confidence", "mean confidence (higher is better)"))
+    for i, (ykey, ylabel) in enumerate(ys):
+        for j, (xkey, xlabel) in enumerate(xs):
+            ax = axes[i][j]
+            for r in rows:
+                x = _ms_per_sample(r) if xkey == "ms" else r[xkey]
+                ax.scatter(x, r[ykey], s=30)
+                ax.annotate(r["model"], (x, r[ykey]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+            if ykey == "pseudo_fid":
+                ax.axhline(rows[0]["fid_floor"], color="k", lw=0.8, ls="--", label="floor (N real images)")
+                ax.legend(fontsize=8)
+            ax.set(ylabel=ylabel if j == 0 else None, xlabel=xlabel if i == 1 else None)
+    fig.suptitle(f"efficiency vs quality (N = {rows[0]['n']}, {rows[0]['sampler']} {rows[0]['steps']} steps"
+                 + (f"; times on {measured_on}" if measured_on else "") + ")", fontsize=10)
     return _save(fig, path)
 
 
@@ -309,9 +314,11 @@ def _loss_curves(out: Path, names) -> dict[str, Path]:
 
 
 def write_study_report(out: Path, preset: str, sc, results: dict[str, Any],
-                       models: dict[str, Path | None], timings: dict[str, float]) -> Path:
+                       models: dict[str, Path | None], timings: dict[str, float],
+                       before_finetune: dict[str, dict[str, Any]] | None = None) -> Path:
     """Draw the study's figures into ``out/figures`` and write ``out/report.html``; ``models``
-    names every model of the study (None: not in this run), the baseline first."""
+    names every model of the study (None: not in this run), the baseline first;
+    ``before_finetune``: the variants' rows before their fine-tune, for the mode-collapse claim."""
     from .figures import plot_reverse
     from .modelfile import load_model
 
@@ -321,28 +328,31 @@ def write_study_report(out: Path, preset: str, sc, results: dict[str, Any],
     grids = {name: out / name / "samples.png" for name in results if (out / name / "samples.png").exists()}
     counts = {name: r["quality"]["digit_distribution"]["counts"] for name, r in results.items()}
     baseline, sched, _ = load_model(models["baseline"])
+    first = next(iter(results.values()))
+    d = first["timing"]
+    device = (f"{d['device'].get('device')} ({d['device'].get('type')}, {d['threads']} threads, "
+              f"{d['device'].get('capability')}), batch {d['batch_size']}, {first['sampling']['precision']}")
     figures = {
         "samples": (plot_sample_grids(grids, figs / "samples.png"),
                     "The first 64 evaluation samples of each model (same initial noise)."),
         "denoising": (plot_reverse(baseline, sched, figs / "denoising.png", n=sc.denoising_samples),
                       f"The baseline's ancestral sampler ({sched.T} steps) from x_T to x_0, "
                       f"{sc.denoising_samples} sample{'s' if sc.denoising_samples > 1 else ''}."),
-        "loss": (plot_losses(_loss_curves(out, models), figs / "loss.png"),
-                 "Training loss of every training run in the study."),
         "digits": (plot_digit_counts(counts, figs / "digits.png"),
                    "What minidiff's classifier sees in each model's samples."),
-        "efficiency": (plot_efficiency(rows, figs / "efficiency.png"),
-                       "Measured sampling time and parameters against pseudo-FID."),
+        "efficiency": (plot_efficiency(rows, figs / "efficiency.png", measured_on=device),
+                       "The efficiency–quality frontier: pseudo-FID and mean confidence against measured "
+                       "time per sample and against MACs per network evaluation, one point per model."),
     }
+    if losses := _loss_curves(out, models):  # none where the study trained nothing
+        figures["loss"] = (plot_losses(losses, figs / "loss.png"), "Training loss of every training run in the study.")
     steps_fig = out / "bench_sampling" / "pseudo_fid_vs_steps.png"  # benchmarks/bench_sampling.py --out OUT/bench_sampling
     if steps_fig.exists():
         figures["steps"] = (steps_fig, "Pseudo-FID against sampling steps for each sampler "
                                        "(benchmarks/bench_sampling.py on the baseline).")
-    d = next(iter(results.values()))["timing"]
-    device = (f"{d['device'].get('device')} ({d['device'].get('type')}, {d['threads']} threads, "
-              f"{d['device'].get('capability')}), batch {d['batch_size']}")
     study = {"preset": preset, "device": device, "study": asdict(sc),
              "missing": [m for m in models if m not in results],
+             "before_finetune": before_finetune or {},
              "recognisable": dict(RECOGNISABLE, real_test=real_confidence(results))}
     return write_report(out, rows, paper_rows(), timings, figures, study)
 

@@ -3,9 +3,11 @@
   classifier → baseline → paper pruning + fine-tune → structural pruning + fine-tune
   → reduced + fine-tune → shallow + fine-tune → evaluation of every model → results
 
-With ``start="shipped"`` (the ``trained`` preset) the baseline, reduced and shallow stages take
-the trained weights shipped in the package instead of training (a model not shipped yet is left
-out, and the report says so); the pruned models start from the shipped baseline.
+With ``start="shipped"`` (the ``trained`` preset) every stage takes the weights shipped in the
+package and nothing is trained: the study evaluates what ships (a model not shipped yet is left
+out, and the report says so). With ``start="shipped-base"`` (``short-finetune``) the baseline,
+reduced and shallow are the shipped ones and the two pruned models start from the shipped baseline
+with the preset's short fine-tune.
 
 Each stage writes into ``OUT/<stage>/``; a stage whose output exists is skipped, and an
 interrupted training stage resumes from its last checkpoint (``train(..., resume=True)``).
@@ -53,7 +55,7 @@ def _train_config(sc: StudyConfig, preset: str, arch: str, **overrides) -> Train
     """The study's training numbers: its train preset's (or its own), its precision if set.
     Starting from the shipped weights, the grid each fine-tune draws at its end uses the study's
     sampling (the paper preset's 200-step ancestral grid would cost more than the fine-tune)."""
-    if sc.start == "shipped":
+    if sc.start != "scratch":
         overrides = dict(sampling=sc.sampling, **overrides)
     return train_config(sc.train_preset or preset, arch, precision=sc.train_precision or None, **overrides)
 
@@ -77,8 +79,14 @@ def _shipped_stage(name: str, log, required: bool = False) -> Path | None:
 
 def images_seen(files: list[Path]) -> dict[str, int]:
     """Training images behind a model: ``files`` are the model files of its lineage, first
-    trained to last fine-tuned (e.g. the baseline, then the pruned model fine-tuned from it)."""
-    counts = [modelfile.images_seen(ckpt.read_header(f)) for f in files]
+    trained to last fine-tuned (e.g. the baseline, then the pruned model fine-tuned from it). A
+    shipped file fine-tuned from another shipped model (its card's ``finetuned_from``) counts that
+    model's images as well, its own as the fine-tune's."""
+    headers = [ckpt.read_header(f) for f in files]
+    counts = [modelfile.images_seen(h) for h in headers]
+    source = headers[-1].get("card", {}).get("finetuned_from") if len(files) == 1 else None
+    if source:
+        return {"total": source["images_seen"] + counts[0], "finetune": counts[0]}
     return {"total": sum(counts), "finetune": sum(counts[1:])}
 
 
@@ -139,17 +147,19 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
         from .classifier import load_or_train_classifier
         classifier = stage("classifier", lambda: load_or_train_classifier(
             epochs=sc.classifier_epochs, train=train_data, test=test_data, progress=progress, log=log)[0])
-    from_shipped = sc.start == "shipped"
+    from_shipped = sc.start != "scratch"
     models = {}
     models["baseline"] = stage("baseline", lambda: _shipped_stage("baseline", log, required=True)
                                if from_shipped else _train_stage(out / "baseline", _train_config(
                                    sc, preset, "baseline"), train_data, progress, log))
-    ft = _finetune(sc, preset, "baseline", sc.prune_ft_epochs, sc.prune_ft_lr)
-    models["paper_pruned"] = stage("paper_pruned", lambda: _pruned_stage(
-        out / "paper_pruned", models["baseline"], "paper", PAPER_UNSTRUCTURED, ft, train_data, progress, log))
-    models["structural"] = stage("structural", lambda: _pruned_stage(
-        out / "structural", models["baseline"], "structural", sc.structural_ratio, ft, train_data,
-        progress, log))
+    for name, method, ratio in (("paper_pruned", "paper", PAPER_UNSTRUCTURED),
+                                ("structural", "structural", sc.structural_ratio)):
+        def pruned(name=name, method=method, ratio=ratio) -> Path | None:
+            if sc.start == "shipped":
+                return _shipped_stage(name.replace("_", "-"), log)  # the file is paper-pruned
+            ft = _finetune(sc, preset, "baseline", sc.prune_ft_epochs, sc.prune_ft_lr)
+            return _pruned_stage(out / name, models["baseline"], method, ratio, ft, train_data, progress, log)
+        models[name] = stage(name, pruned)
     for arch, epochs, ft_epochs, ft_lr in (
             ("reduced", sc.reduced_epochs, sc.reduced_ft_epochs, sc.reduced_ft_lr),
             ("shallow", sc.shallow_epochs, sc.shallow_ft_epochs, sc.shallow_ft_lr)):
@@ -162,11 +172,12 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
             return _train_stage(out / arch, _finetune(sc, preset, arch, ft_epochs, ft_lr), train_data,
                                 progress, log, init_state=state)
         models[arch] = stage(arch, variant)
-    results = stage("evaluate", lambda: _evaluate_all(out, models, _lineage(out, models, from_shipped), sc,
+    results = stage("evaluate", lambda: _evaluate_all(out, models, _lineage(out, models, sc.start), sc,
                                                       classifier, test_data, train_data, progress, log))
     if results is not None:
         write_tables(out, results, timings)
-        stage("report", lambda: write_study_report(out, preset, sc, results, models, timings))
+        stage("report", lambda: write_study_report(out, preset, sc, results, models, timings,
+                                                   before_finetune=_before_finetune(models, sc)))
         write_tables(out, results, timings)  # again, with the report stage's time
         log("recognisable digits (mean confidence, smallest class share): " + "; ".join(
             f"{r['model']} {r['recognisable']} ({r['mean_confidence']:.3f}, {r['min_class_share']:.1%})"
@@ -174,15 +185,32 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     return {"models": {k: str(v) for k, v in models.items() if v}, "results": results, "timings": timings}
 
 
-def _lineage(out: Path, models: dict[str, Path | None], from_shipped: bool) -> dict[str, list[Path]]:
-    """The model files whose training each model's weights include, first to last."""
+def _before_finetune(models: dict[str, Path | None], sc: StudyConfig) -> dict[str, dict[str, Any]]:
+    """The variants' quality before their fine-tune, where a shipped file's card measured it with
+    the study's own sampling (sampler, steps, η, seed): the rows the mode-collapse claim needs."""
+    out = {}
+    for name in ("reduced", "shallow"):
+        path = models.get(name)
+        if path is None or sc.start == "scratch":
+            continue
+        spec = sc.sampling.for_schedule(load_model(path).schedule.T)
+        ev = shipped.card(path).get("evaluation_before_finetune", {}).get(f"{spec.sampler}{spec.steps}")
+        if ev and ev.get("seed") == spec.seed and (spec.sampler != "ddim" or ev.get("eta") == spec.eta):
+            out[name] = {"model": name, "min_class_share": ev["smallest_share"], "recall": ev["recall"],
+                         "pseudo_fid": ev["pseudo_fid"], "n": ev["n"], "source": "its card"}
+    return out
+
+
+def _lineage(out: Path, models: dict[str, Path | None], start: str) -> dict[str, list[Path]]:
+    """The model files whose training each model's weights include, first to last (a shipped
+    file alone: its card counts what it was fine-tuned from, ``images_seen_of``)."""
     lineage = {}
     for name, path in models.items():
         if path is None:
             continue
-        if name in ("paper_pruned", "structural"):
+        if name in ("paper_pruned", "structural") and start != "shipped":
             lineage[name] = [models["baseline"], path]
-        elif name in ("reduced", "shallow") and not from_shipped:
+        elif name in ("reduced", "shallow") and start == "scratch":
             lineage[name] = [out / name / "scratch" / "model.safetensors", path]
         else:
             lineage[name] = [path]

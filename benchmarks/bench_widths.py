@@ -32,7 +32,7 @@ from torch import nn
 from minidiff.metrics import macs_per_eval
 from minidiff.modelfile import load_model
 from minidiff.prune import structural_prune, widths
-from minidiff.runtime import autocast, cpu_has_native_bf16, cpu_name, tune_allocator
+from minidiff.runtime import autocast, cpu_has_amx, cpu_has_native_bf16, cpu_name, tune_allocator
 from minidiff.shipped import shipped_path
 
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     tune_allocator()
     native = cpu_has_native_bf16()
-    cpu = f"{cpu_name()}, {torch.get_num_threads()} threads, bf16 {'native' if native else 'emulated'}"
+    cpu = (f"{cpu_name()}, {torch.get_num_threads()} threads, bf16 {'native' if native else 'emulated'}"
+           + (" (AMX)" if cpu_has_amx() else ""))
     nets = models(a.ratio)
     x1 = (torch.zeros(1, 1, 28, 28), torch.zeros(1))
     macs = {k: macs_per_eval(m, *x1) for k, m in nets.items()}

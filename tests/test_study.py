@@ -22,7 +22,9 @@ from minidiff.data import MNIST
 from minidiff.models.classifier import MnistClassifier
 from minidiff.claims import check_claims
 from minidiff.report import COLUMNS, PAPER_TABLE, READABLE, findings, readable_row, real_confidence, table_rows
-from minidiff.study import MODELS, run_study
+from minidiff.study import MODELS, _before_finetune, run_study
+
+from _support import tiny_model_file
 
 pytestmark = pytest.mark.slow  # every test here runs studies or processes: make test, not test-fast
 
@@ -348,6 +350,38 @@ def test_the_trained_study_evaluates_every_shipped_model_and_trains_nothing(as_s
     assert "efficiency.png" in page or "data:image/png" in page
 
 
+def test_a_bf16_time_per_sample_has_the_fp32_one_beside_it(as_shipped):
+    out, res, _ = as_shipped
+    for r in table_rows(res["results"]):
+        assert r["fp32_ms_per_sample"] is not None and r["fp32_ms_per_sample"] > 0
+        timing = res["results"][r["model"]]["timing"]
+        if r["precision_sampled"] == "fp32":  # measured by the evaluation itself
+            assert "fp32" not in timing and r["fp32_ms_per_sample"] == pytest.approx(1000 * r["latency_s"] / r["n"], abs=2e-3)
+        else:  # timed again in fp32 on one batch
+            assert timing["fp32"]["precision"] == "fp32" and timing["fp32"]["n"] == 16
+
+
+def _card_file(path, before: dict | None):
+    tiny_model_file(path)
+    tensors, meta = ckpt.load(path)
+    card = {"images_seen": 0} | ({"evaluation_before_finetune": before} if before else {})
+    ckpt.save(path, tensors, dict(ckpt.user_meta(meta), card=card))
+    return path
+
+
+def test_the_collapse_claim_reads_the_variants_cards_measured_as_the_study_samples(tmp_path):
+    row = dict(mean_confidence=0.8, smallest_share=0.012, largest_share=0.3, pseudo_fid=9.5, floor=0.66,
+               precision=0.5, recall=0.31, n=1000, seed=0, eta=1.0, spacing="leading")
+    models = {"baseline": None, "reduced": _card_file(tmp_path / "r.safetensors", {"ddim20": row}),
+              "shallow": _card_file(tmp_path / "s.safetensors", {"ddim20": dict(row, eta=0.0)})}
+    sc = StudyConfig(start="shipped", sampling=SamplingSpec("ddim", 20, eta=1.0))
+    assert _before_finetune(models, sc) == {"reduced": {"model": "reduced", "min_class_share": 0.012,
+                                                        "recall": 0.31, "pseudo_fid": 9.5, "n": 1000,
+                                                        "source": "its card"}}  # shallow's η differs
+    assert _before_finetune(models, StudyConfig(start="shipped", sampling=SamplingSpec("ddim", 10, eta=1.0))) == {}
+    assert _before_finetune({"reduced": _card_file(tmp_path / "n.safetensors", None)}, sc) == {}
+
+
 def test_the_trained_report_opens_with_findings_from_its_numbers(trained):
     out, res, _ = trained
     rows = table_rows(res["results"])
@@ -380,6 +414,8 @@ def test_readable_row_formats_for_reading():
     assert list(readable_row(row).values()) == [
         "structural", "2,995,200 (fine-tuning 6,016)", "1,234,567", "5.0 MB", "12.5 ms", "1.73 (floor 0.66)",
         "0.78 / 0.92", "0.952", "7.6% – 12.7%", "0.612", "yes"]
+    bf16 = dict(row, precision_sampled="bf16", fp32_ms_per_sample=23.04)
+    assert readable_row(bf16)["time / sample"] == "12.5 ms bf16 (fp32 23.0 ms)"
     sparse = dict(row, nonzero_params=864_197, teacher_ssim=None, finetune_images=0)
     assert list(readable_row(sparse).values())[1:3] == ["2,995,200", "1,234,567 (864,197)"]
     assert readable_row(sparse)["SSIM vs baseline"] == ""

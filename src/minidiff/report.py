@@ -66,7 +66,9 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "sparsity": round(r.get("sparsity_after_finetune", 0.0), 4),
             "checkpoint_bytes": eff["checkpoint_bytes"], "macs_per_eval": eff["macs_per_eval"],
             "sampler": s["sampler"], "steps": s["steps"], "n": s["n"],
-            "latency_s": round(r["timing"]["generate_s"], 2),
+            "latency_s": round(r["timing"]["generate_s"], 2), "precision_sampled": s["precision"],
+            "fp32_ms_per_sample": round(r["timing"]["fp32"]["per_sample_ms"], 3) if r["timing"].get("fp32")
+            else round(1000 * r["timing"]["generate_s"] / s["n"], 3) if s["precision"] == "fp32" else None,
             "pseudo_fid": round(q["pseudo_fid"]["value"], 3),
             "fid_floor": round(q["pseudo_fid"]["floor"]["value"], 3),
             "precision": round(q["precision_recall"]["precision"], 3),
@@ -93,7 +95,8 @@ COLUMNS = {  # results column → header in the report
     "model": "model", "images_seen": "images seen", "finetune_images": "of which fine-tuning",
     "params": "params", "nonzero_params": "non-zero params", "sparsity": "sparsity",
     "checkpoint_bytes": "bytes", "macs_per_eval": "MACs / eval", "sampler": "sampler",
-    "steps": "steps", "n": "N", "latency_s": "sampling time (s)", "pseudo_fid": "pseudo-FID",
+    "steps": "steps", "n": "N", "latency_s": "sampling time (s)", "precision_sampled": "sampled in",
+    "fp32_ms_per_sample": "fp32 ms / sample", "pseudo_fid": "pseudo-FID",
     "fid_floor": "floor (N real images)", "precision": "precision", "recall": "recall",
     "inception_score": "IS", "ssim_paper": "SSIM (paper)", "teacher_ssim": "SSIM vs baseline",
     "mean_confidence": "mean confidence", "min_class_share": "smallest class share",
@@ -187,6 +190,15 @@ def _ms_per_sample(r: dict[str, Any]) -> float:
     return 1000 * r["latency_s"] / r["n"]
 
 
+def _time_per_sample(r: dict[str, Any]) -> str:
+    """Time per sample as measured, with the fp32 time beside a bf16 one."""
+    sampled = r.get("precision_sampled", "fp32")
+    if sampled == "fp32":
+        return f"{_ms_per_sample(r):.1f} ms"
+    fp32 = f" (fp32 {r['fp32_ms_per_sample']:.1f} ms)" if r.get("fp32_ms_per_sample") is not None else ""
+    return f"{_ms_per_sample(r):.1f} ms {sampled}{fp32}"
+
+
 def _share_range(r: dict[str, Any]) -> str:
     return f"{r['min_class_share']:.1%} – {r['max_class_share']:.1%}"
 
@@ -199,7 +211,7 @@ def readable_row(r: dict[str, Any]) -> dict[str, str]:
         seen += f" (fine-tuning {r['finetune_images']:,})"
     return dict(zip(READABLE, (
         r["model"], seen, f"{r['params']:,}{nonzero}", f"{r['checkpoint_bytes'] / 1e6:.1f} MB",
-        f"{_ms_per_sample(r):.1f} ms", f"{r['pseudo_fid']:.2f} (floor {r['fid_floor']:.2f})",
+        _time_per_sample(r), f"{r['pseudo_fid']:.2f} (floor {r['fid_floor']:.2f})",
         f"{r['precision']:.2f} / {r['recall']:.2f}", f"{r['mean_confidence']:.3f}", _share_range(r),
         "" if r["teacher_ssim"] is None else f"{r['teacher_ssim']:.3f}", r["recognisable"])))
 
@@ -331,21 +343,22 @@ def write_study_report(out: Path, preset: str, sc, results: dict[str, Any],
     first = next(iter(results.values()))
     d = first["timing"]
     device = (f"{d['device'].get('device')} ({d['device'].get('type')}, {d['threads']} threads, "
-              f"{d['device'].get('capability')}), batch {d['batch_size']}, {first['sampling']['precision']}")
+              f"{d['device'].get('capability')}{' + AMX' if d['device'].get('amx') else ''}), batch {d['batch_size']}, "
+              f"{first['sampling']['precision']}")
     figures = {
         "samples": (plot_sample_grids(grids, figs / "samples.png"),
                     "The first 64 evaluation samples of each model (same initial noise)."),
         "denoising": (plot_reverse(baseline, sched, figs / "denoising.png", n=sc.denoising_samples),
                       f"The baseline's ancestral sampler ({sched.T} steps) from x_T to x_0, "
                       f"{sc.denoising_samples} sample{'s' if sc.denoising_samples > 1 else ''}."),
+        **({"loss": (plot_losses(losses, figs / "loss.png"), "Training loss of every training run in the study.")}
+           if (losses := _loss_curves(out, models)) else {}),  # none where the study trained nothing
         "digits": (plot_digit_counts(counts, figs / "digits.png"),
                    "What minidiff's classifier sees in each model's samples."),
         "efficiency": (plot_efficiency(rows, figs / "efficiency.png", measured_on=device),
                        "The efficiency–quality frontier: pseudo-FID and mean confidence against measured "
                        "time per sample and against MACs per network evaluation, one point per model."),
     }
-    if losses := _loss_curves(out, models):  # none where the study trained nothing
-        figures["loss"] = (plot_losses(losses, figs / "loss.png"), "Training loss of every training run in the study.")
     steps_fig = out / "bench_sampling" / "pseudo_fid_vs_steps.png"  # benchmarks/bench_sampling.py --out OUT/bench_sampling
     if steps_fig.exists():
         figures["steps"] = (steps_fig, "Pseudo-FID against sampling steps for each sampler "
@@ -364,8 +377,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
             + ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows])
 
 
-def write_tables(out: Path, results: dict[str, Any], timings: dict[str, float]) -> None:
-    """``results.json`` (every evaluation and the stage times), ``results.csv`` and ``table.md``."""
+def write_tables(out: Path, results: dict[str, Any], timings: dict[str, float],
+                 before_finetune: dict[str, dict[str, Any]] | None = None) -> None:
+    """``results.json`` (every evaluation and the stage times), ``results.csv`` and ``table.md``
+    (``before_finetune``: the variants' rows before their fine-tune, for the claims)."""
     rows = table_rows(results)
     write_text(out / "results.json", json.dumps({"models": results, "timings": timings}, indent=2))
     buf = io.StringIO(newline="")
@@ -378,7 +393,7 @@ def write_tables(out: Path, results: dict[str, Any], timings: dict[str, float]) 
               f"every digit >= {RECOGNISABLE['min_class_share']:.0%} of the samples "
               f"(the real test digits: {real_confidence(results)})."]
     lines += ["", "The paper's claims, checked against these numbers:", ""]
-    lines += markdown_table(check_claims(rows))
+    lines += markdown_table(check_claims(rows, before_finetune))
     lines += ["", "The paper's own Table 1 for reference (its pseudo-FID is not a Fréchet distance and "
               "its SSIM compares unrelated images; not comparable with the columns above):", ""]
     lines += markdown_table(paper_rows())

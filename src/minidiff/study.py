@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from . import modelfile, shipped
 from .config import ConfigError, StudyConfig, TrainConfig, study_config, train_config
 from .data import MNIST
-from .evaluate import evaluate_checkpoint, write_json
+from .evaluate import evaluate_checkpoint, fp32_time_per_sample, write_json
 from .files import write_text
 from .modelfile import load_model
 from .prune import PAPER_UNSTRUCTURED, finetune_start, prune_checkpoint, sparsity_report
@@ -36,6 +36,7 @@ from .train import train
 
 MODELS = ("baseline", "paper_pruned", "structural", "reduced", "shallow")
 STAGES = ("classifier", *MODELS, "evaluate", "report")
+FP32_TIMING_N = 256  # samples timed in fp32 beside a bf16 evaluation (one batch)
 
 
 
@@ -175,10 +176,10 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     results = stage("evaluate", lambda: _evaluate_all(out, models, _lineage(out, models, sc.start), sc,
                                                       classifier, test_data, train_data, progress, log))
     if results is not None:
-        write_tables(out, results, timings)
-        stage("report", lambda: write_study_report(out, preset, sc, results, models, timings,
-                                                   before_finetune=_before_finetune(models, sc)))
-        write_tables(out, results, timings)  # again, with the report stage's time
+        before = _before_finetune(models, sc)
+        write_tables(out, results, timings, before)
+        stage("report", lambda: write_study_report(out, preset, sc, results, models, timings, before))
+        write_tables(out, results, timings, before)  # again, with the report stage's time
         log("recognisable digits (mean confidence, smallest class share): " + "; ".join(
             f"{r['model']} {r['recognisable']} ({r['mean_confidence']:.3f}, {r['min_class_share']:.1%})"
             for r in table_rows(results)))
@@ -234,6 +235,8 @@ def _evaluate_all(out: Path, models: dict[str, Path], lineage: dict[str, list[Pa
                                 test_data=test_data, train_data=train_data, teacher=teacher,
                                 teacher_n=sc.eval_teacher_n or None, teacher_samples=teacher_samples,
                                 progress=progress, samples_png=out / name / "samples.png")
+        if r["sampling"]["precision"] != "fp32":  # bf16's speed-up depends on layer widths: fp32 beside it
+            r["timing"]["fp32"] = fp32_time_per_sample(path, sc.sampling, min(sc.eval_n, FP32_TIMING_N))
         model = load_model(path).model
         r["sparsity_after_finetune"] = sparsity_report(model)["overall"]
         r["images_seen"] = images_seen(lineage[name])

@@ -426,6 +426,29 @@ class _Run:
         if self.main:
             _save_training(self.ckpt_path, self.st, self.cfg, self.total_steps, self.meter)
 
+    def write_model_files(self) -> None:
+        """``model.safetensors`` (the sampling weights), ``model_raw.safetensors`` beside an EMA's,
+        and ``samples.png``."""
+        st, cfg = self.st, self.cfg
+        final = _sampling_model(st, cfg, self.data, self.sched)
+        save_model(self.out / "model.safetensors", final, cfg, st.step, **_file_extras(st, cfg))
+        if st.ema is not None:  # the raw weights too, to compare with the EMA's
+            save_model(self.out / "model_raw.safetensors", copy.deepcopy(st.model).eval(), cfg, st.step,
+                       weights="raw")
+        _grid(final, cfg, self.sched, self.out / "samples.png", self.precision)
+
+    def snapshot(self) -> None:
+        """A grid of the sampling weights now, and those weights beside it in ``snapshots/`` (so
+        quality can be measured against images seen)."""
+        st, cfg = self.st, self.cfg
+        name = f"step_{st.step:06d}"
+        snap = _sampling_model(st, cfg, self.data, self.sched)
+        _grid(snap, cfg, self.sched, self.out / "samples" / f"{name}.png", self.precision,
+              n=min(36, cfg.grid_images))
+        (self.out / "snapshots").mkdir(exist_ok=True)
+        save_model(self.out / "snapshots" / f"{name}.safetensors", snap, cfg, st.step, **_file_extras(st, cfg))
+        st.model.train()
+
     def batches(self):
         """(learning rate, batch, its labels or None) of every remaining step, in the run's data
         order (a pure function of seed and epoch), until the run ends or ``stopping`` is set;
@@ -498,7 +521,7 @@ def _loop(run: _Run, minutes: float | None, progress: bool) -> bool:
                     or run.stopping):
                 run.checkpoint()
             if run.main and run.is_grid_step():  # its log row has checked the loss (log_row)
-                _snapshot(st, cfg, run.data, run.sched, run.out, run.precision)
+                run.snapshot()
     finally:
         bar.close()
     return st.step >= run.total_steps
@@ -537,30 +560,9 @@ def train(cfg: TrainConfig, data: MNIST, out: Path | str, *, resume: bool = Fals
         barrier()
         return None
     if run.main:
-        _write_model_files(run.st, cfg, run.data, run.sched, run.out, run.precision)
+        run.write_model_files()
     barrier()  # no rank returns before the model file exists
     return run.out / "model.safetensors"
-
-
-def _write_model_files(st: TrainState, cfg: TrainConfig, data: MNIST, sched, out: Path, precision: str) -> None:
-    """``model.safetensors`` (the sampling weights), ``model_raw.safetensors`` beside an EMA's,
-    and ``samples.png``."""
-    final = _sampling_model(st, cfg, data, sched)
-    save_model(out / "model.safetensors", final, cfg, st.step, **_file_extras(st, cfg))
-    if st.ema is not None:  # the raw weights too, to compare with the EMA's
-        save_model(out / "model_raw.safetensors", copy.deepcopy(st.model).eval(), cfg, st.step, weights="raw")
-    _grid(final, cfg, sched, out / "samples.png", precision)
-
-
-def _snapshot(st: TrainState, cfg: TrainConfig, data: MNIST, sched, out: Path, precision: str) -> None:
-    """A grid of the sampling weights now, and those weights beside it in ``snapshots/`` (so
-    quality can be measured against images seen)."""
-    name = f"step_{st.step:06d}"
-    snap = _sampling_model(st, cfg, data, sched)
-    _grid(snap, cfg, sched, out / "samples" / f"{name}.png", precision, n=min(36, cfg.grid_images))
-    (out / "snapshots").mkdir(exist_ok=True)
-    save_model(out / "snapshots" / f"{name}.safetensors", snap, cfg, st.step, **_file_extras(st, cfg))
-    st.model.train()
 
 
 def _grid(model: torch.nn.Module, cfg: TrainConfig, sched, path: Path, precision: str, n: int | None = None) -> None:

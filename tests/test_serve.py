@@ -1,7 +1,8 @@
 """``minidiff serve``: the page in headless Chromium (Generate fills the grid step by step, every
-image decodes, the slider scrubs, Compare, a bad value's message), and over plain HTTP the final
-grid against ``generate``, the 4xx answers to bad requests, the bounded queue's 503 and the
-cancellation of a generation whose client has gone."""
+image decodes, the slider scrubs, Compare, a bad value's message, a conditional model's digit and
+guidance), and over plain HTTP the final grid against ``generate`` (with labels and guidance for a
+conditional model), the 4xx answers to bad requests, the bounded queue's 503 and the cancellation
+of a generation whose client has gone."""
 from __future__ import annotations
 
 import base64
@@ -16,6 +17,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ import uvicorn
 from PIL import Image
 
 from minidiff import cli
-from minidiff.config import SAMPLERS, SamplingSpec
+from minidiff.config import DEFAULT_GUIDANCE, MNIST_CLASSES, SAMPLERS, SamplingSpec, train_config
 from minidiff.data import to_uint8
 from minidiff.diffusion import make_schedule
 from minidiff.generate import generate, grid_image, initial_noise
@@ -32,15 +34,34 @@ from minidiff.runtime import default_device
 from minidiff.samplers import consistency_grid, run_sampler, timestep_grid
 from minidiff.serve import create_app
 from minidiff.shipped import available
-from minidiff.modelfile import load_model
+from minidiff.modelfile import load_model, save_model
+from minidiff.models.unet import SimpleUnet
 
-from _support import tiny_model_file
+from _support import tiny_model_file, tiny_unet_config
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("serve")
     return {"tiny": tiny_model_file(d / "tiny.safetensors", 0), "tiny-b": tiny_model_file(d / "b.safetensors", 1)}
+
+
+def tiny_conditional_model_file(path: Path) -> Path:
+    """An untrained tiny network conditioned on the ten digits, its label embedding scaled up from
+    its init (as tests/test_conditional.py does) so that the digit and w change what it draws."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = SimpleUnet(replace(tiny_unet_config(), num_classes=MNIST_CLASSES))
+    with torch.no_grad():
+        net.label_emb.weight.mul_(20)
+    return save_model(path, net, train_config("smoke", "reduced", MNIST_CLASSES), step=0)
+
+
+@pytest.fixture(scope="module")
+def cond_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """An unconditional model and a conditional one."""
+    path = tiny_conditional_model_file(tmp_path_factory.mktemp("serve-cond") / "cond.safetensors")
+    return {"tiny": tiny_models["tiny"], "cond": path}
 
 
 @contextlib.contextmanager
@@ -120,8 +141,8 @@ def _decode(data_url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def _grid(x: torch.Tensor) -> bytes:
-    return grid_image(to_uint8(x)).tobytes()
+def _grid(x: torch.Tensor, nrow: int | None = None) -> bytes:
+    return grid_image(to_uint8(x), nrow).tobytes()
 
 
 def _wait_for(condition, what: str, timeout: float = 30):
@@ -217,12 +238,19 @@ GOOD = {"model": "tiny", "sampler": "ddim", "steps": 3, "eta": 1.0}
     (b"[" * 100_000, 413, "the request is larger than 16384 bytes"),
 ])
 def test_a_bad_request_is_a_4xx_with_a_message_and_runs_nothing(port, body, status, fragment):
+    _assert_refused(port, body, status, fragment)
+
+
+def _assert_refused(port: int, body, status: int, fragment: str) -> None:
+    """``body`` is answered ``status`` with a one-line JSON error holding ``fragment``, and nothing
+    was queued or sampled."""
     before = _get_json(port, "/api/status")[1]
     conn, resp = _post(port, body)
     try:
         assert resp.status == status
         assert resp.getheader("Content-Type") == "application/json"
-        assert fragment in json.loads(resp.read())["error"]
+        error = json.loads(resp.read())["error"]
+        assert fragment in error and "\n" not in error, error
     finally:
         conn.close()
     assert _get_json(port, "/api/status")[1] == before  # nothing was queued or sampled
@@ -334,6 +362,116 @@ def test_serve_command_errors_are_one_line_exit_2(tiny_models, tmp_path, capsys)
     assert capsys.readouterr().err.strip() == "minidiff: error: --port must be in [0, 65535], got 70000"
 
 
+# --- conditional models: a digit and a guidance weight ----------------------------------------
+
+@pytest.fixture(scope="module")
+def cond_port(cond_models):
+    with serving(create_app(cond_models, max_images=32, queue_size=2)) as p:
+        yield p
+
+
+def _final(events: list[dict], run: int) -> bytes:
+    """The pixels of a run's last x_t grid: its sample."""
+    return _decode([e for e in events if e["type"] == "frame" and e["run"] == run][-1]["x_t"]).tobytes()
+
+
+def _drawn(path: Path, n: int, seed: int, steps: int, labels=None, guidance=None) -> torch.Tensor:
+    """What ``generate`` draws with DDIM at ``steps`` (default η, fp32) where the server samples."""
+    model = load_model(path, default_device()).model
+    return generate(model, make_schedule(), n, SamplingSpec("ddim", steps, seed=seed), progress=False,
+                    labels=None if labels is None else torch.tensor(labels), guidance=guidance)
+
+
+def test_the_model_list_marks_conditional_models(cond_port):
+    status, info = _get_json(cond_port, "/api/models")
+    assert status == 200
+    assert [(m["name"], m["conditional"]) for m in info["models"]] == [("tiny", False), ("cond", True)]
+    assert (info["digits"], info["default_guidance"]) == (MNIST_CLASSES, DEFAULT_GUIDANCE)
+
+
+@pytest.mark.parametrize("extra, digit, w", [
+    ({"digit": 3, "guidance": 1.5}, 3, 1.5),
+    ({"digit": 0, "guidance": 0}, 0, 0.0),        # w = 0: the unconditional ε
+    ({"digit": 9, "guidance": 1}, 9, 1.0),        # w = 1: the plain conditional ε
+    ({"digit": 3}, 3, DEFAULT_GUIDANCE),          # as `minidiff sample --digit 3` draws
+    ({}, None, None),                             # no digit: drawn unconditionally
+])
+def test_a_conditional_request_ends_as_generate_with_its_labels_and_guidance(cond_port, cond_models, extra, digit, w):
+    n, seed, steps = 5, 11, 3
+    events = _events(cond_port, {"seed": seed, "n": n, "runs": [dict(model="cond", sampler="ddim", steps=steps,
+                                                                      **extra)]})
+    start = next(e for e in events if e["type"] == "start")
+    assert (start["setting"]["digit"], start["setting"]["guidance"]) == (digit, w)
+    x = _drawn(cond_models["cond"], n, seed, steps, None if digit is None else [digit] * n, w)
+    assert _final(events, 0) == _grid(x)  # exactly, in fp32: the same digits from the same seed
+    if digit is not None and w != 0:
+        assert _final(events, 0) != _grid(_drawn(cond_models["cond"], n, seed, steps, [(digit + 1) % 10] * n, w))
+
+
+def test_all_digits_draws_ten_rows_as_minidiff_sample_does_and_compare_keeps_the_rows(cond_port, cond_models,
+                                                                                      tmp_path, capsys):
+    n, seed, steps = 12, 3, 2  # all: rounded up to 2 of each digit, 20 images in ten rows of 2
+    runs = [{"model": "cond", "sampler": "ddim", "steps": steps, "digit": "all", "guidance": 2.5},
+            {"model": "tiny", "sampler": "ddim", "steps": steps}]
+    events = _events(cond_port, {"seed": seed, "n": n, "runs": runs})
+    starts = [e for e in events if e["type"] == "start"]
+    assert starts[0]["x_T"] == starts[1]["x_T"]
+    assert _decode(starts[0]["x_T"]).tobytes() == _grid(initial_noise(20, seed), 2)
+    for e in events:
+        if e["type"] == "frame":
+            assert _decode(e["x_t"]).size == _decode(e["x0"]).size == (2 * 30 + 2, 10 * 30 + 2)
+    argv = ["sample", cond_models["cond"], "--digit", "all", "-n", n, "--guidance", 2.5, "--seed", seed,
+            "--steps", steps, "--out", tmp_path / "all.png"]
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    with Image.open(tmp_path / "all.png") as written:
+        assert _final(events, 0) == written.tobytes()  # the very grid `minidiff sample` writes
+    # the unconditional run beside it draws as many from the same x_T, in the same rows
+    assert _final(events, 1) == _grid(_drawn(cond_models["tiny"], 20, seed, steps), 2)
+
+
+def test_compare_puts_two_guidance_weights_side_by_side_from_the_same_noise(cond_port, cond_models):
+    n, seed, steps = 4, 5, 3
+    runs = [{"model": "cond", "sampler": "ddim", "steps": steps, "digit": 7, "guidance": w} for w in (0, 4)]
+    events = _events(cond_port, {"seed": seed, "n": n, "runs": runs})
+    starts = [e for e in events if e["type"] == "start"]
+    assert [s["setting"]["guidance"] for s in starts] == [0.0, 4.0]
+    assert starts[0]["x_T"] == starts[1]["x_T"]  # one x_T for both runs
+    assert _decode(starts[0]["x_T"]).tobytes() == _grid(initial_noise(n, seed))
+    for i, w in enumerate((0, 4)):
+        assert _final(events, i) == _grid(_drawn(cond_models["cond"], n, seed, steps, [7] * n, w))
+    assert _final(events, 0) != _final(events, 1)
+
+
+COND_GOOD = {"model": "cond", "sampler": "ddim", "steps": 3}
+
+
+@pytest.mark.parametrize("run, n, fragment", [
+    (dict(GOOD, digit=3), 2, 'model "tiny" is unconditional (trained without labels): it takes no digit and no guidance'),
+    (dict(GOOD, guidance=2), 2, 'model "tiny" is unconditional'),
+    (dict(GOOD, digit="all", guidance=0), 2, 'model "tiny" is unconditional'),
+    (dict(COND_GOOD, digit=10), 2, 'digit must be a digit 0–9 or "all", got 10'),
+    (dict(COND_GOOD, digit=-1), 2, 'digit must be a digit 0–9 or "all", got -1'),
+    (dict(COND_GOOD, digit="seven"), 2, 'digit must be a digit 0–9 or "all", got "seven"'),
+    (dict(COND_GOOD, digit="3"), 2, 'digit must be a digit 0–9 or "all", got "3"'),
+    (dict(COND_GOOD, digit=3.0), 2, 'digit must be a digit 0–9 or "all", got 3.0'),
+    (dict(COND_GOOD, digit=True), 2, 'digit must be a digit 0–9 or "all", got true'),
+    (dict(COND_GOOD, digit=[3]), 2, 'digit must be a digit 0–9 or "all", got [3]'),
+    (dict(COND_GOOD, digit=3, guidance=-1), 2, "guidance must be a finite number >= 0, got -1"),
+    (dict(COND_GOOD, digit=3, guidance=-0.5), 2, "guidance must be a finite number >= 0, got -0.5"),
+    (b'{"model": "cond", "digit": 3, "guidance": NaN}', 2, "guidance must be a finite number >= 0, got nan"),
+    (b'{"model": "cond", "digit": 3, "guidance": Infinity}', 2, "guidance must be a finite number >= 0, got inf"),
+    (b'{"model": "cond", "digit": 3, "guidance": 1e999}', 2, "guidance must be a finite number >= 0, got inf"),
+    (dict(COND_GOOD, digit=3, guidance="2"), 2, 'guidance must be a number, got "2"'),
+    (dict(COND_GOOD, digit=3, guidance=False), 2, "guidance must be a number, got false"),
+    (dict(COND_GOOD, guidance=2), 2, "guidance needs a digit: without one a conditional model draws unconditionally"),
+    (dict(COND_GOOD, digit="all"), 31, 'digit "all" rounds the number of images up to a multiple of 10, 40 here, '
+                                      "more than the 32 a request may draw"),
+])
+def test_a_bad_digit_or_guidance_is_a_400_with_a_one_line_message(cond_port, run, n, fragment):
+    runs = run.decode() if isinstance(run, bytes) else json.dumps(run)
+    _assert_refused(cond_port, f'{{"seed": 0, "n": {n}, "runs": [{runs}]}}'.encode(), 400, fragment)
+
+
 # --- whom the server answers --------------------------------------------------------------------
 
 def _get(port: int, path: str, host: str | None):
@@ -401,7 +539,7 @@ def test_the_model_list_shows_names_not_file_paths(port, tiny_models):
     text = json.dumps(info)
     assert str(tiny_models["tiny"].parent) not in text and "/" not in text.replace("\\/", "")
     assert [(m["name"], m["file"]) for m in info["models"]] == [("tiny", "tiny.safetensors"), ("tiny-b", "b.safetensors")]
-    assert all(set(m) == {"name", "file", "arch", "T", "params", "precision"} for m in info["models"])
+    assert all(set(m) == {"name", "file", "arch", "T", "params", "precision", "conditional"} for m in info["models"])
     # what the page reads of each model (web/app.js): name, arch, params and T
     js = (Path(__file__).parents[1] / "src/minidiff/web/app.js").read_text()
     assert "m.path" not in js and ".path" not in js
@@ -566,3 +704,57 @@ def test_the_page_generates_live_scrubs_and_compares_in_headless_chromium(browse
         assert browser.save_screenshot(str(shot))
         with Image.open(shot) as image:
             assert image.size == tuple(browser.execute_script("return [innerWidth, innerHeight]"))
+
+
+@pytest.mark.slow
+def test_the_page_draws_a_chosen_digit_at_a_chosen_guidance_in_headless_chromium(browser, cond_models):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    wait = WebDriverWait(browser, 60)
+    with serving(create_app(cond_models, max_images=64, queue_size=1)) as p:
+        browser.get(f"http://127.0.0.1:{p}/")
+        wait.until(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        a, b = browser.find_element(By.ID, "setting-a"), browser.find_element(By.ID, "setting-b")
+        digit, guidance = a.find_element(By.NAME, "digit"), a.find_element(By.NAME, "guidance")
+        # an unconditional model: no digit picker, no guidance slider
+        assert a.find_element(By.NAME, "model").get_attribute("value") == "tiny"
+        assert not digit.is_displayed() and not guidance.is_displayed() and not digit.is_enabled()
+
+        Select(a.find_element(By.NAME, "model")).select_by_value("cond")
+        assert digit.is_displayed() and guidance.is_displayed() and guidance.is_enabled()
+        assert [o.get_attribute("value") for o in Select(digit).options] == ["all"] + [str(d) for d in range(10)]
+        assert (digit.get_attribute("value"), float(guidance.get_attribute("value"))) == ("all", DEFAULT_GUIDANCE)
+        guidance.send_keys(Keys.HOME, *[Keys.ARROW_RIGHT] * 15)  # steps of 0.1
+        assert guidance.get_attribute("value") == a.find_element(By.CSS_SELECTOR, ".guidance output").text == "1.5"
+
+        # Generate, all digits at w = 1.5: 16 images rounded up to 2 of each digit, ten rows of 2
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".run[data-state=done]"))
+        steps = int(a.find_element(By.NAME, "steps").get_attribute("value"))
+        run = browser.find_element(By.CSS_SELECTOR, ".run")
+        assert run.find_element(By.CSS_SELECTOR, "h2").text.endswith("· all digits, w = 1.5")
+        final = run.find_element(By.CSS_SELECTOR, "img.xt").get_attribute("src")
+        assert browser.execute_script("const i = document.querySelector('.run img.xt'); "
+                                      "return [i.complete, i.naturalWidth, i.naturalHeight]") == [True, 62, 302]
+        labels = torch.arange(10).repeat_interleave(2).tolist()
+        assert _decode(final).tobytes() == _grid(_drawn(cond_models["cond"], 20, 0, steps, labels, 1.5), 2)
+
+        # Compare: digit 7 at w = 0 (A) and at w = 5 (B), from the same noise
+        Select(digit).select_by_value("7")
+        guidance.send_keys(Keys.HOME)
+        assert b.find_element(By.NAME, "model").get_attribute("value") == "cond"  # the second model
+        Select(b.find_element(By.NAME, "digit")).select_by_value("7")
+        b.find_element(By.NAME, "guidance").send_keys(Keys.END)
+        b_steps = int(b.find_element(By.NAME, "steps").get_attribute("value"))
+        browser.find_element(By.ID, "compare").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".run[data-state=done]")) == 2)
+        panels = browser.find_elements(By.CSS_SELECTOR, ".run")
+        assert [panel.find_element(By.CSS_SELECTOR, "h2").text.split(" · ")[-1] for panel in panels] == [
+            "digit 7, w = 0", "digit 7, w = 5"]
+        first_frames = browser.execute_script("return [...document.querySelectorAll('.run')].map(r => r.frames[0].xt)")
+        assert first_frames[0] == first_frames[1]
+        finals = [panel.find_element(By.CSS_SELECTOR, "img.xt").get_attribute("src") for panel in panels]
+        for final, k, w in zip(finals, (steps, b_steps), (0, 5)):
+            assert _decode(final).tobytes() == _grid(_drawn(cond_models["cond"], 16, 0, k, [7] * 16, w))
+        assert finals[0] != finals[1]

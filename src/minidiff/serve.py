@@ -6,9 +6,12 @@ one JSON request per press of Generate or Compare::
     POST /api/generate  {"seed": 0, "n": 16, "runs": [{"model": "reduced", "sampler": "ddim",
                                                        "steps": 20, "eta": 1.0}, ...]}
 
-with one setting (Generate) or two (Compare). Every run is ``generate.generate`` with a callback,
-from the same x_T = ``generate.initial_noise(n, seed)``, so its final grid is what ``minidiff
-sample MODEL -n N --seed S`` writes with the same settings.
+with one setting (Generate) or two (Compare). A setting for a class-conditional model may add
+``"digit"`` (0–9, or ``"all"``: one row per digit, n rounded up to a multiple of ten) and
+``"guidance"`` (w >= 0, DEFAULT_GUIDANCE unless given; only with a digit); without a digit such a
+model draws unconditionally. Every run is ``generate.generate`` with a callback, from the same
+x_T = ``generate.initial_noise(n, seed)``, so its final grid is what ``minidiff sample MODEL -n N
+--seed S [--digit D --guidance W]`` writes with the same settings.
 The answer is a text/event-stream of JSON events:
 
 - ``queued``: how many generations are ahead of this one;
@@ -18,16 +21,16 @@ The answer is a text/event-stream of JSON events:
 - ``done``: the run's sampling seconds (the steps alone) and wall seconds (frames included);
 - ``end`` after the last run, or ``error`` with a message.
 
-``GET /api/models`` lists the models (names and file names, not where the files are) and bounds
-the page offers; ``GET /api/status`` the running and waiting generations and what became of the
-others. A bad request is answered 4xx with ``{"error": "..."}`` before anything runs; so is one
-whose Host header is not one of the server's own names (``host_names``): a site that points its
-own DNS name at this machine (DNS rebinding) reads nothing. Load is bounded: one generation
-samples at a time (one worker thread; torch keeps its own thread count), at most ``queue_size``
-more wait, and a request beyond that is answered 503. A client that goes away (page closed, Stop
-pressed) cancels its generation: the worker checks between sampler steps; one that leaves while
-still sending its request is dropped without a word in the log. One that stays but reads nothing
-for ``STALL_S`` loses its generation too, so it cannot hold the worker.
+``GET /api/models`` lists the models (names and file names, not where the files are, and which are
+conditional) and bounds the page offers; ``GET /api/status`` the running and waiting generations
+and what became of the others. A bad request is answered 4xx with ``{"error": "..."}`` before
+anything runs; so is one whose Host header is not one of the server's own names (``host_names``):
+a site that points its own DNS name at this machine (DNS rebinding) reads nothing. Load is
+bounded: one generation samples at a time (one worker thread; torch keeps its own thread count),
+at most ``queue_size`` more wait, and a request beyond that is answered 503. A client that goes
+away (page closed, Stop pressed) cancels its generation: the worker checks between sampler steps;
+one that leaves while still sending its request is dropped without a word in the log. One that
+stays but reads nothing for ``STALL_S`` loses its generation too, so it cannot hold the worker.
 """
 from __future__ import annotations
 
@@ -56,12 +59,13 @@ from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .config import DEFAULT_DDIM_ETA, DEFAULT_SAMPLING, DEFAULT_STEPS, SAMPLERS, ConfigError, SamplingSpec
+from .config import (DEFAULT_DDIM_ETA, DEFAULT_GUIDANCE, DEFAULT_SAMPLING, DEFAULT_STEPS, MNIST_CLASSES, SAMPLERS,
+                     ConfigError, SamplingSpec, check_guidance)
 from .data import to_uint8
 from .diffusion import Schedule
 from .generate import generate, grid_image, initial_noise
 from .metrics import count_params
-from .models.unet import SimpleUnet, fold_batchnorm
+from .models.unet import SimpleUnet, fold_batchnorm, num_classes
 from .runtime import default_device, resolve_precision
 from .modelfile import load_model
 
@@ -85,12 +89,15 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True)
 class Setting:
-    """One run of a request: which model, which sampler and how many steps."""
+    """One run of a request: which model, which sampler and how many steps; for a conditional
+    model, which digit (0–9, "all" or None: unconditional) at which guidance weight w."""
 
     model: str
     sampler: str
     steps: int
     eta: float
+    digit: int | str | None = None
+    guidance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,9 @@ class Job:
     """A parsed request: one run (Generate) or two from the same x_T (Compare)."""
 
     seed: int
-    n: int
+    n: int                   # images every run draws
     runs: tuple[Setting, ...]
+    nrow: int | None = None  # images a grid row: n / 10 when a run draws "all" (one row per digit)
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,7 @@ def load_models(paths: dict[str, Path], device: torch.device | None = None) -> d
         net = fold_batchnorm(net) if isinstance(net, SimpleUnet) else net  # once, not per request
         # the file's name only: the page (and anyone who can reach it) need not see where it lives
         info = dict(name=name, file=Path(path).name, arch=meta.get("arch"), T=sched.T,
-                    params=params, precision=precision)
+                    params=params, precision=precision, conditional=num_classes(net) > 0)
         models[name] = Model(net, sched, device, precision, info)
     return models
 
@@ -154,7 +162,41 @@ def parse_setting(d: Any, models: dict[str, Model]) -> Setting:
         spec = spec.for_schedule(models[d["model"]].sched.T)
     except ConfigError as e:
         raise BadRequest(str(e)) from None
-    return Setting(d["model"], spec.sampler, spec.steps, spec.eta)
+    return Setting(d["model"], spec.sampler, spec.steps, spec.eta, *parse_labels(d, models[d["model"]]))
+
+
+def parse_labels(d: dict, model: Model) -> tuple[int | str | None, float | None]:
+    """A run's digit and guidance weight, by ``minidiff sample --digit D --guidance W``'s rules: a
+    digit 0–9 or "all" and a finite w >= 0 (DEFAULT_GUIDANCE where only the digit is given), for
+    a conditional model only, w only with a digit; (None, None) for an unconditional draw."""
+    digit, w = d.get("digit"), d.get("guidance")
+    if digit is None and w is None:
+        return None, None
+    if not model.info["conditional"]:
+        raise BadRequest(f"model {json.dumps(model.info['name'])} is unconditional (trained without labels): "
+                         "it takes no digit and no guidance")
+    if digit is None:
+        raise BadRequest("guidance needs a digit: without one a conditional model draws unconditionally")
+    if not (digit == "all" or (type(digit) is int and 0 <= digit < MNIST_CLASSES)):  # not True, not 3.0
+        raise BadRequest(f'digit must be a digit 0–{MNIST_CLASSES - 1} or "all", got {json.dumps(digit)}')
+    if w is None:
+        return digit, DEFAULT_GUIDANCE
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise BadRequest(f"guidance must be a number, got {json.dumps(w)}")
+    try:
+        return digit, check_guidance(w)
+    except ConfigError as e:
+        raise BadRequest(str(e)) from None
+
+
+def digit_labels(digit: int | str | None, n: int) -> torch.Tensor | None:
+    """The labels of a run's n samples: ``digit`` for every one, or for "all" n / 10 of each
+    digit, digit by digit (``minidiff sample --digit all``'s order); None for an unconditional draw."""
+    if digit is None:
+        return None
+    if digit == "all":
+        return torch.arange(MNIST_CLASSES).repeat_interleave(n // MNIST_CLASSES)
+    return torch.full((n,), digit)
 
 
 def parse_job(body: Any, models: dict[str, Model], max_images: int = MAX_IMAGES) -> Job:
@@ -169,13 +211,23 @@ def parse_job(body: Any, models: dict[str, Model], max_images: int = MAX_IMAGES)
     runs = body.get("runs")
     if not isinstance(runs, list) or len(runs) not in (1, 2):
         raise BadRequest("runs must be a list of one setting (Generate) or two (Compare)")
-    return Job(seed, n, tuple(parse_setting(r, models) for r in runs))
+    settings = tuple(parse_setting(r, models) for r in runs)
+    if not any(s.digit == "all" for s in settings):
+        return Job(seed, n, settings)
+    # one row of k per digit, as `minidiff sample --digit all` draws them; a run beside it in
+    # Compare draws as many from the same x_T, in the same rows
+    k = -(-n // MNIST_CLASSES)
+    if k * MNIST_CLASSES > max_images:
+        raise BadRequest(f'digit "all" rounds the number of images up to a multiple of {MNIST_CLASSES}, '
+                         f"{k * MNIST_CLASSES} here, more than the {max_images} a request may draw")
+    return Job(seed, k * MNIST_CLASSES, settings, nrow=k)
 
 
-def png_data_url(x: torch.Tensor) -> str:
-    """Float images (N, 1, 28, 28) in [-1, 1] as one PNG grid, as a data: URL."""
+def png_data_url(x: torch.Tensor, nrow: int | None = None) -> str:
+    """Float images (N, 1, 28, 28) in [-1, 1] as one PNG grid (``nrow`` a row, default a square),
+    as a data: URL."""
     buf = io.BytesIO()
-    grid_image(to_uint8(x.detach().cpu())).save(buf, format="PNG")
+    grid_image(to_uint8(x.detach().cpu()), nrow).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -186,8 +238,9 @@ def sample_job(job: Job, models: dict[str, Model], emit: Callable[[dict], None],
     for i, setting in enumerate(job.runs):
         m = models[setting.model]
         x_T = initial_noise(job.n, job.seed, m.device)
+        labels = digit_labels(setting.digit, job.n)
         emit(dict(type="start", run=i, setting=asdict(setting), steps=setting.steps,
-                  x_T=png_data_url(x_T)))
+                  x_T=png_data_url(x_T, job.nrow)))
         sampling_s = 0.0
         start = last = time.perf_counter()
 
@@ -199,13 +252,14 @@ def sample_job(job: Job, models: dict[str, Model], emit: Callable[[dict], None],
             sampling_s += ms / 1000
             if cancelled():
                 raise Cancelled
-            emit(dict(type="frame", run=i, step=info["step"], t=info["t"], ms=ms, x_t=png_data_url(info["x"]),
-                      x0=png_data_url(info["x0"])))
+            emit(dict(type="frame", run=i, step=info["step"], t=info["t"], ms=ms,
+                      x_t=png_data_url(info["x"], job.nrow), x0=png_data_url(info["x0"], job.nrow)))
             last = time.perf_counter()  # drawing and sending the frame is not the step's time
 
         spec = SamplingSpec(setting.sampler, setting.steps, eta=setting.eta, seed=job.seed,
                             batch_size=job.n, precision=m.precision)
-        generate(m.net, m.sched, job.n, spec, progress=False, x_T=x_T, fold_bn=False, callback=callback)
+        generate(m.net, m.sched, job.n, spec, progress=False, x_T=x_T, fold_bn=False, callback=callback,
+                 labels=labels, guidance=None if labels is None else setting.guidance)
         emit(dict(type="done", run=i, sampling_s=sampling_s, wall_s=time.perf_counter() - start))
     emit(dict(type="end"))
 
@@ -388,7 +442,8 @@ def create_app(models: dict[str, Path], max_images: int = MAX_IMAGES,
     async def api_models(request: Request) -> JSONResponse:
         return JSONResponse(dict(models=[m.info for m in loaded.values()], samplers=list(SAMPLERS),
                                  max_images=max_images, default_sampler=DEFAULT_SAMPLING.sampler,
-                                 default_steps=DEFAULT_STEPS, default_eta=DEFAULT_DDIM_ETA))
+                                 default_steps=DEFAULT_STEPS, default_eta=DEFAULT_DDIM_ETA,
+                                 digits=MNIST_CLASSES, default_guidance=DEFAULT_GUIDANCE))
 
     async def api_status(request: Request) -> JSONResponse:
         return JSONResponse(worker.status())

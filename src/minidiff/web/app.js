@@ -1,5 +1,6 @@
 // minidiff serve: the page. It asks /api/generate for one run (Generate) or two from the same
 // noise (Compare) and draws the event stream as it arrives; the server checks every value.
+// A conditional model's setting adds a digit (0–9 or all) and a guidance weight w.
 "use strict";
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -26,6 +27,11 @@ function syncSetting(fs) {
   steps.disabled = sampler === "ddpm";
   if (sampler === "ddpm") steps.value = T;
   $("[name=eta]", fs).disabled = sampler !== "ddim";
+  // a digit and a guidance weight belong to a conditional model: hidden and not sent otherwise
+  const conditional = modelInfo($("[name=model]", fs).value).conditional;
+  for (const label of fs.querySelectorAll(".conditional")) label.hidden = !conditional;
+  $("[name=digit]", fs).disabled = $("[name=guidance]", fs).disabled = !conditional;
+  $(".guidance output", fs).textContent = $("[name=guidance]", fs).value;
 }
 
 // A number where the field holds one; otherwise the text itself, for the server to refuse by name.
@@ -39,12 +45,19 @@ function readSetting(fs) {
   const s = { model: $("[name=model]", fs).value, sampler: $("[name=sampler]", fs).value };
   if (s.sampler !== "ddpm") s.steps = fieldValue($("[name=steps]", fs));
   if (s.sampler === "ddim") s.eta = fieldValue($("[name=eta]", fs));
+  const digit = $("[name=digit]", fs);
+  if (!digit.disabled) {
+    s.digit = digit.value === "all" ? "all" : Number(digit.value);
+    s.guidance = Number($("[name=guidance]", fs).value);
+  }
   return s;
 }
 
 function describe(s) {
   const eta = s.sampler === "ddim" ? `, η = ${s.eta}` : "";
-  return `${s.model} · ${s.sampler}, ${s.steps} steps${eta}`;
+  const digit = s.digit === null || s.digit === undefined ? ""
+    : ` · ${s.digit === "all" ? "all digits" : `digit ${s.digit}`}, w = ${s.guidance}`;
+  return `${s.model} · ${s.sampler}, ${s.steps} steps${eta}${digit}`;
 }
 
 function makePanel(setting, steps, xT) {
@@ -177,12 +190,19 @@ async function init() {
     const model = $("[name=model]", fs);
     const sampler = $("[name=sampler]", fs);
     for (const m of config.models) {
-      model.add(new Option(`${m.name} (${m.arch}, ${m.params.toLocaleString("en")} parameters)`, m.name));
+      const kind = m.conditional ? ", conditional" : "";
+      model.add(new Option(`${m.name} (${m.arch}, ${m.params.toLocaleString("en")} parameters${kind})`, m.name));
     }
     for (const s of config.samplers) sampler.add(new Option(s, s));
     sampler.value = config.default_sampler;
     $("[name=steps]", fs).value = config.default_steps;
     $("[name=eta]", fs).value = config.default_eta;
+    const digit = $("[name=digit]", fs);
+    digit.add(new Option("all: a row each", "all"));
+    for (let d = 0; d < config.digits; d++) digit.add(new Option(String(d), String(d)));
+    const guidance = $("[name=guidance]", fs);
+    guidance.value = config.default_guidance;
+    guidance.addEventListener("input", () => { $(".guidance output", fs).textContent = guidance.value; });
     model.addEventListener("change", () => syncSetting(fs));
     sampler.addEventListener("change", () => syncSetting(fs));
   }

@@ -163,21 +163,21 @@ def plot_efficiency(rows: list[dict[str, Any]], path: Path, measured_on: str = "
     """The efficiency–quality frontier, one point per model: pseudo-FID (its floor dashed) and mean
     confidence against measured time per sample and against MACs per network evaluation."""
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.4), sharex="col")
-    xs = (("ms", "time per sample (ms, measured)"), ("macs_per_eval", "MACs per network evaluation"))
+    xs = (("ms", "time per sample (ms, measured)"), ("macs_per_eval", "MACs per network evaluation (millions)"))
     ys = (("pseudo_fid", "pseudo-FID (lower is better)"), ("mean_confidence", "mean confidence (higher is better)"))
     for i, (ykey, ylabel) in enumerate(ys):
         for j, (xkey, xlabel) in enumerate(xs):
             ax = axes[i][j]
             for r in rows:
-                x = _ms_per_sample(r) if xkey == "ms" else r[xkey]
+                x = _ms_per_sample(r) if xkey == "ms" else r[xkey] / 1e6
                 ax.scatter(x, r[ykey], s=30)
                 ax.annotate(r["model"], (x, r[ykey]), fontsize=8, xytext=(4, 3), textcoords="offset points")
             if ykey == "pseudo_fid":
                 ax.axhline(rows[0]["fid_floor"], color="k", lw=0.8, ls="--", label="floor (N real images)")
                 ax.legend(fontsize=8)
             ax.set(ylabel=ylabel if j == 0 else None, xlabel=xlabel if i == 1 else None)
-    fig.suptitle(f"efficiency vs quality (N = {rows[0]['n']}, {rows[0]['sampler']} {rows[0]['steps']} steps"
-                 + (f"; times on {measured_on}" if measured_on else "") + ")", fontsize=10)
+    fig.suptitle(f"efficiency vs quality (N = {rows[0]['n']}, {rows[0]['sampler']} {rows[0]['steps']} steps)"
+                 + (f"\ntimes on {measured_on}" if measured_on else ""), fontsize=9)
     return _save(fig, path)
 
 

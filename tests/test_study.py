@@ -250,6 +250,16 @@ def test_paper_study_preset_is_the_papers_recipe():
     assert set(STUDY_PRESETS) == {"smoke", "quick", "paper", "trained", "short-finetune"}
 
 
+def test_the_trained_preset_evaluates_the_shipped_models_as_their_cards_do():
+    sc, short = study_config("trained"), study_config("short-finetune")
+    assert sc.start == "shipped" and short.start == "shipped-base"
+    spec = sc.sampling.for_schedule(200)
+    assert (sc.eval_n, spec.sampler, spec.steps, spec.eta, spec.seed) == (1000, "ddim", 20, 1.0, 0)
+    card = shipped.card(shipped.shipped_path("baseline"))["evaluation"]["ddim20"]
+    assert (card["n"], card["eta"], card["seed"]) == (sc.eval_n, spec.eta, spec.seed)
+    assert (short.prune_ft_epochs, short.prune_ft_lr) == (1 / 3, 1e-3)
+
+
 def test_real_confidence_of_evaluations_written_before_it_was_recorded():
     old = {"baseline": {"classifier": {"sha256": "x", "test_accuracy": 0.99}}}
     assert real_confidence(old) == "not recorded"

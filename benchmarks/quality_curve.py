@@ -12,6 +12,8 @@ confidence and pseudo-FID against images seen, for this run's sampling and N onl
 
   python benchmarks/quality_curve.py runs/gpu/reduced/snapshots/*.safetensors \
       runs/gpu/reduced/model.safetensors --out docs/curves --label reduced
+  python benchmarks/quality_curve.py runs/reduced-50ep.safetensors runs/reduced-ft/snapshots/*.safetensors \
+      --finetune-start runs/reduced-50ep.safetensors --out docs/curves/reduced_ft --label reduced
 """
 from __future__ import annotations
 
@@ -92,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--label", required=True, help="the run's name in the figure")
     ap.add_argument("-n", type=int, default=1000)
+    ap.add_argument("--finetune-start", type=Path, default=None, metavar="MODEL",
+                    help="the model file a fine-tune started from (e.g. a shipped model fine-tuned "
+                         "further): its point sits at 0 images, where the fine-tune's curve starts")
     add_sampling_flags(ap)  # minidiff sample's flags and defaults (DEFAULT_SAMPLING)
     return ap
 
@@ -123,6 +128,10 @@ def main(argv=None) -> int:
         rows.append(dict(row_of(path, meta, a.label, r), key=key))
         print(json.dumps({k: rows[-1][k] for k in ("label", "epochs", "mean_confidence", "smallest_share",
                                                      "largest_share", "pseudo_fid", "floor")}), flush=True)
+        atomic_write_bytes(store, json.dumps(rows, indent=1).encode())
+    if a.finetune_start is not None:  # the curve's x counts the fine-tune's images: its start is 0
+        start = ckpt.read_header(a.finetune_start)["sha256"]
+        rows = [dict(r, curve_images=0) if r["sha256"] == start else r for r in rows]
         atomic_write_bytes(store, json.dumps(rows, indent=1).encode())
     plot([r for r in rows if r.get("key") in keys], a.out / "quality_curve.png")
     print(f"{store}\n{a.out / 'quality_curve.png'}  (CPU: {cpu_name()}, threads {torch.get_num_threads()})")

@@ -329,6 +329,21 @@ def test_quality_curve_writes_a_row_per_model_and_reuses_them(curve):
     assert (curve["out"] / "quality_curve.png").stat().st_size > 0
 
 
+def test_quality_curve_starts_a_fine_tune_at_zero_images(curve):
+    qc = load_script("benchmarks", "quality_curve")
+    start = curve["models"][1]  # as if b (step 3) were the model a fine-tune started from
+    argv = [*map(str, curve["models"]), "--out", str(curve["out"]), "--label", "tiny", "-n", "4",
+            "--finetune-start", str(start)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qc, "load_split", _fake_load_split())
+        mp.setattr(qc, "load_or_train_classifier", _fake_classifier)
+        mp.setattr(qc, "evaluate_checkpoint", lambda *a, **kw: pytest.fail("every row is cached"))
+        assert qc.main(argv) == 0
+    rows = {r["file"]: r for r in json.loads((curve["out"] / "curve.json").read_text())}
+    assert rows[str(start)]["curve_images"] == 0 and rows[str(start)]["images_seen"] == 3 * 16
+    assert rows[str(curve["models"][0])]["curve_images"] == 0  # step 0 anyway
+
+
 def _ship(st, name: str, model: Path, provenance: dict, weights: Path, tmp_path: Path, *extra) -> Path:
     """tools/ship_model.py MODEL --name NAME into ``weights`` instead of the package."""
     sm = load_script("tools", "ship_model")

@@ -286,6 +286,15 @@ def test_a_truncated_study_file_is_recovered_not_a_traceback(smoke, tmp_path):
 
 
 # ---------------------------------------------------------------- the study on the shipped models
+def _card_images(name: str) -> dict[str, int]:
+    """A shipped model's training images by its card: a model fine-tuned from another shipped one
+    (its ``finetuned_from``) counts that model's images too, its own as the fine-tune's."""
+    c = shipped.card(shipped.shipped_path(name))
+    source = c.get("finetuned_from")
+    return ({"total": source["images_seen"] + c["images_seen"], "finetune": c["images_seen"]} if source
+            else {"total": c["images_seen"], "finetune": 0})
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The short-finetune preset's code path at test size: shipped weights, 1-step fine-tunes, N = 16."""
@@ -310,8 +319,7 @@ def test_the_trained_study_starts_from_the_shipped_weights(trained):
     for name in ships:  # evaluated as shipped, nothing trained for them
         assert res["models"][name] == str(shipped.shipped_path(name))
         assert not (out / name / "model.safetensors").exists()
-        card_images = shipped.card(shipped.shipped_path(name))["images_seen"]
-        assert res["results"][name]["images_seen"] == {"total": card_images, "finetune": 0}
+        assert res["results"][name]["images_seen"] == _card_images(name)
     base_images = res["results"]["baseline"]["images_seen"]["total"]
     for name in ("paper_pruned", "structural"):  # fine-tuned from the shipped baseline: 1 step of 16
         _, meta = ckpt.load(out / name / "model.safetensors")
@@ -347,11 +355,7 @@ def test_the_trained_study_evaluates_every_shipped_model_and_trains_nothing(as_s
     base = shipped.card(shipped.shipped_path("baseline"))
     for name in ships:
         assert res["models"][name] == str(shipped.shipped_path(names[name]))
-        c = shipped.card(shipped.shipped_path(names[name]))
-        source = c.get("finetuned_from")
-        want = ({"total": source["images_seen"] + c["images_seen"], "finetune": c["images_seen"]} if source
-                else {"total": c["images_seen"], "finetune": 0})
-        assert res["results"][name]["images_seen"] == want
+        assert res["results"][name]["images_seen"] == _card_images(names[name])
     if "paper_pruned" in ships:  # fine-tuned from the shipped baseline: its images count too
         assert res["results"]["paper_pruned"]["images_seen"]["total"] > base["images_seen"]
     for name in set(names) - ships:

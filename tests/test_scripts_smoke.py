@@ -344,6 +344,17 @@ def test_quality_curve_starts_a_fine_tune_at_zero_images(curve):
     assert rows[str(curve["models"][0])]["curve_images"] == 0  # step 0 anyway
 
 
+def test_bench_sync_times_both_loops_on_the_same_steps(monkeypatch, capsys):
+    bs = load_script("benchmarks", "bench_sync")
+    monkeypatch.setattr(minidiff.train, "SimpleUnet", _TinyUnet)  # the reduced recipe on a 4/8/12-channel net
+    assert bs.main(["--steps", "2", "--reps", "1", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.split("RESULT ", 1)[1])
+    assert set(result["rates"]) == {"device-side loss (minidiff)", "loss.item() every step"}
+    assert all(len(r) == 1 and r[0] > 0 for r in result["rates"].values())
+    assert "| loss.item() every step |" in out
+
+
 def _ship(st, name: str, model: Path, provenance: dict, weights: Path, tmp_path: Path, *extra) -> Path:
     """tools/ship_model.py MODEL --name NAME into ``weights`` instead of the package."""
     sm = load_script("tools", "ship_model")

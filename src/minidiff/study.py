@@ -135,9 +135,9 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
     def stage(name: str, fn: Callable[[], Any]) -> Any:
         if stages is not None and name not in stages:
             return None
+        bars = "" if sc.start == "shipped" else "; each training stage shows its own bar and time left"
         log(f"== stage {STAGES.index(name) + 1}/{len(STAGES)}: {name} (this run: "
-            f"{(time.perf_counter() - t_study) / 60:.1f} min so far; each training stage shows its "
-            "own bar and time left)")
+            f"{(time.perf_counter() - t_study) / 60:.1f} min so far{bars})")
         t0 = time.perf_counter()
         result = fn()
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
@@ -204,7 +204,7 @@ def _before_finetune(models: dict[str, Path | None], sc: StudyConfig) -> dict[st
 
 def _lineage(out: Path, models: dict[str, Path | None], start: str) -> dict[str, list[Path]]:
     """The model files whose training each model's weights include, first to last (a shipped
-    file alone: its card counts what it was fine-tuned from, ``images_seen_of``)."""
+    file alone: its card counts what it was fine-tuned from, ``images_seen``)."""
     lineage = {}
     for name, path in models.items():
         if path is None:

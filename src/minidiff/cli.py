@@ -182,14 +182,6 @@ def _check_conditional(a: argparse.Namespace, model) -> bool:
     return bool(num_classes(model))
 
 
-def digit_labels(digits: list[int], n: int):
-    """n samples shared evenly by ``digits``, rounded up: k of each, digit by digit (digit d's are
-    samples k·i … k·i + k − 1 for the i-th digit). Returns the labels (int64) and k."""
-    import torch
-    k = -(-n // len(digits))
-    return torch.tensor(digits).repeat_interleave(k), k
-
-
 def sampling_spec(a: argparse.Namespace, T: int | None = None, header: dict | None = None) -> SamplingSpec:
     """The sampling flags as one validated SamplingSpec, its steps resolved for a model of T
     steps if given; SamplingSpec's error, shown with the flag to blame (``--seed must be …``).
@@ -587,7 +579,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
-    from .generate import NonFiniteSamples, generate, save_images
+    from .generate import NonFiniteSamples, digit_labels, generate, save_images
     from .modelfile import load_model
     from .runtime import default_device
     if a.n < 1:
@@ -777,6 +769,7 @@ def _evaluation_labels(a: argparse.Namespace, model, digits: list[int] | None):
         return None
     if a.teacher is not None:
         raise UserError(f"--teacher compares unconditional models; {a.ckpt} is conditional")
+    from .generate import digit_labels
     digits = digits or list(range(MNIST_CLASSES))
     labels, k = digit_labels(digits, a.n)
     if k < 2:

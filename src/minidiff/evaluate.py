@@ -85,18 +85,11 @@ def _sample(path: Path | str, device: torch.device, n: int, spec: SamplingSpec, 
 
 
 def fp32_time_per_sample(path: Path | str, spec: SamplingSpec, n: int, device: torch.device | None = None) -> dict:
-    """Milliseconds per sample when ``path`` samples ``n`` images as ``spec`` says but in fp32 (after
-    one untimed batch): the time to set beside a bf16 one, since bf16 speeds some layer widths up
-    far more than others (benchmarks/bench_widths.py)."""
-    device = device or default_device()
-    model, sched, _ = load_model(path, device)
-    spec = replace(spec.for_schedule(sched.T), precision="fp32")
-    generate(model, sched, min(n, spec.batch_size), spec, progress=False)  # warm-up
-    t0 = time.perf_counter()
-    generate(model, sched, n, spec, progress=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return {"per_sample_ms": 1000 * (time.perf_counter() - t0) / n, "n": n, "precision": "fp32"}
+    """Milliseconds per sample when ``path`` samples ``n`` images as ``spec`` says but in fp32 (timed
+    as an evaluation times it, ``_sample``): the time to set beside a bf16 one, since bf16 speeds
+    some layer widths up far more than others (benchmarks/bench_widths.py)."""
+    _, _, _, timing = _sample(path, device or default_device(), n, replace(spec, precision="fp32"), False)
+    return {"per_sample_ms": timing["per_sample_ms"], "n": n, "precision": "fp32"}
 
 
 def _teacher_consistency(ckpt_path, teacher, student_images, device, n, spec: SamplingSpec,

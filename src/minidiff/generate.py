@@ -31,6 +31,13 @@ class NonFiniteSamples(ArithmeticError):
     """Sampling gave NaN or ±inf, which would otherwise be written as a black image."""
 
 
+def digit_labels(digits: list[int], n: int) -> tuple[torch.Tensor, int]:
+    """n samples shared evenly by ``digits``, rounded up: k of each, digit by digit (digit d's are
+    samples k·i … k·i + k − 1 for the i-th digit). Returns the labels (int64) and k."""
+    k = -(-n // len(digits))
+    return torch.tensor(digits).repeat_interleave(k), k
+
+
 def make_eps_fn(model: torch.nn.Module, precision: str = "fp32", channels_last: bool = True,
                 fold_bn: bool = True) -> EpsFn:
     """Wrap a network as ε̂ = eps_fn(x_t, t): eval mode, BN folded into the convs (a copy),

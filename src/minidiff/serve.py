@@ -63,7 +63,7 @@ from .config import (DEFAULT_DDIM_ETA, DEFAULT_GUIDANCE, DEFAULT_SAMPLING, DEFAU
                      ConfigError, SamplingSpec, check_guidance)
 from .data import to_uint8
 from .diffusion import Schedule
-from .generate import generate, grid_image, initial_noise
+from .generate import digit_labels, generate, grid_image, initial_noise
 from .metrics import count_params
 from .models.unet import SimpleUnet, fold_batchnorm, num_classes
 from .runtime import default_device, resolve_precision
@@ -189,14 +189,12 @@ def parse_labels(d: dict, model: Model) -> tuple[int | str | None, float | None]
         raise BadRequest(str(e)) from None
 
 
-def digit_labels(digit: int | str | None, n: int) -> torch.Tensor | None:
-    """The labels of a run's n samples: ``digit`` for every one, or for "all" n / 10 of each
-    digit, digit by digit (``minidiff sample --digit all``'s order); None for an unconditional draw."""
+def run_labels(digit: int | str | None, n: int) -> torch.Tensor | None:
+    """The labels of a run's n samples, as ``minidiff sample --digit`` draws them (``digit_labels``:
+    "all" is a row of n / 10 per digit); None for an unconditional draw."""
     if digit is None:
         return None
-    if digit == "all":
-        return torch.arange(MNIST_CLASSES).repeat_interleave(n // MNIST_CLASSES)
-    return torch.full((n,), digit)
+    return digit_labels(list(range(MNIST_CLASSES)) if digit == "all" else [digit], n)[0]
 
 
 def parse_job(body: Any, models: dict[str, Model], max_images: int = MAX_IMAGES) -> Job:
@@ -216,7 +214,7 @@ def parse_job(body: Any, models: dict[str, Model], max_images: int = MAX_IMAGES)
         return Job(seed, n, settings)
     # one row of k per digit, as `minidiff sample --digit all` draws them; a run beside it in
     # Compare draws as many from the same x_T, in the same rows
-    k = -(-n // MNIST_CLASSES)
+    k = -(-n // MNIST_CLASSES)  # digit_labels' rounding
     if k * MNIST_CLASSES > max_images:
         raise BadRequest(f'digit "all" rounds the number of images up to a multiple of {MNIST_CLASSES}, '
                          f"{k * MNIST_CLASSES} here, more than the {max_images} a request may draw")
@@ -238,7 +236,7 @@ def sample_job(job: Job, models: dict[str, Model], emit: Callable[[dict], None],
     for i, setting in enumerate(job.runs):
         m = models[setting.model]
         x_T = initial_noise(job.n, job.seed, m.device)
-        labels = digit_labels(setting.digit, job.n)
+        labels = run_labels(setting.digit, job.n)
         emit(dict(type="start", run=i, setting=asdict(setting), steps=setting.steps,
                   x_T=png_data_url(x_T, job.nrow)))
         sampling_s = 0.0

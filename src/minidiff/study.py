@@ -194,8 +194,9 @@ def _before_finetune(models: dict[str, Path | None], sc: StudyConfig) -> dict[st
         path = models.get(name)
         if path is None or sc.start == "scratch":
             continue
-        spec = sc.sampling.for_schedule(load_model(path).schedule.T)
-        ev = shipped.card(path).get("evaluation_before_finetune", {}).get(f"{spec.sampler}{spec.steps}")
+        meta = ckpt.read_header(path)
+        spec = sc.sampling.for_schedule(meta["config"]["diffusion"]["timesteps"])
+        ev = meta.get("card", {}).get("evaluation_before_finetune", {}).get(f"{spec.sampler}{spec.steps}")
         if ev and ev.get("seed") == spec.seed and (spec.sampler != "ddim" or ev.get("eta") == spec.eta):
             out[name] = {"model": name, "min_class_share": ev["smallest_share"], "recall": ev["recall"],
                          "pseudo_fid": ev["pseudo_fid"], "n": ev["n"], "source": "its card"}

@@ -473,3 +473,59 @@ def test_models_doc_writes_the_page_and_the_grids(curve, monkeypatch, tmp_path, 
     with Image.open(docs / "figures" / "model_reduced.png") as grid:
         assert min(grid.size) > 7 * 28  # 64 samples, 8 x 8
     assert capsys.readouterr().out.split() == [str(docs / "models.md"), str(docs / "figures" / "shipped.png")]
+
+
+# ------------------------------------------------------------------ guidance_sweep
+def _tiny_conditional_file(path: Path) -> Path:
+    """An untrained tiny network with ten digits and "no label" (as tiny_model_file, conditional)."""
+    from dataclasses import replace
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = SimpleUnet(replace(tiny_unet_config(), num_classes=10))
+    return save_model(path, net, train_config("smoke", "reduced", 10), step=0)
+
+
+def test_guidance_sweep_writes_a_row_per_weight_reuses_them_and_draws_a_row_per_weight(monkeypatch, tmp_path, capsys):
+    gs = load_script("benchmarks", "guidance_sweep")
+    model = _tiny_conditional_file(tmp_path / "cond.safetensors")
+    monkeypatch.setattr(gs, "load_split", _fake_load_split())
+    monkeypatch.setattr(gs, "load_or_train_classifier", _fake_classifier)
+    argv = [str(model), "--out", str(tmp_path / "gs"), "-n", "20", "--weights", "0,1,3", "--sampler", "ddim",
+            "--steps", "2"]
+    assert gs.main(argv) == 0
+    rows = json.loads((tmp_path / "gs" / "guidance.json").read_text())
+    assert [r["guidance"] for r in rows] == [0, 1, 3]
+    for r in rows:
+        assert sorted(r["per_digit"], key=int) == [str(d) for d in range(10)]
+        assert all(d["n"] == 2 for d in r["per_digit"].values())
+        assert 0 <= r["worst_accuracy"] <= r["accuracy"] <= 1 and r["worst_confidence"] <= r["mean_confidence"]
+        assert r["sampling"]["guidance"] == r["guidance"] and r["sampling"]["n"] == 20
+    # a guided step evaluates the doubled batch; w = 0 and w = 1 evaluate one of its halves
+    assert [r["nfe_per_sample"] for r in rows] == [2, 2, 4]
+    table = _table(capsys.readouterr().out, "")  # the header, then a row per weight
+    assert table[0][0] == "w" and [row[0] for row in table[1:]] == ["0", "1", "3"]
+    with Image.open(tmp_path / "gs" / "guidance_rows.png") as figure:  # three rows of ten 28-pixel digits
+        assert figure.size == (2 * (56 + 10 * 30 + 2), 2 * 3 * 32)       # framed by 2 pixels, drawn at 2x
+    assert (tmp_path / "gs" / "guidance.png").stat().st_size > 0
+    monkeypatch.setattr(gs, "evaluate_checkpoint", lambda *a, **kw: pytest.fail("every row is cached"))
+    assert gs.main(argv) == 0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--weights", "1,-2"], "'-2' is not a guidance weight"),
+    (["--weights", "nan"], "'nan' is not a guidance weight"),
+    (["-n", "15"], "-n must be a multiple of 10"),
+])
+def test_guidance_sweep_refuses_bad_input_in_one_line(monkeypatch, tmp_path, capsys, args, fragment):
+    gs = load_script("benchmarks", "guidance_sweep")
+    model = _tiny_conditional_file(tmp_path / "cond.safetensors")
+    with pytest.raises(SystemExit) as e:
+        gs.main([str(model), "--out", str(tmp_path / "gs"), *args])
+    assert e.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_guidance_sweep_refuses_an_unconditional_model(tiny_model, tmp_path, capsys):
+    gs = load_script("benchmarks", "guidance_sweep")
+    with pytest.raises(SystemExit) as e:
+        gs.main([str(tiny_model), "--out", str(tmp_path / "gs")])
+    assert e.value.code == 2 and "unconditional model" in capsys.readouterr().err

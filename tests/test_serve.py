@@ -26,7 +26,8 @@ import uvicorn
 from PIL import Image
 
 from minidiff import cli
-from minidiff.config import DEFAULT_GUIDANCE, MNIST_CLASSES, SAMPLERS, SamplingSpec, train_config
+from minidiff.config import (CONSISTENCY_STEPS, DEFAULT_GUIDANCE, DEFAULT_SAMPLING, DEFAULT_STEPS, MNIST_CLASSES, SAMPLERS,
+                             SamplingSpec, train_config)
 from minidiff.data import to_uint8
 from minidiff.diffusion import make_schedule
 from minidiff.generate import generate, grid_image, initial_noise
@@ -539,7 +540,8 @@ def test_the_model_list_shows_names_not_file_paths(port, tiny_models):
     text = json.dumps(info)
     assert str(tiny_models["tiny"].parent) not in text and "/" not in text.replace("\\/", "")
     assert [(m["name"], m["file"]) for m in info["models"]] == [("tiny", "tiny.safetensors"), ("tiny-b", "b.safetensors")]
-    assert all(set(m) == {"name", "file", "arch", "T", "params", "precision", "conditional"} for m in info["models"])
+    assert all(set(m) == {"name", "file", "arch", "T", "params", "precision", "conditional", "sampler", "steps"}
+               for m in info["models"])
     # what the page reads of each model (web/app.js): name, arch, params and T
     js = (Path(__file__).parents[1] / "src/minidiff/web/app.js").read_text()
     assert "m.path" not in js and ".path" not in js
@@ -758,3 +760,57 @@ def test_the_page_draws_a_chosen_digit_at_a_chosen_guidance_in_headless_chromium
         for final, k, w in zip(finals, (steps, b_steps), (0, 5)):
             assert _decode(final).tobytes() == _grid(_drawn(cond_models["cond"], 16, 0, k, [7] * 16, w))
         assert finals[0] != finals[1]
+
+
+# ---------------------------------------------------------------- a consistency student brings its own sampler
+@pytest.fixture(scope="module")
+def student_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """An ordinary model and a (tiny, untrained) consistency student: a file whose config says
+    objective consistency, which ``minidiff sample`` draws with its own sampler at 2 steps."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        net = SimpleUnet(tiny_unet_config())
+    cfg = train_config("smoke", "reduced", objective="consistency", teacher="baseline")
+    path = save_model(tmp_path_factory.mktemp("serve-student") / "student.safetensors", net, cfg, step=0)
+    return {"tiny": tiny_models["tiny"], "student": path}
+
+
+def test_a_student_is_listed_with_its_own_sampler_and_drawn_with_it_when_none_is_asked(student_models):
+    with serving(create_app(student_models, max_images=16, queue_size=1)) as p:
+        status, info = _get_json(p, "/api/models")
+        assert status == 200
+        assert [(m["name"], m["sampler"], m["steps"]) for m in info["models"]] == [
+            ("tiny", DEFAULT_SAMPLING.sampler, DEFAULT_STEPS), ("student", "consistency", CONSISTENCY_STEPS)]
+        events = _events(p, {"seed": 3, "n": 4, "runs": [{"model": "student"}, {"model": "tiny", "steps": 2}]})
+    start = [e for e in events if e["type"] == "start"]
+    assert [(e["setting"]["sampler"], e["steps"]) for e in start] == [("consistency", CONSISTENCY_STEPS), ("ddim", 2)]
+    model = load_model(student_models["student"], default_device()).model
+    want = generate(model, make_schedule(), 4, SamplingSpec("consistency", CONSISTENCY_STEPS, seed=3), progress=False)
+    assert _final(events, 0) == _grid(want)  # what `minidiff sample student -n 4 --seed 3` draws
+
+
+@pytest.mark.slow
+def test_the_page_switches_to_a_students_own_sampler_and_back_in_headless_chromium(browser, student_models):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    wait = WebDriverWait(browser, 60)
+    with serving(create_app(student_models, max_images=16, queue_size=1)) as p:
+        browser.get(f"http://127.0.0.1:{p}/")
+        wait.until(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        a = browser.find_element(By.ID, "setting-a")
+        sampler, steps = Select(a.find_element(By.NAME, "sampler")), a.find_element(By.NAME, "steps")
+
+        def shown():
+            return sampler.first_selected_option.get_attribute("value"), int(steps.get_attribute("value"))
+        assert shown() == (DEFAULT_SAMPLING.sampler, DEFAULT_STEPS)
+        # Compare's B is the student from the start, at its own sampling
+        b = browser.find_element(By.ID, "setting-b")
+        assert Select(b.find_element(By.NAME, "sampler")).first_selected_option.get_attribute("value") == "consistency"
+        Select(a.find_element(By.NAME, "model")).select_by_value("student")
+        assert shown() == ("consistency", CONSISTENCY_STEPS)
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".run[data-state=done]"))
+        frames = browser.execute_script("return document.querySelector('.run').frames.length")
+        assert frames == 1 + CONSISTENCY_STEPS  # x_T, then one frame per network evaluation
+        Select(a.find_element(By.NAME, "model")).select_by_value("tiny")
+        assert shown() == (DEFAULT_SAMPLING.sampler, DEFAULT_STEPS)

@@ -21,8 +21,9 @@ The answer is a text/event-stream of JSON events:
 - ``done``: the run's sampling seconds (the steps alone) and wall seconds (frames included);
 - ``end`` after the last run, or ``error`` with a message.
 
-``GET /api/models`` lists the models (names and file names, not where the files are, and which are
-conditional) and bounds the page offers; ``GET /api/status`` the running and waiting generations
+``GET /api/models`` lists the models (names and file names, not where the files are, which are
+conditional, and each one's own sampler and steps: a consistency student's, the default for the
+rest, which a run that names no sampler gets) and bounds the page offers; ``GET /api/status`` the running and waiting generations
 and what became of the others. A bad request is answered 4xx with ``{"error": "..."}`` before
 anything runs; so is one whose Host header is not one of the server's own names (``host_names``):
 a site that points its own DNS name at this machine (DNS rebinding) reads nothing. Load is
@@ -60,7 +61,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .config import (DEFAULT_DDIM_ETA, DEFAULT_GUIDANCE, DEFAULT_SAMPLING, DEFAULT_STEPS, MNIST_CLASSES, SAMPLERS,
-                     ConfigError, SamplingSpec, check_guidance)
+                     ConfigError, SamplingSpec, check_guidance, default_sampler)
 from .data import to_uint8
 from .diffusion import Schedule
 from .generate import digit_labels, generate, grid_image, initial_noise
@@ -132,8 +133,11 @@ def load_models(paths: dict[str, Path], device: torch.device | None = None) -> d
         params = count_params(net)["total"]
         net = fold_batchnorm(net) if isinstance(net, SimpleUnet) else net  # once, not per request
         # the file's name only: the page (and anyone who can reach it) need not see where it lives
+        # its own sampling where none is asked for: a consistency student's sampler and steps
+        own = SamplingSpec(sampler=default_sampler(meta.get("config", {}).get("objective"))).for_schedule(sched.T)
         info = dict(name=name, file=Path(path).name, arch=meta.get("arch"), T=sched.T,
-                    params=params, precision=precision, conditional=num_classes(net) > 0)
+                    params=params, precision=precision, conditional=num_classes(net) > 0,
+                    sampler=own.sampler, steps=own.steps)
         models[name] = Model(net, sched, device, precision, info)
     return models
 
@@ -157,8 +161,10 @@ def parse_setting(d: Any, models: dict[str, Model]) -> Setting:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int if key == "steps" else (int, float))):
             raise BadRequest(f"{key} must be {kind}, got {json.dumps(v)}")
     try:
-        # what the request leaves out is DEFAULT_SAMPLING's (steps and η: the sampler's own default)
-        spec = SamplingSpec(sampler=d.get("sampler", DEFAULT_SAMPLING.sampler), steps=d.get("steps"), eta=d.get("eta"))
+        # what the request leaves out is the model's own (``load_models``: a consistency student's
+        # sampler, DEFAULT_SAMPLING's for the rest; steps and η: the sampler's own default)
+        spec = SamplingSpec(sampler=d.get("sampler", models[d["model"]].info["sampler"]), steps=d.get("steps"),
+                            eta=d.get("eta"))
         spec = spec.for_schedule(models[d["model"]].sched.T)
     except ConfigError as e:
         raise BadRequest(str(e)) from None

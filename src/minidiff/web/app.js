@@ -34,6 +34,13 @@ function syncSetting(fs) {
   $(".guidance output", fs).textContent = $("[name=guidance]", fs).value;
 }
 
+// The chosen model's own sampler and steps (/api/models: a consistency student's, the default for the rest).
+function ownSampling(fs) {
+  const m = modelInfo($("[name=model]", fs).value);
+  $("[name=sampler]", fs).value = m.sampler;
+  $("[name=steps]", fs).value = m.steps;
+}
+
 // A number where the field holds one; otherwise the text itself, for the server to refuse by name.
 function fieldValue(input) {
   const text = input.value.trim();
@@ -203,14 +210,15 @@ async function init() {
     const guidance = $("[name=guidance]", fs);
     guidance.value = config.default_guidance;
     guidance.addEventListener("input", () => { $(".guidance output", fs).textContent = guidance.value; });
-    model.addEventListener("change", () => syncSetting(fs));
+    // a model brings its own sampling (a consistency student: its sampler at its steps)
+    model.addEventListener("change", () => { ownSampling(fs); syncSetting(fs); });
     sampler.addEventListener("change", () => syncSetting(fs));
   }
   // Compare's default: a second model where there is one, else the same one at fewer steps.
   const b = $("#setting-b");
   if (names.length > 1) $("[name=model]", b).value = names[1];
-  else $("[name=steps]", b).value = Math.max(1, Math.round(config.default_steps / 4));
-  document.querySelectorAll(".setting").forEach(syncSetting);
+  document.querySelectorAll(".setting").forEach(fs => { ownSampling(fs); syncSetting(fs); });
+  if (names.length === 1) $("[name=steps]", b).value = Math.max(1, Math.round($("[name=steps]", b).value / 4));
   $("#n").max = config.max_images;
   $("#n").title = `1 to ${config.max_images}`;
   $("#controls").addEventListener("submit", e => { e.preventDefault(); run(["a"]); });

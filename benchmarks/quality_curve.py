@@ -8,7 +8,9 @@ SamplingSpec: sampler, steps, spacing, η, seed, batch size and precision as res
 device), the same N and the current metric definitions (``evaluate.METRICS_VERSION``; rows
 without the field are version 1) is not evaluated again; rows written before the sampling was
 recorded in full (no ``key``) are evaluated again. The figure OUT/quality_curve.png plots mean
-confidence and pseudo-FID against images seen, for this run's sampling and N only.
+confidence and pseudo-FID against images seen, for this run's sampling and N only. Without
+--sampler each file samples with its own sampler, as ``minidiff sample`` does: a consistency
+student's at its steps (--steps 1 to 4), DEFAULT_SAMPLING's for the rest.
 
   python benchmarks/quality_curve.py runs/gpu/reduced/snapshots/*.safetensors \
       runs/gpu/reduced/model.safetensors --out docs/curves --label reduced
@@ -111,13 +113,17 @@ def main(argv=None) -> int:
     clf, _ = load_or_train_classifier()
     test, train = load_split("test"), load_split("train")
     try:
-        spec = sampling_spec(a)
+        sampling_spec(a)  # the flags' mistakes, before anything is loaded
     except UserError as e:
         ap.error(str(e))
     device = default_device()
     keys = []  # this run's (sampling, N) of each model: what the figure shows
     for path in a.models:
         meta = ckpt.read_header(path)
+        try:
+            spec = sampling_spec(a, header=meta)  # without --sampler, the model's own (a student's)
+        except UserError as e:
+            ap.error(f"{path}: {e}")
         key = cache_key(spec, a.n, meta["config"]["diffusion"]["timesteps"], device)
         keys.append(key)
         if any(r["sha256"] == meta["sha256"] and r.get("key") == key

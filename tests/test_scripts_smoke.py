@@ -27,8 +27,10 @@ import minidiff.classifier
 import minidiff.data
 import minidiff.generate  # noqa: F401  (it binds SimpleUnet on import: before bench_core's test swaps it)
 import minidiff.models.unet
+import minidiff.shipped
 import minidiff.train
 from minidiff import checkpoint as ckpt
+from minidiff import cli
 from minidiff.classifier import save_classifier
 from minidiff.config import ModelConfig, train_config
 from minidiff.data import MNIST
@@ -473,6 +475,46 @@ def test_models_doc_writes_the_page_and_the_grids(curve, monkeypatch, tmp_path, 
     with Image.open(docs / "figures" / "model_reduced.png") as grid:
         assert min(grid.size) > 7 * 28  # 64 samples, 8 x 8
     assert capsys.readouterr().out.split() == [str(docs / "models.md"), str(docs / "figures" / "shipped.png")]
+
+
+def test_a_student_ships_with_its_own_sampling_on_its_card_and_its_page(monkeypatch, tmp_path, capsys):
+    """A consistency student: quality_curve at 1, 2 and 4 steps of its sampler, ship_model, then
+    models_doc and `minidiff models` report it under its own sampling (2 steps), not DDIM-20."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        net = SimpleUnet(tiny_unet_config())
+    cfg = train_config("smoke", "reduced", objective="consistency", teacher="baseline")
+    student = save_model(tmp_path / "student.safetensors", net, cfg, step=2)
+    qc = load_script("benchmarks", "quality_curve")
+    monkeypatch.setattr(qc, "load_split", _fake_load_split())
+    monkeypatch.setattr(qc, "load_or_train_classifier", _fake_classifier)
+    for steps in (1, 2, 4):
+        assert qc.main([str(student), "--out", str(tmp_path / "curve"), "--label", "student", "-n", "4",
+                        "--steps", str(steps)]) == 0  # no --sampler: the student's own
+    rows = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert [(r["sampling"]["sampler"], r["sampling"]["steps"]) for r in rows] == [("consistency", k) for k in (1, 2, 4)]
+    weights = tmp_path / "weights"
+    dest = _ship(monkeypatch, "student", student, PROVENANCE, weights, tmp_path, "--eval",
+                 tmp_path / "curve" / "curve.json")
+    c = card(dest)
+    assert c["own_sampling"] == "consistency2" and sorted(c["evaluation"]) == ["consistency1", "consistency2", "consistency4"]
+    assert c["evaluation"]["consistency2"]["pseudo_fid"] == rows[1]["pseudo_fid"]
+    assert (c["recipe"]["objective"], c["recipe"]["teacher"]) == ("consistency", "baseline")
+    capsys.readouterr()
+    md = load_script("tools", "models_doc")
+    docs = tmp_path / "docs"
+    (docs / "figures").mkdir(parents=True)
+    monkeypatch.setattr(md, "DOCS", docs)
+    monkeypatch.setattr(md, "available", lambda: {"student": dest})
+    assert md.main() == 0
+    page = (docs / "models.md").read_text()
+    cell = {r[0]: r for r in _table(page, "student")}["student"][6]
+    assert cell.startswith(f"consistency sampling, 2 steps: {rows[1]['mean_confidence']:.3f} / ")
+    assert "- 1 step: " in page and "- 2 steps (its default): " in page and "- 4 steps: " in page
+    monkeypatch.setattr(minidiff.shipped, "available", lambda: {"student": dest})
+    assert cli.main(["models"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("student")]
+    assert listed and f"{rows[1]['pseudo_fid']:.2f}" in listed[0].split()[-1]
 
 
 # ------------------------------------------------------------------ guidance_sweep

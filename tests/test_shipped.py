@@ -1,6 +1,7 @@
 """Shipped weights: a name finds the file, every file carries its card, and the trained models
 draw digits the classifier recognises, seconds after installation."""
 import json
+from dataclasses import replace
 import shutil
 
 import pytest
@@ -106,7 +107,8 @@ def test_every_shipped_model_carries_its_card(name):
     assert card["optimizer_steps"] == meta["step"]
     assert card["images_seen"] == meta["step"] * meta["config"]["batch_size"]
     assert card["weights_sha256"] == meta["sha256"]
-    ev = card["evaluation"]["ddim20"]
+    key, ev = shipped.own_evaluation(card)  # under its own sampler: DDIM-20, a student's few steps
+    assert key == ("consistency2" if name in shipped.STUDENT_NAMES else "ddim20")
     assert ev["n"] == 1000 and ev["seed"] == 0 and 0 < ev["floor"] < ev["pseudo_fid"]
     assert all(seg["command"] and seg["hardware"] and seg["wall_s"] > 0 for seg in card["segments"])
 
@@ -144,7 +146,8 @@ def test_the_shipped_classifier_is_used_without_training(tmp_path, monkeypatch):
 
 
 # A card's "ddim10" entry: 200 samples, DDIM η = 1 at 10 steps, seed 0, fp32 (tools/ship_model.py
-# from benchmarks/quality_curve.py -n 200 --steps 10). The test draws those very samples again: same
+# from benchmarks/quality_curve.py -n 200 --steps 10); a student's "consistency2", its own 2-step
+# sampling at N = 1,000 (2,000 network evaluations, less than DDIM-10's 200 samples). The test draws those very samples again: same
 # noise (a stream per sample), same weights, same classifier, so it reproduces the number rather
 # than estimating it anew. Only rounding can move it (another CPU's fp32 kernels). The largest such
 # perturbation measured here, computing in bf16 instead of fp32 (17 % of the pixels change, by up to
@@ -161,10 +164,14 @@ def test_each_shipped_model_reproduces_the_confidence_on_its_card(name):
     from minidiff.data import to_model_range, to_uint8
     from minidiff.generate import generate
     from minidiff.models.classifier import predict
-    stated = shipped.card(SHIPPED[name])["evaluation"]["ddim10"]
-    assert (stated["n"], stated["seed"], stated["eta"], stated["precision_mode"]) == (200, 0, 1.0, "fp32")
+    if name in shipped.STUDENT_NAMES:  # its own sampling, cheap at N = 1,000: two evaluations a sample
+        stated, spec = shipped.card(SHIPPED[name])["evaluation"]["consistency2"], SamplingSpec("consistency", 2)
+        assert (stated["n"], stated["seed"], stated["precision_mode"]) == (1000, 0, "fp32")
+    else:
+        stated, spec = shipped.card(SHIPPED[name])["evaluation"]["ddim10"], SamplingSpec("ddim", 10, eta=1.0)
+        assert (stated["n"], stated["seed"], stated["eta"], stated["precision_mode"]) == (200, 0, 1.0, "fp32")
     model, sched, _ = load_model(SHIPPED[name])
-    x = generate(model, sched, 200, SamplingSpec("ddim", 10, eta=1.0, seed=0, precision="fp32"), progress=False)
+    x = generate(model, sched, stated["n"], replace(spec, seed=0, precision="fp32"), progress=False)
     clf, _ = load_or_train_classifier()
     _, p = predict(clf, to_model_range(to_uint8(x)))
     assert p.max(1).values.mean().item() == pytest.approx(stated["mean_confidence"], abs=CARD_TOLERANCE)

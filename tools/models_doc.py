@@ -2,15 +2,17 @@
 
   python tools/models_doc.py            # after tools/ship_model.py
 Every number in the page comes from a card (src/minidiff/weights/*.safetensors); the grids are
-drawn here: 64 samples with DEFAULT_SAMPLING (DDIM η = 1, 20 steps, seed 0, fp32), and docs/figures/shipped.png puts
-them side by side (the README's first picture).
+drawn here: 64 samples with DEFAULT_SAMPLING (DDIM η = 1, 20 steps, seed 0, fp32; a consistency
+student with its own sampler at its own steps), and docs/figures/shipped.png puts them side by side
+(the README's first picture).
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from minidiff.config import DEFAULT_SAMPLING
+from minidiff.config import DEFAULT_SAMPLING, default_sampler
 from minidiff.generate import generate, save_images
 from minidiff.modelfile import load_model
 from minidiff.report import plot_sample_grids
@@ -19,12 +21,40 @@ from minidiff.shipped import DIFFUSION_NAMES, available, card
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
+def _own(c: dict) -> str:
+    """The table's first quality cell: DDIM-20, or a model's own sampling where it has one."""
+    key = c.get("own_sampling", "ddim20")
+    if key == "ddim20":
+        return _ev(c, key)
+    sampler = key.rstrip("0123456789")
+    return f"{_SAMPLING_NAMES.get(sampler, sampler)}, {key[len(sampler):]} steps: {_ev(c, key)}"
+
+
 def _ev(c: dict, key: str, field: str = "evaluation") -> str:
     e = (c.get(field) or {}).get(key)
     if not e:
         return "—"
     return (f"{e['mean_confidence']:.3f} / {100 * e['smallest_share']:.1f}–{100 * e['largest_share']:.1f} % / "
             f"{e['pseudo_fid']:.2f} ({e['floor']:.2f}) / {e['precision']:.3f}, {e['recall']:.3f}")
+
+
+_SAMPLING_NAMES = {"consistency": "consistency sampling"}
+
+
+def _own_evaluations(c: dict) -> str:
+    """Every evaluation of a model that samples with its own sampler (a consistency student: 1, 2
+    and 4 steps), one line each; empty for the rest."""
+    key = c.get("own_sampling", "ddim20")
+    if key == "ddim20":
+        return ""
+    sampler = key.rstrip("0123456789")
+    lines = [f"- {int(k[len(sampler):])} step{'s' if int(k[len(sampler):]) > 1 else ''}"
+             f"{' (its default)' if k == key else ''}: {_ev(c, k)}"
+             for k in sorted((k for k in c.get("evaluation", {}) if k.startswith(sampler)),
+                             key=lambda k: int(k[len(sampler):]))]
+    return (f"It samples with {_SAMPLING_NAMES.get(sampler, sampler)} (its own sampler, what `minidiff "
+            f"sample {c['name']}` uses); confidence / digit shares / pseudo-FID (floor) / precision, recall, "
+            f"N = 1,000:\n\n" + "\n".join(lines) + "\n\n")
 
 
 def main() -> int:
@@ -37,13 +67,15 @@ def main() -> int:
         c = card(files[name])
         model, sched, meta = load_model(files[name])
         grid = grids[name] = DOCS / "figures" / f"model_{name}.png"
-        save_images(generate(model, sched, 64, DEFAULT_SAMPLING, progress=False), grid)
+        own = replace(DEFAULT_SAMPLING, sampler=default_sampler(meta["config"].get("objective")), steps=None, eta=None)
+        save_images(generate(model, sched, 64, own, progress=False), grid)
         state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned: stopped, see below"
         base = c.get("finetuned_from")
-        before = (f"{base['name']} ({base['images_seen']:,} images), then a fine-tune of " if base else "")
+        verb = "distilled for" if c["recipe"].get("objective") == "consistency" else "a fine-tune of"
+        before = (f"{base['name']} ({base['images_seen']:,} images), then {verb} " if base else "")
         rows.append(f"| {name} | {c['params']:,} | {c['file_bytes']:,} | {before}{c['epochs']:.2f} epochs "
                     f"({state}); {c['images_seen']:,} images, {c['optimizer_steps']:,} steps | "
-                    f"{c['wall_time_s'] / 60:.1f} min | {'; '.join(c['hardware'])} | {_ev(c, 'ddim20')} | "
+                    f"{c['wall_time_s'] / 60:.1f} min | {'; '.join(c['hardware'])} | {_own(c)} | "
                     f"{_ev(c, 'ddpm200')} | `{c['file_sha256'][:16]}…` |")
         cmds = "\n".join(f"{i + 1}. {s['hardware']}, {s['wall_s'] / 60:.1f} min, steps {s['steps'][0]:,} → "
                          f"{s['steps'][1]:,}: `{s['command']}`" + (f" — {s['note']}" if s.get("note") else "")
@@ -60,11 +92,12 @@ def main() -> int:
             + (f"Before its fine-tune (the compressed file, evaluated the same way), DDIM η = 1, 20 steps: "
                f"confidence / digit shares / pseudo-FID (floor) / precision, recall = "
                f"{_ev(c, 'ddim20', 'evaluation_before_finetune')}.\n\n" if c.get("evaluation_before_finetune") else "")
+            + _own_evaluations(c)
             + f"How it was trained, segment by segment (each resumed the previous one exactly):\n\n{cmds}\n\n"
             + (f"{c['notes']}\n\n" if c.get("notes") else ""))
     clf = card(files["classifier"]) if "classifier" in files else None
     head = (Path(__file__).with_name("models.head.md")).read_text()
-    table = ("| model | parameters | bytes | trained for | wall time | hardware | DDIM η=1, 20 steps: "
+    table = ("| model | parameters | bytes | trained for | wall time | hardware | DDIM η=1, 20 steps (a student: its own sampling): "
              "confidence / digit shares / pseudo-FID (floor) / precision, recall | the same, DDPM 200 steps "
              "| file sha256 |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     clf_line = (f"\n\nThe evaluation classifier (`classifier.safetensors`, {clf['file_bytes']:,} bytes, file sha256 "

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from minidiff import checkpoint as ckpt
+from minidiff.config import SamplingSpec, default_sampler
 from minidiff.evaluate import METRICS_VERSION
 from minidiff.metrics import count_params
 from minidiff.modelfile import epochs_seen, images_seen, load_model
@@ -91,6 +92,12 @@ def main(argv=None) -> int:
                  recipe={k: cfg[k] for k in ("batch_size", "lr", "lr_schedule", "warmup_steps", "grad_clip",
                                              "ema_decay", "precision", "bn_recalib_batches")})
         c["recipe"]["precision"] = _precision_by_segment(prov.get("segments", []), cfg["precision"])
+        if cfg.get("objective", "ddpm") != "ddpm":  # a consistency student: what it was distilled with
+            c["recipe"].update(objective=cfg["objective"], teacher=cfg["teacher"],
+                               consistency_skip=cfg["consistency_skip"])
+        # the evaluation that speaks for the model: under its own sampler at its own steps
+        own = SamplingSpec(default_sampler(cfg.get("objective", "ddpm"))).for_schedule(cfg["diffusion"]["timesteps"])
+        c["own_sampling"] = f"{own.sampler}{own.steps}"
         if a.eval is not None:
             c["evaluation"] = _eval_rows(a.eval, meta["sha256"])
             if a.before is not None:

@@ -633,7 +633,7 @@ def cmd_prune(a: argparse.Namespace) -> None:
 def cmd_models(a: argparse.Namespace) -> None:
     import json
 
-    from .shipped import available, card
+    from .shipped import available, card, own_evaluation
     cards = [card(p) for p in available().values()]
     if a.json:
         print(json.dumps(cards, indent=2))
@@ -644,7 +644,7 @@ def cmd_models(a: argparse.Namespace) -> None:
     print(f"{'name':<14}{'arch':<10}{'params':>11}{'bytes':>12}  {'epochs':>7}  {'trained on':<40}"
           f"{'confidence':>11}  {'pseudo-FID':>10}")
     for c in cards:
-        ev = (c.get("evaluation") or {}).get("ddim20") or {}
+        ev = own_evaluation(c)[1]  # under its own sampler: a student's few steps
         conf = f"{ev['mean_confidence']:.3f}" if "mean_confidence" in ev else "—"
         fid = f"{ev['pseudo_fid']:.2f}" if "pseudo_fid" in ev else "—"
         arch = c.get("arch") if isinstance(c.get("arch"), str) else "cnn"

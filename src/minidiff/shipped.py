@@ -22,7 +22,10 @@ MODEL_NAMES = ("baseline", "reduced", "shallow")  # the paper's three architectu
 # the shipped baseline compressed and fine-tuned: the paper's pruning (masks, stored sparse) and
 # Torch-Pruning's channel removal; each card names the model it was fine-tuned from
 COMPRESSED_NAMES = ("paper-pruned", "structural")
-DIFFUSION_NAMES = MODEL_NAMES + COMPRESSED_NAMES
+# a few-step consistency student distilled from the shipped baseline (minidiff.consistency): it
+# samples with its own sampler at its own steps (config.default_sampler), 1 to 4 of them
+STUDENT_NAMES = ("student",)
+DIFFUSION_NAMES = MODEL_NAMES + COMPRESSED_NAMES + STUDENT_NAMES
 CLASSIFIER = "classifier"                          # the evaluation CNN (minidiff.classifier)
 
 
@@ -70,3 +73,11 @@ def card(path: Path | str) -> dict[str, Any]:
     return dict(meta.get("card", {}), name=path.stem, arch=meta.get("arch"),
                 file_bytes=len(data), file_sha256=hashlib.sha256(data).hexdigest(),
                 weights_sha256=meta.get("sha256"), step=meta.get("step"))
+
+
+def own_evaluation(c: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A card's evaluation under the model's own sampling — its key (``own_sampling``, e.g.
+    ``consistency2`` for a consistency student; ``ddim20``, the default, for cards that predate
+    the key) and the entry, empty where the card has none."""
+    key = c.get("own_sampling", "ddim20")
+    return key, (c.get("evaluation") or {}).get(key) or {}

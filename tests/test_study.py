@@ -17,14 +17,16 @@ from PIL import Image
 
 from minidiff import checkpoint as ckpt
 from minidiff import shipped
-from minidiff.config import STUDY_PRESETS, SamplingSpec, StudyConfig, study_config
+from minidiff.config import CONSISTENCY_STEPS, STUDY_PRESETS, SamplingSpec, StudyConfig, study_config, train_config
 from minidiff.data import MNIST
 from minidiff.models.classifier import MnistClassifier
 from minidiff.claims import check_claims
 from minidiff.report import COLUMNS, PAPER_TABLE, READABLE, findings, readable_row, real_confidence, table_rows
-from minidiff.study import MODELS, _before_finetune, run_study
+from minidiff.modelfile import save_model
+from minidiff.models.unet import SimpleUnet
+from minidiff.study import MODELS, _before_finetune, own_sampling, run_study
 
-from _support import tiny_model_file
+from _support import tiny_model_file, tiny_unet_config
 
 pytestmark = pytest.mark.slow  # every test here runs studies or processes: make test, not test-fast
 
@@ -348,8 +350,12 @@ def as_shipped(tmp_path_factory):
 def test_the_trained_study_evaluates_every_shipped_model_and_trains_nothing(as_shipped):
     out, res, logs = as_shipped
     names = {"baseline": "baseline", "paper_pruned": "paper-pruned", "structural": "structural",
-             "reduced": "reduced", "shallow": "shallow"}
+             "reduced": "reduced", "shallow": "shallow", "student": "student"}
     ships = {m for m, f in names.items() if shipped.shipped_path(f).is_file()}
+    if "student" in ships:  # its own sampler at its own steps, no SSIM against the baseline's DDIM
+        s = res["results"]["student"]["sampling"]
+        assert (s["sampler"], s["steps"], s["n"]) == ("consistency", CONSISTENCY_STEPS, 16)
+        assert not res["results"]["student"].get("teacher_consistency")
     assert set(res["results"]) == ships and "baseline" in ships
     assert not list(out.rglob("model.safetensors")) and not list(out.rglob("checkpoint.safetensors"))
     base = shipped.card(shipped.shipped_path("baseline"))
@@ -445,3 +451,17 @@ def test_findings_state_images_seen_for_a_model_trained_on_fewer_than_the_baseli
     said = findings([base, shallow, pruned], [])
     assert said[1].startswith("shallow: trained on 1,497,600 images (50% of the baseline's), 85% of the")
     assert said[2].startswith("paper_pruned: 100% of the")  # more images than the baseline: nothing to add
+
+
+def test_a_student_is_evaluated_with_its_own_sampler_and_the_rest_with_the_studys(tmp_path):
+    spec = SamplingSpec("ddim", 20, eta=1.0, seed=5, batch_size=64, precision="bf16")
+    plain = tiny_model_file(tmp_path / "plain.safetensors")
+    assert own_sampling(spec, plain) is spec
+    with torch.random.fork_rng(devices=[]):
+        net = SimpleUnet(tiny_unet_config())
+    student = save_model(tmp_path / "student.safetensors", net,
+                         train_config("smoke", "reduced", objective="consistency", teacher="baseline"), step=0)
+    own = own_sampling(spec, student)
+    assert (own.sampler, own.for_schedule(200).steps) == ("consistency", CONSISTENCY_STEPS)
+    assert (own.seed, own.batch_size, own.precision) == (5, 64, "bf16")  # the study's, for a fair time
+

@@ -1,11 +1,13 @@
 """The paper's study as stages into one run directory, resumable stage by stage.
 
   classifier → baseline → paper pruning + fine-tune → structural pruning + fine-tune
-  → reduced + fine-tune → shallow + fine-tune → evaluation of every model → results
+  → reduced + fine-tune → shallow + fine-tune → (trained preset) the few-step student
+  → evaluation of every model → results
 
 With ``start="shipped"`` (the ``trained`` preset) every stage takes the weights shipped in the
 package and nothing is trained: the study evaluates what ships (a model not shipped yet is left
-out, and the report says so). With ``start="shipped-base"`` (``short-finetune``) the baseline,
+out, and the report says so); it adds the shipped consistency student, evaluated with its own
+sampler at its own steps (``own_sampling``) where the others share the preset's sampling. With ``start="shipped-base"`` (``short-finetune``) the baseline,
 reduced and shallow are the shipped ones and the two pruned models start from the shipped baseline
 with the preset's short fine-tune.
 
@@ -19,13 +21,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from . import checkpoint as ckpt
 from . import modelfile, shipped
-from .config import ConfigError, StudyConfig, TrainConfig, study_config, train_config
+from .config import ConfigError, SamplingSpec, StudyConfig, TrainConfig, default_sampler, study_config, train_config
 from .data import MNIST
 from .evaluate import evaluate_checkpoint, fp32_time_per_sample, write_json
 from .files import write_text
@@ -34,8 +36,10 @@ from .prune import PAPER_UNSTRUCTURED, finetune_start, prune_checkpoint, sparsit
 from .report import table_rows, write_study_report, write_tables
 from .train import train
 
-MODELS = ("baseline", "paper_pruned", "structural", "reduced", "shallow")
-STAGES = ("classifier", *MODELS, "evaluate", "report")
+MODELS = ("baseline", "paper_pruned", "structural", "reduced", "shallow")  # the paper's five
+# what the trained study adds: the shipped few-step student, sampled its own way (``own_sampling``)
+SHIPPED_EXTRAS = ("student",)
+STAGES = ("classifier", *MODELS, *SHIPPED_EXTRAS, "evaluate", "report")
 FP32_TIMING_N = 256  # samples timed in fp32 beside a bf16 evaluation (one batch)
 
 
@@ -173,6 +177,8 @@ def run_study(preset: str, out: Path | str, train_data: MNIST, test_data: MNIST,
             return _train_stage(out / arch, _finetune(sc, preset, arch, ft_epochs, ft_lr), train_data,
                                 progress, log, init_state=state)
         models[arch] = stage(arch, variant)
+    if sc.start == "shipped":  # distilled from the shipped baseline: it is evaluated, never trained here
+        models["student"] = stage("student", lambda: _shipped_stage("student", log))
     results = stage("evaluate", lambda: _evaluate_all(out, models, _lineage(out, models, sc.start), sc,
                                                       classifier, test_data, train_data, progress, log))
     if results is not None:
@@ -219,11 +225,20 @@ def _lineage(out: Path, models: dict[str, Path | None], start: str) -> dict[str,
     return lineage
 
 
+def own_sampling(spec: SamplingSpec, path: Path) -> SamplingSpec:
+    """``spec`` for a model that samples like the others; for a consistency student (its config's
+    objective) its own sampler at its own steps, with ``spec``'s seed, batch and precision."""
+    objective = ckpt.read_header(path)["config"].get("objective", "ddpm")
+    if default_sampler(objective) == spec.sampler:
+        return spec
+    return replace(spec, sampler=default_sampler(objective), steps=None, eta=None)
+
+
 def _evaluate_all(out: Path, models: dict[str, Path], lineage: dict[str, list[Path]], sc: StudyConfig,
                   classifier, test_data: MNIST, train_data: MNIST, progress: bool, log=print) -> dict[str, Any]:
     results = {}
     teacher_samples: dict = {}  # the baseline's samples, drawn once for every model compared with it
-    for name in MODELS:
+    for name in (*MODELS, *SHIPPED_EXTRAS):
         path = models.get(name)
         if path is None:
             continue
@@ -231,13 +246,16 @@ def _evaluate_all(out: Path, models: dict[str, Path], lineage: dict[str, list[Pa
         if dest.exists() and (done := _read_json(dest, None, log)) is not None:
             results[name] = done
             continue
-        teacher = models["baseline"] if name != "baseline" else None
-        r = evaluate_checkpoint(path, n=sc.eval_n, spec=sc.sampling, classifier=classifier,
+        # a student samples its own way (its sampler at its steps: the point of it); the SSIM
+        # against the baseline's deterministic DDIM samples is for models that sample alike
+        spec = own_sampling(sc.sampling, path)
+        teacher = models["baseline"] if name != "baseline" and spec == sc.sampling else None
+        r = evaluate_checkpoint(path, n=sc.eval_n, spec=spec, classifier=classifier,
                                 test_data=test_data, train_data=train_data, teacher=teacher,
                                 teacher_n=sc.eval_teacher_n or None, teacher_samples=teacher_samples,
                                 progress=progress, samples_png=out / name / "samples.png")
         if r["sampling"]["precision"] != "fp32":  # bf16's speed-up depends on layer widths: fp32 beside it
-            r["timing"]["fp32"] = fp32_time_per_sample(path, sc.sampling, min(sc.eval_n, FP32_TIMING_N))
+            r["timing"]["fp32"] = fp32_time_per_sample(path, spec, min(sc.eval_n, FP32_TIMING_N))
         model = load_model(path).model
         r["sparsity_after_finetune"] = sparsity_report(model)["overall"]
         r["images_seen"] = images_seen(lineage[name])

@@ -78,15 +78,32 @@ def test_figures_accepts_shipped_names_and_run_directories(how, monkeypatch, tmp
     import minidiff.figures
     drawn = []
     monkeypatch.setattr(minidiff.data, "load_split", lambda split, data_dir=None: None)
-    monkeypatch.setattr(minidiff.figures, "make_all", lambda out, sched, data, model: drawn.append(model) or [])
+    monkeypatch.setattr(minidiff.figures, "make_all",
+                        lambda out, sched, data, model, student: drawn.append((model, student)) or [])
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.safetensors").write_bytes(shipped_path("reduced").read_bytes())
     model = {"name": "reduced", "run directory": run, "file": run / "model.safetensors"}[how]
     code, out, err = _main(["figures", "--out", tmp_path / "figs", "--model", model], capsys)
     assert code == 0, err
-    assert len(drawn) == 1 and drawn[0] is not None  # the model-based figures are drawn
+    assert len(drawn) == 1 and drawn[0][0] is not None  # the model-based figures are drawn
     assert "not found" not in out and "reduced" in out
+
+
+def test_figures_draws_the_student_figure_only_with_a_student(monkeypatch, tmp_path, capsys):
+    import minidiff.data
+    import minidiff.figures
+    drawn = []
+    monkeypatch.setattr(minidiff.data, "load_split", lambda split, data_dir=None: None)
+    monkeypatch.setattr(minidiff.figures, "make_all",
+                        lambda out, sched, data, model, student: drawn.append((model, student)) or [])
+    code, out, err = _main(["figures", "--out", tmp_path / "a", "--model", "reduced", "--student",
+                            tmp_path / "none.safetensors"], capsys)
+    assert code == 0, err
+    assert drawn[-1][0] is not None and drawn[-1][1] is None and "no figure of the few-step student" in out
+    code, out, err = _main(["figures", "--out", tmp_path / "b", "--model", "reduced", "--student", "reduced"], capsys)
+    assert code == 0, err
+    assert drawn[-1][1] is not None and "the few-step figure's student: " in out
 
 
 # ---------------------------------------------------------------- Ctrl+C advice fits the command

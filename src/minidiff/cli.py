@@ -301,12 +301,17 @@ def _add_figures_command(sub) -> None:
     p = sub.add_parser("figures", help="regenerate the figures of the guided tour (docs/tour.md)",
                        description="Write the tour's figures into OUT. The schedule and forward-process "
                                    "figures need no model; the reverse-process, prediction and step-count "
-                                   "figures use MODEL (default: the shipped baseline).",
+                                   "figures use MODEL (default: the shipped baseline), and the few-step "
+                                   "figure STUDENT as well (default: the shipped student, where it ships).",
                        epilog="example: minidiff figures --out docs/figures --model runs/baseline")
     p.add_argument("--out", type=Path, default=Path("docs/figures"))
     p.add_argument("--model", type=Path, default=Path("baseline"), metavar="MODEL",
                    help=f"model for the model-based figures (default baseline, the shipped one): "
                         f"{MODEL_HELP}; if it cannot be found, those figures are skipped with a note")
+    p.add_argument("--student", type=Path, default=Path("student"), metavar="STUDENT",
+                   help="a consistency student distilled from MODEL, for the figure of the teacher beside "
+                        "its student at 1, 2 and 4 steps (default student, the shipped one); skipped with a "
+                        "note if it cannot be found")
     _add_data_dir(p)
 
 
@@ -679,7 +684,16 @@ def cmd_figures(a: argparse.Namespace) -> None:
     else:
         model, sched, meta = load_model(path)
         print(f"model-based figures use {path} ({meta['arch']}, step {meta['step']})")
-    for p in make_all(_writable_dir(a.out), sched, load_split("test", a.data_dir), model):
+    student = None
+    if model is not None:
+        try:
+            student_path = resolve_model(a.student)
+        except CheckpointError as e:
+            print(f"{e}: no figure of the few-step student (pass --student)")
+        else:
+            student = load_model(student_path).model
+            print(f"the few-step figure's student: {student_path}")
+    for p in make_all(_writable_dir(a.out), sched, load_split("test", a.data_dir), model, student):
         print(p)
 
 

@@ -18,8 +18,8 @@ import torch  # noqa: E402
 from .data import MNIST, to_model_range, to_uint8  # noqa: E402
 from .diffusion import Schedule, predict_x0, q_sample  # noqa: E402
 from .files import save_figure  # noqa: E402
-from .generate import initial_noise, make_eps_fn  # noqa: E402
-from .samplers import ddim_sample, ddpm_sample, timestep_grid  # noqa: E402
+from .generate import initial_noise, make_eps_fn, sample_noise_seed  # noqa: E402
+from .samplers import consistency_sample, ddim_sample, ddpm_sample, timestep_grid  # noqa: E402
 
 TS = (0, 10, 25, 50, 100, 150, 199)
 
@@ -116,12 +116,28 @@ def plot_steps(model, sched: Schedule, path: Path, n: int = 4, seed: int = 0) ->
     return _strip([[c[i] for c in cols] for i in range(n)], titles, path)
 
 
-def make_all(out: Path, sched: Schedule, data: MNIST, model=None) -> list[Path]:
-    """Write every figure into ``out``; the model-based ones only when a model is given."""
+def plot_student(teacher, student, sched: Schedule, path: Path, n: int = 4, seed: int = 0) -> Path:
+    """The same initial noise through the teacher (DDIM η = 0, 20 steps: the ODE the student was
+    distilled from) and through a consistency student at 1, 2 and 4 steps (its own sampler)."""
+    x_T = initial_noise(n, seed)
+    cols = [ddim_sample(make_eps_fn(teacher), sched, x_T, timestep_grid(sched.T, 20), eta=0.0)]
+    student_eps = make_eps_fn(student)
+    for steps in (1, 2, 4):  # re-noised from each sample's own stream, as `minidiff sample` draws them
+        gens = [torch.Generator().manual_seed(sample_noise_seed(seed, i)) for i in range(n)]
+        cols.append(consistency_sample(student_eps, sched, x_T, steps, generator=gens))
+    titles = ["teacher, DDIM 20", "student, 1 step", "student, 2 steps", "student, 4 steps"]
+    return _strip([[c[i] for c in cols] for i in range(n)], titles, path)
+
+
+def make_all(out: Path, sched: Schedule, data: MNIST, model=None, student=None) -> list[Path]:
+    """Write every figure into ``out``; the model-based ones only when a model is given, and the
+    teacher-and-student one when a consistency ``student`` (distilled from ``model``) is given too."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [plot_schedule(sched, out / "schedule.png"), plot_forward(sched, data, out / "forward.png")]
     if model is not None:
         paths += [plot_reverse(model, sched, out / "reverse.png"),
                   plot_predictions(model, sched, data, out / "predictions.png"),
                   plot_steps(model, sched, out / "steps.png")]
+        if student is not None:
+            paths.append(plot_student(model, student, sched, out / "student.png"))
     return paths

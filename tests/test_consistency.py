@@ -12,7 +12,7 @@ from minidiff import cli
 from minidiff import train as T
 from minidiff.checkpoint import load
 from minidiff.config import ConfigError, SamplingSpec, TrainConfig, default_sampler, train_config
-from minidiff.consistency import (consistency_distance, consistency_losses, consistency_t_max,
+from minidiff.consistency import (consistency_distance, consistency_losses, consistency_start, consistency_t_max,
                                   pseudo_huber, teacher_ddim_step)
 from minidiff.diffusion import make_schedule, predict_x0, q_sample
 from minidiff.generate import generate, initial_noise, make_eps_fn, sample_noise_seed
@@ -40,9 +40,10 @@ def _batch_t(t, n):
 
 def test_t_max_and_the_grid_leave_out_the_clipped_tail_of_the_schedule():
     sigma = ((1 - SCHED.alpha_bars.double()) / SCHED.alpha_bars.double()).sqrt()
-    assert consistency_t_max(SCHED) == 197 and sigma[197] <= 80 < sigma[198]
+    assert consistency_t_max(SCHED) == 197 and sigma[197] <= 80 < sigma[198]  # the training range's top
+    assert consistency_start(SCHED) == 188 and sigma[188] <= 12 < sigma[189]   # where sampling starts
     assert [consistency_grid(SCHED, n) for n in (1, 2, 3, 4)] == [
-        [197], [197, 99], [197, 132, 66], [197, 149, 99, 49]]
+        [188], [188, 99], [188, 132, 66], [188, 149, 99, 49]]
 
 
 def test_the_boundary_condition_holds_to_the_schedules_first_noise_level():
@@ -170,12 +171,12 @@ def test_no_gradient_flows_into_the_target_or_the_teacher():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_one_step_is_the_clipped_x0_at_t_max():
+def test_one_step_is_the_clipped_x0_where_sampling_starts():
     net = _net().eval()
     eps_fn = make_eps_fn(net)
     x_T = initial_noise(5, 0)
     x = run_sampler(SamplingSpec("consistency", 1), eps_fn, SCHED, x_T, torch.Generator().manual_seed(0))
-    tt = _batch_t(197, 5)
+    tt = _batch_t(188, 5)
     assert torch.equal(x, predict_x0(SCHED, x_T, tt, eps_fn(x_T, tt)).clamp(-1, 1))
 
 
@@ -185,7 +186,7 @@ def test_two_steps_renoise_each_sample_from_its_own_stream_whatever_the_batch():
     spec = SamplingSpec("consistency", seed=3)  # 2 steps by default
     x = generate(net, SCHED, 5, spec, progress=False, eps_fn=eps_fn)
     x_T = initial_noise(5, 3)
-    x0 = predict_x0(SCHED, x_T, _batch_t(197, 5), eps_fn(x_T, _batch_t(197, 5))).clamp(-1, 1)
+    x0 = predict_x0(SCHED, x_T, _batch_t(188, 5), eps_fn(x_T, _batch_t(188, 5))).clamp(-1, 1)
     z = torch.stack([torch.randn((1, 28, 28), generator=torch.Generator().manual_seed(sample_noise_seed(3, i)))
                      for i in range(5)])
     x_99 = SCHED.sqrt_alpha_bars[99] * x0 + SCHED.sqrt_one_minus_alpha_bars[99] * z
@@ -203,7 +204,7 @@ def test_the_callback_sees_each_grid_point_and_the_last_x_is_the_sample():
     seen = []
     x = run_sampler(SamplingSpec("consistency", 3), lambda x, t: 0.3 * x, SCHED, initial_noise(2, 0),
                     torch.Generator().manual_seed(0), callback=lambda info: seen.append(info))
-    assert [(i["step"], i["steps"], i["t"]) for i in seen] == [(1, 3, 197), (2, 3, 132), (3, 3, 66)]
+    assert [(i["step"], i["steps"], i["t"]) for i in seen] == [(1, 3, 188), (2, 3, 132), (3, 3, 66)]
     assert torch.equal(seen[-1]["x"], x) and torch.equal(seen[-1]["x0"], x)
 
 

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import torch
 
 from .config import CONSISTENCY_STEPS, DEFAULT_SPACING, SAMPLERS, SPACINGS, SamplingSpec
-from .consistency import consistency_t_max
+from .consistency import consistency_start
 from .diffusion import Schedule, predict_x0
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -287,13 +287,14 @@ def _dpmpp_increment(x0s: list[torch.Tensor], hs: list[torch.Tensor], h: torch.T
 
 
 def consistency_grid(sched: Schedule, steps: int) -> list[int]:
-    """The decreasing timesteps of multistep consistency sampling: first t_max, the largest t
-    with σ_t = √((1 − ᾱ_t)/ᾱ_t) ≤ 80 (``consistency.consistency_t_max``, the top of the
-    student's training range: 197 here), then the ``trailing`` grid's later points, round(T(1 − i/steps)) − 1:
-    [197], [197, 99], [197, 132, 66], [197, 149, 99, 49] for T = 200. The 2-step sampler thus
-    re-noises at ᾱ_99 ≈ 0.49, log-SNR ≈ 0, the middle of the cosine schedule; Song et al.'s
-    two-step σ = 0.821 for CIFAR-10 is ᾱ = 0.597 (t ≈ 86 here)."""
-    t_max = consistency_t_max(sched)
+    """The decreasing timesteps of multistep consistency sampling: first the largest t with
+    σ_t = √((1 − ᾱ_t)/ᾱ_t) ≤ 12 (``consistency.consistency_start``: 188 here, below the top of
+    the student's training range, 197, where an ε-network's x̂_0 is too imprecise — measured,
+    beside ``consistency.SAMPLE_SIGMA_MAX``), then the ``trailing`` grid's later points,
+    round(T(1 − i/steps)) − 1: [188], [188, 99], [188, 132, 66], [188, 149, 99, 49] for T = 200.
+    The 2-step sampler thus re-noises at ᾱ_99 ≈ 0.49, log-SNR ≈ 0, the middle of the cosine
+    schedule; Song et al.'s two-step σ = 0.821 for CIFAR-10 is ᾱ = 0.597 (t ≈ 86 here)."""
+    t_max = consistency_start(sched)
     grid = [t_max, *timestep_grid(sched.T, steps, "trailing")[1:]]
     if any(a <= b for a, b in zip(grid, grid[1:])):
         raise ValueError(f"{steps} consistency steps do not fit below t_max = {t_max} (T = {sched.T})")
@@ -305,7 +306,8 @@ def consistency_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, steps:
                        clip_x0: bool = True) -> torch.Tensor:
     """Multistep consistency sampling, Song et al. 2023 Algorithm 1, on ``consistency_grid``
     t_0 > t_1 > …, with f(x, t) the student's x̂_0 = (x − √(1 − ᾱ_t) ε̂)/√ᾱ_t (clipped with
-    ``clip_x0``). x_T stands for x_{t_0} (it lacks only √ᾱ_{t_0} x_0, 0.016 x_0 here):
+    ``clip_x0``). x_T stands for x_{t_0} (it lacks only √ᾱ_{t_0} x_0, 0.086 x_0 here, as DDIM's
+    grids that start at t = 190 from pure noise lack 0.070 x_0):
 
     x̂_0 = f(x_T, t_0);  for i ≥ 1: x_{t_i} = √ᾱ_{t_i} x̂_0 + √(1 − ᾱ_{t_i}) z,  x̂_0 = f(x_{t_i}, t_i),
 

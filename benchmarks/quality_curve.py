@@ -106,20 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
+    try:
+        sampling_spec(a)  # the flags' mistakes, before anything is loaded
+        headers = {path: ckpt.read_header(path) for path in a.models}  # and every file's
+    except (UserError, ckpt.CheckpointError) as e:
+        ap.error(str(e))
     tune_allocator()
     a.out.mkdir(parents=True, exist_ok=True)
     store = a.out / "curve.json"
     rows = json.loads(store.read_text()) if store.exists() else []
     clf, _ = load_or_train_classifier()
     test, train = load_split("test"), load_split("train")
-    try:
-        sampling_spec(a)  # the flags' mistakes, before anything is loaded
-    except UserError as e:
-        ap.error(str(e))
     device = default_device()
     keys = []  # this run's (sampling, N) of each model: what the figure shows
     for path in a.models:
-        meta = ckpt.read_header(path)
+        meta = headers[path]
         try:
             spec = sampling_spec(a, header=meta)  # without --sampler, the model's own (a student's)
         except UserError as e:

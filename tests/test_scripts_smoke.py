@@ -346,6 +346,16 @@ def test_quality_curve_starts_a_fine_tune_at_zero_images(curve):
     assert rows[str(curve["models"][0])]["curve_images"] == 0  # step 0 anyway
 
 
+def test_quality_curve_refuses_a_missing_model_in_one_line(curve, tmp_path, capsys):
+    qc = load_script("benchmarks", "quality_curve")
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as e:
+        mp.setattr(qc, "load_or_train_classifier", lambda: pytest.fail("loaded before the files were checked"))
+        qc.main([str(curve["models"][0]), str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "out"),
+                 "--label", "tiny", "-n", "4"])
+    assert e.value.code == 2 and "none.safetensors: no such checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing evaluated, nothing written
+
+
 def test_bench_sync_times_both_loops_on_the_same_steps(monkeypatch, capsys):
     bs = load_script("benchmarks", "bench_sync")
     monkeypatch.setattr(minidiff.train, "SimpleUnet", _TinyUnet)  # the reduced recipe on a 4/8/12-channel net

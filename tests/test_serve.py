@@ -708,15 +708,24 @@ def test_the_page_generates_live_scrubs_and_compares_in_headless_chromium(browse
             assert image.size == tuple(browser.execute_script("return [innerWidth, innerHeight]"))
 
 
+@contextlib.contextmanager
+def _open_page(browser, models: dict[str, Path], max_images: int):
+    """Serve ``models`` (one generation at a time, one waiting) and load the page in ``browser``
+    until its script says it is ready; yields the port."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    with serving(create_app(models, max_images=max_images, queue_size=1)) as p:
+        browser.get(f"http://127.0.0.1:{p}/")
+        WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        yield p
+
+
 @pytest.mark.slow
 def test_the_page_draws_a_chosen_digit_at_a_chosen_guidance_in_headless_chromium(browser, cond_models):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
     wait = WebDriverWait(browser, 60)
-    with serving(create_app(cond_models, max_images=64, queue_size=1)) as p:
-        browser.get(f"http://127.0.0.1:{p}/")
-        wait.until(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+    with _open_page(browser, cond_models, max_images=64):
         a, b = browser.find_element(By.ID, "setting-a"), browser.find_element(By.ID, "setting-b")
         digit, guidance = a.find_element(By.NAME, "digit"), a.find_element(By.NAME, "guidance")
         # an unconditional model: no digit picker, no guidance slider
@@ -794,9 +803,7 @@ def test_the_page_switches_to_a_students_own_sampler_and_back_in_headless_chromi
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
     wait = WebDriverWait(browser, 60)
-    with serving(create_app(student_models, max_images=16, queue_size=1)) as p:
-        browser.get(f"http://127.0.0.1:{p}/")
-        wait.until(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+    with _open_page(browser, student_models, max_images=16):
         a = browser.find_element(By.ID, "setting-a")
         sampler, steps = Select(a.find_element(By.NAME, "sampler")), a.find_element(By.NAME, "steps")
 

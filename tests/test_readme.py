@@ -52,10 +52,12 @@ def test_table_1_describes_the_shipped_models():
     fails until the table is re-measured."""
     from minidiff.metrics import count_params
     from minidiff.modelfile import load_model
-    from minidiff.shipped import DIFFUSION_NAMES, available, card
+    from minidiff.shipped import CONDITIONAL_NAMES, DIFFUSION_NAMES, available, card
 
     rows = {r["model"]: r for r in _table("| model | images seen |")}
-    ships = [n for n in DIFFUSION_NAMES if n in available()]
+    # the study's models: the conditional one draws on demand, outside the paper's study (its own
+    # measurements are in docs/tour.md and docs/models.md)
+    ships = [n for n in DIFFUSION_NAMES if n in available() and n not in CONDITIONAL_NAMES]
     assert set(ships) <= set(rows)
     for name in ships:
         c = card(available()[name])

@@ -5,6 +5,7 @@ from dataclasses import replace
 import shutil
 
 import pytest
+import torch
 
 from minidiff import checkpoint as C
 from minidiff import cli, shipped
@@ -13,6 +14,8 @@ from minidiff.modelfile import load_model
 from minidiff.train import train
 
 SPEC_PARAMS = {"baseline": 2_529_217, "reduced": 634_081, "shallow": 2_148_097}
+# the conditional model: the reduced network plus its label embedding, (10 digits + "no label") × 128
+COND_PARAMS = {"cond": ("reduced", 634_081 + 11 * 128)}
 CARD_KEYS = {"commands", "seed", "optimizer_steps", "images_seen", "epochs", "wall_time_s", "hardware",
              "segments", "evaluation", "recipe", "params"}
 
@@ -101,7 +104,11 @@ def test_every_shipped_model_carries_its_card(name):
     card = shipped.card(SHIPPED[name])
     assert CARD_KEYS <= set(card), CARD_KEYS - set(card)
     params = SPEC_PARAMS[name] if name in SPEC_PARAMS else sum(p.numel() for p in model.parameters())
-    assert meta["arch"] == name if name in SPEC_PARAMS else meta["arch"] == card["finetuned_from"]["name"]
+    if name in COND_PARAMS:
+        arch, params = COND_PARAMS[name]
+        assert meta["arch"] == arch and meta["config"]["model"]["num_classes"] == 10
+    else:
+        assert meta["arch"] == name if name in SPEC_PARAMS else meta["arch"] == card["finetuned_from"]["name"]
     assert card["params"] == params
     assert sum(p.numel() for p in model.parameters()) == params
     assert card["optimizer_steps"] == meta["step"]
@@ -122,6 +129,31 @@ def test_a_compressed_model_names_what_it_was_fine_tuned_from_and_counts_its_ima
     assert 0 < card["images_seen"] < base["images_seen"]  # the fine-tune's own images, counted apart
     before, after = card["evaluation_before_finetune"]["ddim20"], card["evaluation"]["ddim20"]
     assert before["n"] == after["n"] and before["seed"] == after["seed"]
+
+
+@pytest.mark.parametrize("name", [n for n in shipped.CONDITIONAL_NAMES if n in SHIPPED])
+def test_a_conditional_card_states_its_guidance_trade_off(name):
+    card = shipped.card(SHIPPED[name])
+    sweep = card["guidance"]["ddim20"]
+    assert set(sweep) == {"0", "1", "1.5", "2", "3", "5"} and card["default_guidance"] == 2.0
+    assert all(e["n"] == 1000 and e["seed"] == 0 and len(e["per_digit"]) == 10 for e in sweep.values())
+    # w = 0 ignores the label: about one sample in ten is the asked digit by chance
+    assert sweep["0"]["accuracy"] < 0.2 < 0.9 < sweep["1"]["accuracy"] < sweep["2"]["accuracy"]
+    assert card["guidance"]["ddim10"]["2"]["n"] == 200  # what the next test reproduces
+
+
+@pytest.mark.skipif("cond" not in SHIPPED, reason="cond is not shipped")
+def test_models_lists_a_conditional_model_by_its_guided_quality(capsys):
+    card = shipped.card(SHIPPED["cond"])
+    guided = card["guidance"]["ddim20"][f"{card['default_guidance']:g}"]
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if line.startswith("cond "))
+    assert row.split()[-2:] == [f"{guided['mean_confidence']:.3f}", f"{guided['pseudo_fid']:.2f}"]
+    # and the unguided numbers (drawn without a label) are said beside the table
+    unguided = card["evaluation"]["ddim20"]
+    assert any(line.startswith("cond: asked for each digit") and f"{unguided['pseudo_fid']:.2f}" in line
+               for line in out)
 
 
 @pytest.mark.skipif("paper-pruned" not in SHIPPED, reason="paper-pruned is not shipped")
@@ -147,7 +179,8 @@ def test_the_shipped_classifier_is_used_without_training(tmp_path, monkeypatch):
 
 # A card's "ddim10" entry: 200 samples, DDIM η = 1 at 10 steps, seed 0, fp32 (tools/ship_model.py
 # from benchmarks/quality_curve.py -n 200 --steps 10); a student's "consistency2", its own 2-step
-# sampling at N = 1,000 (2,000 network evaluations, less than DDIM-10's 200 samples). The test draws those very samples again: same
+# sampling at N = 1,000 (2,000 network evaluations, less than DDIM-10's 200 samples); a conditional
+# model's guided DDIM-10 at its default w, 20 of each digit (its "guidance" rows, N = 200). The test draws those very samples again: same
 # noise (a stream per sample), same weights, same classifier, so it reproduces the number rather
 # than estimating it anew. Only rounding can move it (another CPU's fp32 kernels). The largest such
 # perturbation measured here, computing in bf16 instead of fp32 (17 % of the pixels change, by up to
@@ -162,17 +195,30 @@ CARD_TOLERANCE = 0.004
 def test_each_shipped_model_reproduces_the_confidence_on_its_card(name):
     from minidiff.classifier import load_or_train_classifier
     from minidiff.data import to_model_range, to_uint8
-    from minidiff.generate import generate
+    from minidiff.generate import digit_labels, generate
     from minidiff.models.classifier import predict
+    labels = guidance = None
     if name in shipped.STUDENT_NAMES:  # its own sampling, cheap at N = 1,000: two evaluations a sample
         stated, spec = shipped.card(SHIPPED[name])["evaluation"]["consistency2"], SamplingSpec("consistency", 2)
         assert (stated["n"], stated["seed"], stated["precision_mode"]) == (1000, 0, "fp32")
+    elif name in shipped.CONDITIONAL_NAMES:  # asked for 20 of each digit at the default guidance
+        card = shipped.card(SHIPPED[name])
+        guidance = card["default_guidance"]
+        stated, spec = card["guidance"]["ddim10"][f"{guidance:g}"], SamplingSpec("ddim", 10, eta=1.0)
+        assert (stated["n"], stated["seed"], stated["eta"], stated["precision_mode"]) == (200, 0, 1.0, "fp32")
+        labels = digit_labels(list(range(10)), 200)[0]
     else:
         stated, spec = shipped.card(SHIPPED[name])["evaluation"]["ddim10"], SamplingSpec("ddim", 10, eta=1.0)
         assert (stated["n"], stated["seed"], stated["eta"], stated["precision_mode"]) == (200, 0, 1.0, "fp32")
     model, sched, _ = load_model(SHIPPED[name])
-    x = generate(model, sched, stated["n"], replace(spec, seed=0, precision="fp32"), progress=False)
+    x = generate(model, sched, stated["n"], replace(spec, seed=0, precision="fp32"), progress=False,
+                 labels=labels, guidance=guidance)
     clf, _ = load_or_train_classifier()
     _, p = predict(clf, to_model_range(to_uint8(x)))
+    if labels is not None:  # the probability of the asked digit, and the share called that digit
+        assert p[torch.arange(len(labels)), labels].mean().item() == pytest.approx(stated["mean_confidence"],
+                                                                                  abs=CARD_TOLERANCE)
+        assert (p.argmax(1) == labels).float().mean().item() == pytest.approx(stated["accuracy"], abs=0.01)
+        return
     assert p.max(1).values.mean().item() == pytest.approx(stated["mean_confidence"], abs=CARD_TOLERANCE)
     assert len(set(p.argmax(1).tolist())) == 10     # and every digit appears

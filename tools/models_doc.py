@@ -12,6 +12,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from minidiff.config import DEFAULT_SAMPLING, default_sampler
 from minidiff.generate import generate, save_images
 from minidiff.modelfile import load_model
@@ -24,8 +26,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def _own(c: dict) -> str:
     """The table's first quality cell: DDIM-20, or a model's own sampling where it has one."""
     key = c.get("own_sampling", "ddim20")
-    if key == "ddim20":
-        return _ev(c, key)
+    if key == "ddim20":  # a conditional model's rows draw without a label (w = 0); guided: its section
+        return ("without a label: " if c.get("guidance") else "") + _ev(c, key)
     sampler = key.rstrip("0123456789")
     return f"{_SAMPLING_NAMES.get(sampler, sampler)}, {key[len(sampler):]} steps: {_ev(c, key)}"
 
@@ -57,6 +59,28 @@ def _own_evaluations(c: dict) -> str:
             f"N = 1,000:\n\n" + "\n".join(lines) + "\n\n")
 
 
+def _guidance(c: dict) -> str:
+    """A conditional model's guidance evaluation (its card's rows of benchmarks/guidance_sweep.py):
+    one line per weight w at DDIM-20; empty for an unconditional model."""
+    rows = (c.get("guidance") or {}).get("ddim20")
+    if not rows:
+        return ""
+    w0 = c.get("default_guidance")
+    lines = [f"| {w}{' (default)' if float(w) == w0 else ''} | {e['accuracy']:.1%} ({e['worst_accuracy']:.0%}) | "
+             f"{e['mean_confidence']:.3f} ({e['worst_confidence']:.3f}) | {e['pseudo_fid']:.2f} ({e['floor']:.2f}) | "
+             f"{e['digit_pseudo_fid']:.2f} | {e['precision']:.3f}, {e['recall']:.3f} |"
+             for w, e in sorted(rows.items(), key=lambda kv: float(kv[0]))]
+    n = next(iter(rows.values()))["n"]
+    return (f"Asked for a digit (N = {n:,}, {n // 10} of each, DDIM η = 1, 20 steps, seed 0, fp32; "
+            "`benchmarks/guidance_sweep.py`), by guidance weight w (0: the label ignored, 1: plain "
+            "conditional): accuracy is the share the classifier calls the asked digit, confidence its "
+            "probability of it (worst digit in brackets), digit pseudo-FID each digit's samples against "
+            "that digit's test images (mean of the ten). Its grid above asks for 0, 1, …, 9, 0, 1, … in "
+            "reading order at the default w; the table's first cells draw without a label.\n\n"
+            "| w | accuracy (worst digit) | confidence (worst digit) | pseudo-FID (floor) | digit pseudo-FID "
+            "| precision, recall |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n")
+
+
 def main() -> int:
     files = available()
     rows, sections, grids = [], [], {}
@@ -68,7 +92,9 @@ def main() -> int:
         model, sched, meta = load_model(files[name])
         grid = grids[name] = DOCS / "figures" / f"model_{name}.png"
         own = replace(DEFAULT_SAMPLING, sampler=default_sampler(meta["config"].get("objective")), steps=None, eta=None)
-        save_images(generate(model, sched, 64, own, progress=False), grid)
+        # a conditional model: asked for 0, 1, …, 9, 0, 1, … in reading order, at the default guidance
+        labels = torch.arange(64) % 10 if meta["config"]["model"].get("num_classes") else None
+        save_images(generate(model, sched, 64, own, progress=False, labels=labels), grid)
         state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned: stopped, see below"
         base = c.get("finetuned_from")
         verb = "distilled for" if c["recipe"].get("objective") == "consistency" else "a fine-tune of"
@@ -83,6 +109,8 @@ def main() -> int:
         r = c["recipe"]
         curve = f"![quality against images seen](figures/curve_{name}.png)\n\n" \
             if (DOCS / "figures" / f"curve_{name}.png").exists() else ""
+        if curve and c.get("guidance"):
+            curve += "(Its curve draws without a label, w = 0; guided, see the table below.)\n\n"
         sections.append(
             f"## {name}\n\n![64 samples of the shipped {name} model](figures/model_{name}.png)\n\n"
             f"{curve}Recipe: batch {r['batch_size']}, Adam lr {r['lr']:g} ({r['lr_schedule']}), grad clip "
@@ -92,7 +120,7 @@ def main() -> int:
             + (f"Before its fine-tune (the compressed file, evaluated the same way), DDIM η = 1, 20 steps: "
                f"confidence / digit shares / pseudo-FID (floor) / precision, recall = "
                f"{_ev(c, 'ddim20', 'evaluation_before_finetune')}.\n\n" if c.get("evaluation_before_finetune") else "")
-            + _own_evaluations(c)
+            + _own_evaluations(c) + _guidance(c)
             + f"How it was trained, segment by segment (each resumed the previous one exactly):\n\n{cmds}\n\n"
             + (f"{c['notes']}\n\n" if c.get("notes") else ""))
     clf = card(files["classifier"]) if "classifier" in files else None

@@ -9,6 +9,9 @@ score (rows of benchmarks/quality_curve.py's curve.json for these exact weights)
       --provenance docs/provenance/reduced.json --eval docs/curves/reduced/curve.json
   python tools/ship_model.py runs/paper-pruned-long/model.safetensors --name paper_pruned --sparse \
       --provenance docs/provenance/paper_pruned.json --eval docs/curves/paper_pruned/curve.json
+  python tools/ship_model.py runs/cond-reduced/model.safetensors --name cond \
+      --provenance docs/provenance/cond.json --eval docs/curves/cond/curve.json \
+      --guidance docs/curves/cond/guidance.json
   python tools/ship_model.py ~/.cache/minidiff/classifier/classifier_v1_n60000_e3_s0_b128.safetensors \
       --name classifier --provenance docs/provenance/classifier.json
 """
@@ -20,7 +23,7 @@ import sys
 from pathlib import Path
 
 from minidiff import checkpoint as ckpt
-from minidiff.config import SamplingSpec, default_sampler
+from minidiff.config import DEFAULT_GUIDANCE, SamplingSpec, default_sampler
 from minidiff.evaluate import METRICS_VERSION
 from minidiff.metrics import count_params
 from minidiff.modelfile import epochs_seen, images_seen, load_model
@@ -39,6 +42,24 @@ def _eval_rows(curve: Path, sha: str) -> dict:
         out[key].update(n=s["n"], seed=s["seed"], eta=s.get("eta"), spacing=s.get("spacing"),
                         precision_mode=s["precision"], device=r["device"].get("device"),
                         metrics_version=METRICS_VERSION)
+    return out
+
+
+def _guidance_rows(sweep: Path, sha: str) -> dict:
+    """benchmarks/guidance_sweep.py's rows for these weights: {"ddim20": {"2": row, ...}, ...}, a
+    sampling (sampler + steps) and, inside it, one entry per guidance weight w (its str, "1.5")."""
+    out: dict = {}
+    for r in json.loads(sweep.read_text()):
+        if r["sha256"] != sha or r.get("metrics_version") != METRICS_VERSION:
+            continue
+        s = r["sampling"]
+        entry = {k: r[k] for k in ("accuracy", "worst_accuracy", "mean_confidence", "worst_confidence",
+                                   "pseudo_fid", "floor", "digit_pseudo_fid", "precision", "recall")}
+        entry.update(n=s["n"], seed=s["seed"], eta=s.get("eta"), spacing=s.get("spacing"),
+                     precision_mode=s["precision"], device=r["device"].get("device"),
+                     per_digit={d: {k: v[k] for k in ("n", "accuracy", "mean_confidence")}
+                                for d, v in r["per_digit"].items()})
+        out.setdefault(f"{s['sampler']}{s['steps']}", {})[f"{r['guidance']:g}"] = entry
     return out
 
 
@@ -74,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--before", type=Path, default=None, metavar="MODEL",
                     help="the compressed file before its fine-tune: its rows of --eval go on the card "
                          "as evaluation_before_finetune")
+    ap.add_argument("--guidance", type=Path, default=None, metavar="SWEEP",
+                    help="a conditional model: guidance.json of benchmarks/guidance_sweep.py, whose rows "
+                         "for these weights go on the card as its guidance evaluation")
     a = ap.parse_args(argv)
     tensors, meta = ckpt.load(a.model)
     tensors = ckpt.densify(a.model, tensors, meta)  # a sparse input is stored afresh as asked
@@ -100,6 +124,9 @@ def main(argv=None) -> int:
         c["own_sampling"] = f"{own.sampler}{own.steps}"
         if a.eval is not None:
             c["evaluation"] = _eval_rows(a.eval, meta["sha256"])
+            if a.guidance is not None:
+                c["guidance"] = _guidance_rows(a.guidance, meta["sha256"])
+                c["default_guidance"] = DEFAULT_GUIDANCE
             if a.before is not None:
                 c["evaluation_before_finetune"] = _eval_rows(a.eval, ckpt.load(a.before)[1]["sha256"])
         if a.finetuned_from is not None:

@@ -648,8 +648,15 @@ def cmd_models(a: argparse.Namespace) -> None:
         return
     print(f"{'name':<14}{'arch':<10}{'params':>11}{'bytes':>12}  {'epochs':>7}  {'trained on':<40}"
           f"{'confidence':>11}  {'pseudo-FID':>10}")
+    notes = []
     for c in cards:
         ev = own_evaluation(c)[1]  # under its own sampler: a student's few steps
+        guided = (c.get("guidance") or {}).get("ddim20", {}).get(f"{c.get('default_guidance', -1):g}")
+        if guided:  # a conditional model: asked for each digit at its default guidance
+            notes.append(f"{c['name']}: asked for each digit at its default guidance w = {c['default_guidance']:g} "
+                         f"(drawn without a label: confidence {ev['mean_confidence']:.3f}, pseudo-FID "
+                         f"{ev['pseudo_fid']:.2f})")
+            ev = guided
         conf = f"{ev['mean_confidence']:.3f}" if "mean_confidence" in ev else "—"
         fid = f"{ev['pseudo_fid']:.2f}" if "pseudo_fid" in ev else "—"
         arch = c.get("arch") if isinstance(c.get("arch"), str) else "cnn"
@@ -660,8 +667,8 @@ def cmd_models(a: argparse.Namespace) -> None:
         where = ", ".join(h.split(" (")[0] for h in c.get("hardware", []))
         print(f"{c['name']:<14}{arch:<10}{params:>11}{c['file_bytes']:>12,}  {epochs:>7}  {where[:39]:<40}"
               f"{conf:>11}  {fid:>10}")
-    print("use a name wherever a model file goes, e.g. `minidiff sample reduced -n 64 --out digits.png`; "
-          "--json for the full cards")
+    print("\n".join(notes + ["use a name wherever a model file goes, e.g. `minidiff sample reduced -n 64 --out "
+                             "digits.png`; --json for the full cards"]))
 
 
 def cmd_data(a: argparse.Namespace) -> None:

@@ -286,8 +286,11 @@ _LEGACY_GRIDS = SamplingSpec("ddim", 50, eta=0.0)
 
 # Classifier-free guidance weight w of a conditional model's samples, ε̂ = ε_∅ + w·(ε_y − ε_∅)
 # (generate.guided_eps): 0 is the unconditional model, 1 the plain conditional one, above 1
-# guided. 2 is Ho & Salimans' (2022) w = 1, their (1 + w) convention; a starting point until a
-# trained conditional model measures the trade-off.
+# guided. 2 is Ho & Salimans' (2022) w = 1, their (1 + w) convention. Measured on the shipped
+# conditional model (`cond`; N = 1,000, 100 of each digit, DDIM η = 1, 20 steps, seed 0), 2 is the
+# smallest of w = 0, 1, 1.5, 2, 3, 5 at which every digit came out as asked in all its samples
+# (confidence 1.000, pseudo-FID 2.82); 1.5 kept more variety (pseudo-FID 1.66, recall 0.75 against
+# 0.66) but its worst digit fell to 99 %, the target's edge (docs/tour.md, section 8).
 DEFAULT_GUIDANCE = 2.0
 MNIST_CLASSES = 10  # the digits 0–9: the classes of a conditional model (``minidiff train --conditional``)
 

@@ -25,7 +25,10 @@ COMPRESSED_NAMES = ("paper-pruned", "structural")
 # a few-step consistency student distilled from the shipped baseline (minidiff.consistency): it
 # samples with its own sampler at its own steps (config.default_sampler), 1 to 4 of them
 STUDENT_NAMES = ("student",)
-DIFFUSION_NAMES = MODEL_NAMES + COMPRESSED_NAMES + STUDENT_NAMES
+# class-conditional (a digit on demand, classifier-free guidance): its card adds a "guidance"
+# evaluation, each digit asked for N/10 times at each weight w (benchmarks/guidance_sweep.py)
+CONDITIONAL_NAMES = ("cond",)
+DIFFUSION_NAMES = MODEL_NAMES + COMPRESSED_NAMES + STUDENT_NAMES + CONDITIONAL_NAMES
 CLASSIFIER = "classifier"                          # the evaluation CNN (minidiff.classifier)
 
 

@@ -6,6 +6,7 @@ import json
 import urllib.request
 
 import pytest
+import torch
 
 from _support import load_script, tiny_model_file
 from minidiff import cli, serve
@@ -59,3 +60,23 @@ def test_the_page_uses_it(tmp_path):
         expected.sampler, expected.steps, expected.eta)
     js = (serve.WEB_DIR / "app.js").read_text()
     assert "config.default_sampler" in js and "config.default_steps" in js and "config.default_eta" in js
+
+
+@pytest.mark.parametrize("aten, onednn, bf16, amx", [
+    ("AVX512", None, True, True),                    # the CPU's own: bf16 on its AMX tiles
+    ("AVX512", "AVX512_CORE_BF16", True, False),     # oneDNN held below AMX: bf16, without tiles
+    ("AVX512", "AVX2", False, False),                # oneDNN held to AVX2: bf16 would be emulated
+    ("AVX2", None, False, False),                    # ATEN_CPU_CAPABILITY=avx2: the same
+])
+def test_auto_precision_follows_what_torch_may_use_not_only_the_cpu_flags(monkeypatch, aten, onednn, bf16, amx):
+    """On a CPU with AMX whose torch is held to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA),
+    bf16 runs emulated, about 10× slower than fp32: ``auto`` must then choose fp32."""
+    from minidiff import runtime
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: "flags : avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
+    if onednn is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
+    assert (runtime.cpu_has_native_bf16(), runtime.cpu_has_amx()) == (bf16, amx)
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == ("bf16" if bf16 else "fp32")

@@ -52,18 +52,31 @@ def _cpu_flags() -> str:
         return ""
 
 
+def _torch_may_use(isa: str) -> bool:
+    """Whether torch is allowed to use instructions of ``isa`` ("bf16" or "amx"): the CPU may have
+    them and torch still be held below them, by ATEN_CPU_CAPABILITY (its own kernels, e.g.
+    ``avx2``) or ONEDNN_MAX_CPU_ISA (the convolutions', e.g. ``AVX2``). Held below, bf16 is emulated
+    as on an AVX2-only CPU, ~10× slower, so ``auto`` must not choose it."""
+    if not torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512"):
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    allowed = {"bf16": ("BF16", "AMX", "AVX10"), "amx": ("AMX",)}[isa]
+    return cap in ("ALL", "DEFAULT", "") or any(a in cap for a in allowed)
+
+
 def cpu_has_native_bf16() -> bool:
-    """True if the CPU computes bf16 natively (AVX-512-BF16 or AMX)."""
+    """True if the CPU computes bf16 natively (AVX-512-BF16 or AMX) and torch may use it."""
     flags = _cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and _torch_may_use("bf16")
 
 
 def cpu_has_amx() -> bool:
     """True if the CPU has AMX tile units for bf16 matrix products (Sapphire Rapids and later
-    Xeons). torch's oneDNN convolutions use them in bf16: measured on a 2-core such Xeon, the
-    baseline's 64–128-channel convolutions reach about 3,000 GFLOP/s in bf16 against about 450 in
-    fp32, while 16–44-channel ones fill the tiles badly (1,000–1,900; benchmarks/bench_widths.py)."""
-    return "amx_bf16" in _cpu_flags()
+    Xeons) and torch may use them. torch's oneDNN convolutions use them in bf16: measured on a
+    2-core such Xeon, the baseline's 64–128-channel convolutions reach about 3,000 GFLOP/s in bf16
+    against about 450 in fp32, while 16–44-channel ones fill the tiles badly (1,000–1,900;
+    benchmarks/bench_widths.py)."""
+    return "amx_bf16" in _cpu_flags() and _torch_may_use("amx")
 
 
 def cpu_name() -> str:

@@ -126,6 +126,20 @@ def test_the_loss_is_its_hand_computed_value():
     assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4)
 
 
+def test_the_training_range_ends_at_sigma_max():
+    """t ~ U{1, …, t_max(σ_max)}: the default σ_max = 80 reaches t = 197, σ_max = 12 stops at 188,
+    where the sampler starts (the same seeded draw of t, cut at the range's top)."""
+    teacher, x0 = _net(1), _x0(64)
+    drawn = {}
+    for sigma_max in (80.0, 12.0):
+        stats = {}
+        consistency_losses(_net(0), SCHED, x0, torch.Generator().manual_seed(3), teacher=teacher, stats=stats,
+                           sigma_max=sigma_max)
+        drawn[sigma_max] = stats["t"]
+    assert drawn[80.0].max() > 188 and drawn[80.0].max() <= 197 and drawn[80.0].min() >= 1
+    assert drawn[12.0].max() <= consistency_start(SCHED) == 188 and drawn[12.0].min() >= 1
+
+
 def test_the_gradient_vanishes_where_the_prediction_is_the_target_and_not_elsewhere():
     net, x0 = _net().train(), _x0()  # train mode given: the loss runs BatchNorm in eval mode itself
     stats_before = copy.deepcopy({k: v for k, v in net.state_dict().items() if "running" in k})
@@ -222,13 +236,15 @@ def test_steps_outside_one_to_four_are_one_line_errors(steps, tmp_path, capsys):
 def test_the_objective_defaults_to_ddpm_and_a_student_needs_its_teacher():
     assert TrainConfig().objective == "ddpm" and TrainConfig().consistency_skip == 10
     old = train_config("smoke", "reduced").to_dict()
-    del old["objective"], old["consistency_skip"]  # a config.json written before the objective existed
-    assert TrainConfig.from_dict(old).objective == "ddpm"
+    del old["objective"], old["consistency_skip"], old["consistency_sigma_max"]  # written before they existed
+    assert TrainConfig.from_dict(old).objective == "ddpm" and TrainConfig.from_dict(old).consistency_sigma_max == 80
     cfg = train_config("smoke", "reduced", objective="consistency", teacher="baseline")
     assert (cfg.sampling.sampler, cfg.sampling.for_schedule(200).steps) == ("consistency", 2)  # its grids
     for kw, msg in [(dict(), "needs a teacher"), (dict(teacher="b", distill_weight=1.0), "applies to objective ddpm"),
                     (dict(teacher="b", consistency_skip=0), r"consistency_skip must be in \[1, 199\]"),
-                    (dict(teacher="b", consistency_skip=200), r"consistency_skip must be in \[1, 199\]")]:
+                    (dict(teacher="b", consistency_skip=200), r"consistency_skip must be in \[1, 199\]"),
+                    (dict(teacher="b", consistency_sigma_max=11.9), "consistency_sigma_max must be a number >= 12"),
+                    (dict(teacher="b", consistency_sigma_max=float("nan")), "consistency_sigma_max must be")]:
         with pytest.raises(ConfigError, match=msg):
             train_config("smoke", "reduced", objective="consistency", **kw)
     with pytest.raises(ConfigError, match="unconditional"):

@@ -7,6 +7,7 @@ the CLI turns that into one line on stderr and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -39,6 +40,12 @@ OBJECTIVES = ("ddpm", "consistency")  # TrainConfig.objective
 # k, the timesteps of the teacher's DDIM step in consistency distillation: T/k = 20 intervals, near
 # the N = 18 with which Song et al. 2023 distilled CIFAR-10 best (minidiff.consistency)
 DEFAULT_CONSISTENCY_SKIP = 10
+# σ_max of the student's training range, t ≤ t_max with σ_t ≤ σ_max: EDM's 80 (Karras et al. 2022),
+# which Song et al. 2023 and Geng et al. 2024 use; t = 197 of minidiff's T = 200. The sampler starts
+# lower, at σ ≤ CONSISTENCY_SAMPLE_SIGMA_MAX = 12 (t = 188; minidiff.consistency says why), so a
+# range down to 12 trains only where sampling uses the student
+DEFAULT_CONSISTENCY_SIGMA_MAX = 80.0
+CONSISTENCY_SAMPLE_SIGMA_MAX = 12.0
 
 
 @dataclass(frozen=True)
@@ -342,6 +349,11 @@ class TrainConfig:
     consistency_skip: int = field(default=DEFAULT_CONSISTENCY_SKIP, metadata=_flag(
         "--objective consistency: timesteps k of the teacher's DDIM step, from t to max(t − k, 0) "
         f"(default {DEFAULT_CONSISTENCY_SKIP})"))
+    # σ_max of the training range: t ~ U{1, …, t_max}, t_max the largest t with σ_t ≤ σ_max
+    consistency_sigma_max: float = field(default=DEFAULT_CONSISTENCY_SIGMA_MAX, metadata=_flag(
+        "--objective consistency: train on the timesteps whose noise level σ_t = √((1 − ᾱ_t)/ᾱ_t) is "
+        f"at most this (default {DEFAULT_CONSISTENCY_SIGMA_MAX:g}: t ≤ 197; "
+        f"{CONSISTENCY_SAMPLE_SIGMA_MAX:g}, where the sampler starts: t ≤ 188)"))
     # classifier-free guidance (Ho & Salimans 2022): a conditional model (model.num_classes > 0)
     # sees "no label" instead of its label with this probability, so one network learns both
     # the conditional and the unconditional ε; an unconditional model ignores it
@@ -416,6 +428,9 @@ class TrainConfig:
                                          f"has a loss of its own (got distill_weight {self.distill_weight})")
         _check(not self.model.num_classes, "objective consistency is for unconditional models")
         _check(1 <= self.consistency_skip < T, f"consistency_skip must be in [1, {T - 1}], got {self.consistency_skip}")
+        _check(math.isfinite(self.consistency_sigma_max) and self.consistency_sigma_max >= CONSISTENCY_SAMPLE_SIGMA_MAX,
+               f"consistency_sigma_max must be a number >= {CONSISTENCY_SAMPLE_SIGMA_MAX:g}, the noise level where "
+               f"the consistency sampler starts, got {self.consistency_sigma_max}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

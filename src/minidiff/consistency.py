@@ -39,7 +39,8 @@ the few steps nearest t_max would outweigh the rest of the schedule by orders of
 λ = 1/(σ_t − σ_r) keeps it within a small factor across t.
 
 **t_max** is the largest t with σ_t ≤ σ_max = 80, the σ_max of EDM that Song et al. and ECT use:
-t = 197 here (σ = 64). Past it lie the schedule's last two steps, σ_198 = 128 and σ_199 = 1.3·10⁴
+t = 197 here (σ = 64; ``TrainConfig.consistency_sigma_max`` sets it, down to 12: t ≤ 188, where
+sampling starts). Past it lie the schedule's last two steps, σ_198 = 128 and σ_199 = 1.3·10⁴
 (β_199 clipped to 0.9999), where an ε-network's x̂_0 multiplies the error of ε̂ by those factors
 and a consistency function in this parametrisation cannot be accurate; x_T ~ N(0, I) differs
 from x_197 by its missing 0.016 x_0. The sampler (``samplers.consistency_sample``) starts lower,
@@ -65,10 +66,10 @@ import math
 
 import torch
 
-from .config import DEFAULT_CONSISTENCY_SKIP
+from .config import CONSISTENCY_SAMPLE_SIGMA_MAX, DEFAULT_CONSISTENCY_SIGMA_MAX, DEFAULT_CONSISTENCY_SKIP
 from .diffusion import Schedule, extract, predict_x0, q_sample
 
-SIGMA_MAX = 80.0   # σ_max of Karras et al. 2022, used by Song et al. 2023 and Geng et al. 2024
+SIGMA_MAX = DEFAULT_CONSISTENCY_SIGMA_MAX  # 80, Karras et al. 2022's, used by Song et al. 2023 and Geng et al. 2024
 # Where the multistep sampler starts (``samplers.consistency_grid``): σ_t ≤ 12, t = 188. Training
 # covers every t up to t_max (σ ≤ 80, t = 197); sampling does not start there, because in this
 # ε-parametrisation x̂_0 = x̃_t − σ_t ε̂ multiplies every error of ε̂ by σ_t (64 at t = 197, 11.6 at
@@ -78,7 +79,7 @@ SIGMA_MAX = 80.0   # σ_max of Karras et al. 2022, used by Song et al. 2023 and 
 # of the samples (110), from t = 190 22.6–23.7, from 188 17.8, from 185 12.7–13.2; two steps (the
 # default) 22.7 from 197, 4.8–5.0 from 190, 4.95 from 188, 5.4–5.7 from 185. 188 is near the best
 # of both; minidiff's DDIM-20 (leading grid) likewise starts from pure noise at t = 190.
-SAMPLE_SIGMA_MAX = 12.0
+SAMPLE_SIGMA_MAX = CONSISTENCY_SAMPLE_SIGMA_MAX  # 12
 HUBER_C_PER_SQRT_DIM = 0.00054  # iCT's c = 0.03 for 32×32×3 images, i.e. 0.00054 √dim
 
 
@@ -151,10 +152,11 @@ def consistency_distance(model, sched: Schedule, xt: torch.Tensor, t: torch.Tens
 
 def consistency_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None,
                        part: slice | None = None, *, teacher, skip: int = DEFAULT_CONSISTENCY_SKIP,
-                       stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                       stats: dict[str, torch.Tensor] | None = None,
+                       sigma_max: float = SIGMA_MAX) -> torch.Tensor:
     """The consistency-distillation loss of a batch x0 (B, 1, 28, 28) (module docstring):
     mean of λ(t, r)·d(f_θ(x_t, t), sg[f_θ(x̂_r, r)]) with x̂_r the frozen ``teacher``'s DDIM step
-    from x_t to r = max(t − ``skip``, 0).
+    from x_t to r = max(t − ``skip``, 0), t drawn up to the largest timestep with σ_t ≤ ``sigma_max``.
 
     t and ε are drawn from ``generator`` for the whole batch, where the generator lives, as
     ``diffusion.p_losses`` draws them; ``part`` then keeps one rank's slice of the batch under data
@@ -163,7 +165,7 @@ def consistency_losses(model, sched: Schedule, x0: torch.Tensor, generator: torc
     """
     B = x0.shape[0]
     gdev = generator.device if generator is not None else x0.device
-    t = torch.randint(1, consistency_t_max(sched) + 1, (B,), generator=generator, device=gdev).to(x0.device)
+    t = torch.randint(1, consistency_t_max(sched, sigma_max) + 1, (B,), generator=generator, device=gdev).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
     if part is not None:
         x0, t, noise = x0[part], t[part], noise[part]

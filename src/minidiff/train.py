@@ -347,7 +347,8 @@ def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sche
     with autocast(precision, x0.device):
         if cfg.objective == "consistency":
             loss = consistency_losses(net, sched, x0, st.g_noise, part, teacher=teacher,
-                                      skip=cfg.consistency_skip, stats=stats)
+                                      skip=cfg.consistency_skip, stats=stats,
+                                      sigma_max=cfg.consistency_sigma_max)
         else:
             loss = p_losses(net, sched, x0, st.g_noise, part, teacher=teacher, distill_weight=cfg.distill_weight,
                             stats=stats, y=y)

@@ -3,8 +3,8 @@
   python tools/models_doc.py            # after tools/ship_model.py
 Every number in the page comes from a card (src/minidiff/weights/*.safetensors); the grids are
 drawn here: 64 samples with DEFAULT_SAMPLING (DDIM η = 1, 20 steps, seed 0, fp32; a consistency
-student with its own sampler at its own steps), and docs/figures/shipped.png puts them side by side
-(the README's first picture).
+student with its own sampler at its own steps; a conditional model asked for 0-9 in turn at its
+default guidance), and docs/figures/shipped.png puts them side by side (the README's first picture).
 """
 from __future__ import annotations
 

@@ -26,6 +26,11 @@ One run on one checkpoint, three parts:
    everything). Sampling is seeded, so a reused value is the value sampling would give.
 3. Verdict: the fastest configuration whose pseudo-FID is within --tolerance (10 %) of
    ddpm-200's at the same N, and its speed-up over the naive loop (target: >= 25x).
+4. With --student MODEL (a few-step consistency student, e.g. the shipped name ``student``): the
+   student at each --student-steps (1, 2, 4) with its own sampler, timed and scored the same way
+   (same N, seed and x_T), each with its speed-up over the naive loop and its pseudo-FID against
+   the teacher's ddpm-200 above: the goal is >= 100x the naive loop within 1.5x ddpm-200's
+   pseudo-FID.
 
 Samplers are named like ``ddim``, ``ddim:eta=1`` or ``ddim:eta=1:spacing=trailing``.
 
@@ -36,6 +41,8 @@ down several-fold):
         --out runs/bench_sampling                      # defaults: ~2.5 h on a 2-core AVX2 CPU
     .venv/bin/python benchmarks/bench_sampling.py MODEL --out /tmp/bs --n-quality 64 \\
         --n-speed 200 --extrapolate-from 20 --steps 5,10   # a look at the output: ~8 min
+    .venv/bin/python benchmarks/bench_sampling.py baseline --student student \\
+        --out runs/bench_speedup                        # the few-step student beside its teacher
 
 Default run time on an idle 2-core AVX2 CPU, 2 threads, fp32 (~7 ms per network evaluation per
 image for minidiff's path at batch 256; the naive loop ~1.3-2x that): naive 500 x 200 evaluations
@@ -244,6 +251,10 @@ def main() -> None:
     ap.add_argument("--no-confirm", action="store_true", help="do not re-time the verdict on all samples")
     ap.add_argument("--no-cache", action="store_true",
                     help="sample every pseudo-FID again instead of reusing OUT/quality_cache.json")
+    ap.add_argument("--student", default=None, metavar="MODEL",
+                    help="a few-step consistency student (file, run directory or shipped name) to time "
+                         "and score beside the teacher's samplers, at each --student-steps")
+    ap.add_argument("--student-steps", default="1,2,4", help="the student's steps (1 to 4)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_sampling"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -257,6 +268,17 @@ def main() -> None:
     from minidiff.evaluate import write_json
     from minidiff.runtime import tune_allocator
     from minidiff.modelfile import load_model
+
+    from minidiff.checkpoint import CheckpointError
+    from minidiff.shipped import resolve_model
+    try:  # a shipped name, a run directory or a file: the workers get the file's path
+        a.ckpt = str(resolve_model(a.ckpt))
+        student = str(resolve_model(a.student)) if a.student else None
+        student_steps = [int(k) for k in a.student_steps.split(",")] if student else []
+    except (CheckpointError, ValueError) as e:
+        ap.error(str(e))
+    if any(not 1 <= k <= 4 for k in student_steps):
+        ap.error(f"--student-steps must each be 1 to 4, got {a.student_steps}")
 
     tune_allocator()  # this process only samples for quality; the timed workers set their own
     T = load_model(a.ckpt).meta["config"]["diffusion"]["timesteps"]
@@ -282,6 +304,12 @@ def main() -> None:
         best = dict(run_worker(a.ckpt, spec, a.n_speed), config="minidiff (verdict, all samples)")
         fast.append(best)
     speedup = naive["wall_s"] / best["wall_s"]
+    # the student: its own sampler at each of its steps, timed and scored as the rest
+    students = [dict(run_worker(student, dict(sampler="consistency", steps=st, batch=int(a.batch_sizes.split(",")[0]),
+                                              naive=False, n=k, seed=a.seed), a.n_speed), config="student")
+                for st in student_steps]
+    s_quality = pseudo_fids(student, [("consistency", st, {}) for st in student_steps], a.n_quality, a.seed,
+                            None if a.no_cache else a.out / "quality_cache.json") if student else None
 
     m = naive["machine"]
     print(f"\nmachine: {m['device']}, {m['cpus']} CPUs, {m['threads']} torch threads "
@@ -290,7 +318,7 @@ def main() -> None:
           f"{naive['machine']['allocator_tuned']}, minidiff {fast[0]['machine']['allocator_tuned']}")
     print(f"MACs per network evaluation per image: {naive['macs_per_eval'] / 1e6:.1f} M\n")
     print(f"## Speed ({a.n_speed:,} samples; warm-up excluded)\n")
-    print(_speed_table([naive] + fast, naive["wall_s"], a.n_speed))
+    print(_speed_table([naive] + fast + students, naive["wall_s"], a.n_speed))
     small = sorted({r["batch"] for r in [naive] + fast if r["n_timed"] < r["batch"]})
     if small:
         print(f"\nnote: batch sizes {small} were timed on {k} samples, i.e. in smaller batches "
@@ -312,11 +340,21 @@ def main() -> None:
                f"{naive['wall_s']:,.1f} s ({how(naive)}) -> {speedup:.1f}x "
                f"({'meets' if speedup >= 25 else 'MISSES'} the 25x target)")
     print(f"\n## Verdict\n\nfastest configuration within {a.tolerance:.0%} of ddpm-{T}: {verdict}")
+    student_verdicts = []
+    for r, q in zip(students, s_quality["rows"] if s_quality else []):
+        ratio, x = q["pseudo_fid"] / ref, naive["wall_s"] / r["wall_s"]
+        student_verdicts.append(dict(steps=r["steps"], pseudo_fid=q["pseudo_fid"], vs_ddpm=ratio, speedup=x,
+                                     meets=ratio <= 1.5 and x >= 100))
+        print(f"student, {r['steps']} step{'s' * (r['steps'] > 1)}: pseudo-FID {q['pseudo_fid']:.3f} = "
+              f"{ratio:.2f}x ddpm-{T}'s; {a.n_speed:,} samples in {r['wall_s']:,.1f} s ({how(r)}) -> {x:.1f}x "
+              f"the naive loop ({'meets' if student_verdicts[-1]['meets'] else 'MISSES'} the goal: >= 100x "
+              "within 1.5x ddpm's pseudo-FID)")
 
     a.out.mkdir(parents=True, exist_ok=True)
     plot(quality, a.tolerance, a.out / "pseudo_fid_vs_steps.png")
     write_json(dict(kind="bench_sampling", argv=sys.argv, args={k: str(v) for k, v in vars(a).items()},
-                    machine=m, naive=naive, minidiff=fast, quality=quality,
+                    machine=m, naive=naive, minidiff=fast, quality=quality, student=students,
+                    student_quality=s_quality, student_verdicts=student_verdicts,
                     verdict=dict(best, speedup=speedup, tolerance=a.tolerance, text=verdict)),
                a.out / "bench_sampling.json")
     print(f"\nwrote {a.out / 'bench_sampling.json'} and {a.out / 'pseudo_fid_vs_steps.png'}")

@@ -30,6 +30,13 @@ from minidiff.modelfile import epochs_seen, images_seen, load_model
 from minidiff.shipped import card, shipped_path
 
 
+def _how_sampled(r: dict) -> dict:
+    """What a card states beside a benchmark row's numbers: N, seed, η, grid, precision, device."""
+    s = r["sampling"]
+    return dict(n=s["n"], seed=s["seed"], eta=s.get("eta"), spacing=s.get("spacing"),
+                precision_mode=s["precision"], device=r["device"].get("device"))
+
+
 def _eval_rows(curve: Path, sha: str) -> dict:
     rows = [r for r in json.loads(curve.read_text())
             if r["sha256"] == sha and r.get("metrics_version", 1) == METRICS_VERSION]
@@ -39,9 +46,7 @@ def _eval_rows(curve: Path, sha: str) -> dict:
         key = f"{s['sampler']}{s['steps']}"
         out[key] = {k: r[k] for k in ("mean_confidence", "smallest_share", "largest_share", "pseudo_fid",
                                       "floor", "precision", "recall")}
-        out[key].update(n=s["n"], seed=s["seed"], eta=s.get("eta"), spacing=s.get("spacing"),
-                        precision_mode=s["precision"], device=r["device"].get("device"),
-                        metrics_version=METRICS_VERSION)
+        out[key].update(_how_sampled(r), metrics_version=METRICS_VERSION)
     return out
 
 
@@ -55,8 +60,7 @@ def _guidance_rows(sweep: Path, sha: str) -> dict:
         s = r["sampling"]
         entry = {k: r[k] for k in ("accuracy", "worst_accuracy", "mean_confidence", "worst_confidence",
                                    "pseudo_fid", "floor", "digit_pseudo_fid", "precision", "recall")}
-        entry.update(n=s["n"], seed=s["seed"], eta=s.get("eta"), spacing=s.get("spacing"),
-                     precision_mode=s["precision"], device=r["device"].get("device"),
+        entry.update(_how_sampled(r),
                      per_digit={d: {k: v[k] for k in ("n", "accuracy", "mean_confidence")}
                                 for d, v in r["per_digit"].items()})
         out.setdefault(f"{s['sampler']}{s['steps']}", {})[f"{r['guidance']:g}"] = entry

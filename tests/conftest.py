@@ -30,6 +30,13 @@ def module_mnist():
 LONGEST_FIRST = ("test_study_crash.py", "test_study.py", "test_shipped.py", "test_distributed.py", "test_crash.py")
 
 
+def pytest_configure(config):
+    # pytest-xdist re-sorts the files by their number of tests unless told not to, which put the
+    # longest file (one test of minutes) last and left one worker idle for a minute at the end
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order

@@ -207,3 +207,37 @@ def test_teacher_samples_are_cached_by_the_caller_not_by_the_module(small_eval):
     alone = _evaluate(small_eval, spec, teacher=path)  # right after: the module kept nothing
     assert not alone["timing"]["teacher_samples_reused"]
     assert shared[0]["teacher_consistency"] == shared[1]["teacher_consistency"] == alone["teacher_consistency"]
+
+
+def test_make_test_hands_the_longest_files_to_the_workers_first(pytestconfig):
+    """xdist's file scheduler, built from this suite's configuration, starts the two workers on
+    conftest.LONGEST_FIRST's files, not on the files with the most tests (its default order)."""
+    from types import SimpleNamespace
+
+    from conftest import LONGEST_FIRST
+    from xdist.scheduler import LoadFileScheduling
+
+    class Worker:
+        shutting_down = False
+
+        def __init__(self, name):
+            self.sent, self.gateway = [], SimpleNamespace(id=name)
+
+        def send_runtest_some(self, indexes):
+            self.sent += indexes
+
+        def shutdown(self):
+            pass
+
+    # collected as conftest orders it: the longest files first, then a file of many short tests
+    collection = [f"tests/{LONGEST_FIRST[0]}::test_a", f"tests/{LONGEST_FIRST[1]}::test_b"]
+    collection += [f"tests/test_many.py::test_{i}" for i in range(20)]
+    config = SimpleNamespace(option=pytestconfig.option, getvalue=lambda name: ["2*popen"])  # -n 2
+    sched = LoadFileScheduling(config)
+    workers = [Worker("gw0"), Worker("gw1")]
+    for w in workers:
+        sched.add_node(w)
+        sched.add_node_collection(w, collection)
+    sched.schedule()
+    first = {collection[w.sent[0]].split("::")[0] for w in workers}
+    assert first == {f"tests/{LONGEST_FIRST[0]}", f"tests/{LONGEST_FIRST[1]}"}

@@ -301,7 +301,8 @@ def _card_images(name: str) -> dict[str, int]:
 def trained(tmp_path_factory):
     """The short-finetune preset's code path at test size: shipped weights, 1-step fine-tunes, N = 16."""
     tiny = StudyConfig(start="shipped-base", train_preset="smoke", prune_ft_epochs=0.25, prune_ft_lr=1e-4,
-                       eval_n=16, sampling=SamplingSpec("ddim", 3, eta=1.0, precision="auto"), eval_teacher_n=8)
+                       eval_n=16, sampling=SamplingSpec("ddim", 3, eta=1.0, precision="auto"), eval_teacher_n=8,
+                       denoising_samples=1)  # one row of the report's 200-step strip, not four
     STUDY_PRESETS["trained-test"] = tiny
     try:
         out = tmp_path_factory.mktemp("trained")
@@ -335,7 +336,7 @@ def test_the_trained_study_starts_from_the_shipped_weights(trained):
 @pytest.fixture(scope="module")
 def as_shipped(tmp_path_factory):
     """The trained preset's code path at test size: every model the package's file, N = 16."""
-    STUDY_PRESETS["shipped-test"] = StudyConfig(start="shipped", eval_n=16, eval_teacher_n=8,
+    STUDY_PRESETS["shipped-test"] = StudyConfig(start="shipped", eval_n=16, eval_teacher_n=8, denoising_samples=1,
                                                 sampling=SamplingSpec("ddim", 3, eta=1.0, precision="auto"))
     try:
         out = tmp_path_factory.mktemp("shipped")

@@ -36,7 +36,8 @@ CHILD = textwrap.dedent("""
 
     torch.manual_seed(0)
     clf = MnistClassifier().eval()
-    run_study("smoke", sys.argv[1], data(64, 0), data(40, 1), classifier=clf, progress=False)
+    # 32 training images: two steps an epoch at the smoke batch of 16, a checkpoint every two
+    run_study("smoke", sys.argv[1], data(32, 0), data(40, 1), classifier=clf, progress=False)
 """)
 
 

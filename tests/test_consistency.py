@@ -13,7 +13,7 @@ from minidiff import train as T
 from minidiff.checkpoint import load
 from minidiff.config import ConfigError, SamplingSpec, TrainConfig, default_sampler, train_config
 from minidiff.consistency import (consistency_distance, consistency_losses, consistency_start, consistency_t_max,
-                                  pseudo_huber, teacher_ddim_step)
+                                  pseudo_huber, skip_at, teacher_ddim_step)
 from minidiff.diffusion import make_schedule, predict_x0, q_sample
 from minidiff.generate import generate, initial_noise, make_eps_fn, sample_noise_seed
 from minidiff.modelfile import load_model
@@ -328,3 +328,24 @@ def test_a_tiny_student_trains_resumes_bit_exactly_and_samples_as_a_student(tmp_
         assert (got[-1].sampler, got[-1].steps) == want
     images = np.load(tmp_path / "x0.npz")["images"]
     assert images.shape == (3, 28, 28)
+
+
+def test_the_skip_halves_every_so_many_epochs_down_to_one():
+    assert [skip_at(80, 2, e) for e in (0, 1.99, 2, 3.99, 4, 8, 12, 13.99, 100)] == [80, 80, 40, 40, 20, 5, 1, 1, 1]
+    assert [skip_at(10, 0, e) for e in (0, 50)] == [10, 10]  # 0: k stays
+    assert skip_at(7, 0.5, 1.0) == 1  # 7 >> 2
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="consistency_skip_halving must be a number of epochs >= 0"):
+            train_config("smoke", "reduced", objective="consistency", teacher="b", consistency_skip_halving=bad)
+
+
+def test_training_takes_the_teachers_step_of_the_current_k(tmp_path, tiny_mnist, monkeypatch):
+    """A run with --consistency-skip 8 --consistency-skip-halving 1 (smoke: 4 steps an epoch)
+    distils over k = 8 in its first epoch and k = 4 in its second."""
+    teacher = tiny_model_file(tmp_path / "teacher.safetensors", seed=1)
+    cfg = train_config("smoke", "reduced", objective="consistency", teacher=str(teacher), sample_every=0,
+                       consistency_skip=8, consistency_skip_halving=1)
+    skips, real = [], T.consistency_losses
+    monkeypatch.setattr(T, "consistency_losses", lambda *a, **k: skips.append(k["skip"]) or real(*a, **k))
+    T.train(cfg, tiny_mnist, tmp_path / "run", init_state=load_model(teacher).model.state_dict(), **QUIET)
+    assert skips == [8] * 4 + [4] * 4

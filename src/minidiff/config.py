@@ -349,6 +349,11 @@ class TrainConfig:
     consistency_skip: int = field(default=DEFAULT_CONSISTENCY_SKIP, metadata=_flag(
         "--objective consistency: timesteps k of the teacher's DDIM step, from t to max(t − k, 0) "
         f"(default {DEFAULT_CONSISTENCY_SKIP})"))
+    # ECT's shrinking step (Geng et al. 2024): k halves every this many epochs, down to 1, so the
+    # student first links points far apart on the teacher's trajectories, then ever closer ones
+    consistency_skip_halving: float = field(default=0.0, metadata=_flag(
+        "--objective consistency: halve k every this many epochs, down to 1 (default 0: k stays "
+        "--consistency-skip throughout)"))
     # σ_max of the training range: t ~ U{1, …, t_max}, t_max the largest t with σ_t ≤ σ_max
     consistency_sigma_max: float = field(default=DEFAULT_CONSISTENCY_SIGMA_MAX, metadata=_flag(
         "--objective consistency: train on the timesteps whose noise level σ_t = √((1 − ᾱ_t)/ᾱ_t) is "
@@ -428,6 +433,8 @@ class TrainConfig:
                                          f"has a loss of its own (got distill_weight {self.distill_weight})")
         _check(not self.model.num_classes, "objective consistency is for unconditional models")
         _check(1 <= self.consistency_skip < T, f"consistency_skip must be in [1, {T - 1}], got {self.consistency_skip}")
+        _check(math.isfinite(self.consistency_skip_halving) and self.consistency_skip_halving >= 0,
+               f"consistency_skip_halving must be a number of epochs >= 0, got {self.consistency_skip_halving}")
         _check(math.isfinite(self.consistency_sigma_max) and self.consistency_sigma_max >= CONSISTENCY_SAMPLE_SIGMA_MAX,
                f"consistency_sigma_max must be a number >= {CONSISTENCY_SAMPLE_SIGMA_MAX:g}, the noise level where "
                f"the consistency sampler starts, got {self.consistency_sigma_max}")

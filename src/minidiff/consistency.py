@@ -51,6 +51,8 @@ intervals, near the N = 18 discretisation steps with which Song et al. distilled
 (their ablation over N);
 Latent Consistency Models (Luo et al. 2023) skip k = 20 of T = 1000 with a DDIM teacher. A larger
 k bootstraps from the boundary in fewer links but lets the teacher's DDIM step err more.
+``TrainConfig.consistency_skip_halving`` takes both in turn, as ECT shrinks its step: k starts
+large and halves every so many epochs, down to 1 (``skip_at``).
 
 **BatchNorm** runs in eval mode in both branches, with the running statistics the student
 inherits from the teacher (and never updates): f_θ is then one deterministic function of each
@@ -99,6 +101,14 @@ def consistency_start(sched: Schedule, sigma_max: float = SAMPLE_SIGMA_MAX) -> i
     """The timestep the multistep sampler starts at: the largest t with σ_t ≤ ``sigma_max``
     (``SAMPLE_SIGMA_MAX``: 188 for minidiff's schedule), within the student's training range."""
     return min(consistency_t_max(sched, sigma_max), consistency_t_max(sched))
+
+
+def skip_at(skip: int, halving: float, epoch: float) -> int:
+    """k at ``epoch`` (fractional) of a run that starts at ``skip`` and halves it every ``halving``
+    epochs, down to 1 (ECT's shrinking step); ``halving`` 0 keeps ``skip`` throughout."""
+    if halving <= 0:
+        return skip
+    return max(1, skip >> int(epoch // halving))
 
 
 def consistency_fn(model, sched: Schedule, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .consistency import consistency_losses
+from .consistency import consistency_losses, skip_at
 from .data import MNIST, batches_per_epoch, epoch_generator, iterate_batches, to_model_range
 from .distributed import barrier, mean_across, shard, world
 from .diffusion import drop_labels, make_schedule, p_losses, q_sample
@@ -333,12 +333,13 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
 
 def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sched, cfg: TrainConfig,
                     lr: float, precision: str, part, teacher: torch.nn.Module | None, meter: _Meter,
-                    y: torch.Tensor | None = None) -> None:
+                    y: torch.Tensor | None = None, epoch: float = 0.0) -> None:
     """One step on batch ``x0`` (labels ``y`` for a conditional model, dropped with
     ``cfg.label_dropout`` by the run's generator before it draws t and ε): loss (with the
     teacher's term when distilling; the consistency loss for that objective), backward, clip,
     Adam, masks, EMA; the loss (averaged over every process) goes to ``meter`` without waiting
-    for it, and the run checks it at its next row, checkpoint or grid (``_Run.check_finite``)."""
+    for it, and the run checks it at its next row, checkpoint or grid (``_Run.check_finite``).
+    ``epoch`` (fractional) is where the run stands: the consistency loss's k depends on it."""
     for group in st.opt.param_groups:
         group["lr"] = lr
     stats: dict[str, torch.Tensor] = {}
@@ -347,7 +348,8 @@ def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sche
     with autocast(precision, x0.device):
         if cfg.objective == "consistency":
             loss = consistency_losses(net, sched, x0, st.g_noise, part, teacher=teacher,
-                                      skip=cfg.consistency_skip, stats=stats,
+                                      skip=skip_at(cfg.consistency_skip, cfg.consistency_skip_halving, epoch),
+                                      stats=stats,
                                       sigma_max=cfg.consistency_sigma_max)
         else:
             loss = p_losses(net, sched, x0, st.g_noise, part, teacher=teacher, distill_weight=cfg.distill_weight,
@@ -512,7 +514,8 @@ def _loop(run: _Run, minutes: float | None, progress: bool) -> bool:
     st.model.train()
     try:
         for lr, x0, y in run.batches():
-            _optimizer_step(st, run.net, x0, run.sched, cfg, lr, run.precision, run.part, run.teacher, run.meter, y)
+            _optimizer_step(st, run.net, x0, run.sched, cfg, lr, run.precision, run.part, run.teacher, run.meter, y,
+                            epoch=st.step / run.bpe)
             bar.update(1)
             # decided once per step: a stop by the clock always has its checkpoint
             run.stopping = deadline is not None and time.perf_counter() >= deadline and st.step < run.total_steps

@@ -449,6 +449,15 @@ def test_ship_model_records_what_a_fine_tune_started_from_and_its_evaluation_bef
     assert c["evaluation"]["ddim20"]["pseudo_fid"] == rows[ckpt.read_header(after)["sha256"]]["pseudo_fid"]
 
 
+@pytest.mark.parametrize("flag", ["--guidance", "--before"])
+def test_ship_model_refuses_rows_it_cannot_take_without_eval(flag, curve, monkeypatch, tmp_path, capsys):
+    weights = tmp_path / "weights"
+    with pytest.raises(SystemExit) as e:
+        _ship(monkeypatch, "reduced", curve["models"][1], PROVENANCE, weights, tmp_path, flag, curve["models"][0])
+    assert e.value.code == 2 and f"{flag} needs --eval" in capsys.readouterr().err
+    assert not weights.exists()  # nothing shipped
+
+
 def test_ship_model_writes_a_card_with_provenance_and_evaluation(curve, monkeypatch, tmp_path, capsys):
     weights = tmp_path / "weights"
     model = curve["models"][1]
@@ -552,6 +561,8 @@ def test_a_student_ships_with_its_own_sampling_on_its_card_and_its_page(monkeypa
     assert c["own_sampling"] == "consistency2" and sorted(c["evaluation"]) == ["consistency1", "consistency2", "consistency4"]
     assert c["evaluation"]["consistency2"]["pseudo_fid"] == rows[1]["pseudo_fid"]
     assert (c["recipe"]["objective"], c["recipe"]["teacher"]) == ("consistency", "baseline")
+    assert (c["recipe"]["consistency_skip"], c["recipe"]["consistency_skip_halving"],
+            c["recipe"]["consistency_sigma_max"]) == (10, 0.0, 80.0)
     capsys.readouterr()
     md = load_script("tools", "models_doc")
     docs = tmp_path / "docs"

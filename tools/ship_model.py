@@ -103,6 +103,9 @@ def main(argv=None) -> int:
                     help="a conditional model: guidance.json of benchmarks/guidance_sweep.py, whose rows "
                          "for these weights go on the card as its guidance evaluation")
     a = ap.parse_args(argv)
+    for flag in ("guidance", "before"):
+        if getattr(a, flag) is not None and a.eval is None:  # its rows come from --eval's curve
+            ap.error(f"--{flag} needs --eval (the curve.json whose rows describe the weights)")
     tensors, meta = ckpt.load(a.model)
     tensors = ckpt.densify(a.model, tensors, meta)  # a sparse input is stored afresh as asked
     prov = json.loads(a.provenance.read_text())
@@ -122,7 +125,8 @@ def main(argv=None) -> int:
         c["recipe"]["precision"] = _precision_by_segment(prov.get("segments", []), cfg["precision"])
         if cfg.get("objective", "ddpm") != "ddpm":  # a consistency student: what it was distilled with
             c["recipe"].update(objective=cfg["objective"], teacher=cfg["teacher"],
-                               consistency_skip=cfg["consistency_skip"])
+                               **{k: cfg[k] for k in ("consistency_skip", "consistency_skip_halving",
+                                                      "consistency_sigma_max") if k in cfg})
         # the evaluation that speaks for the model: under its own sampler at its own steps
         own = SamplingSpec(default_sampler(cfg.get("objective", "ddpm"))).for_schedule(cfg["diffusion"]["timesteps"])
         c["own_sampling"] = f"{own.sampler}{own.steps}"

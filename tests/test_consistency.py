@@ -100,11 +100,14 @@ def test_pseudo_huber_is_its_closed_form():
     torch.testing.assert_close(pseudo_huber(a, b), want, rtol=1e-6, atol=1e-7)
 
 
-def test_the_loss_is_its_hand_computed_value():
+@pytest.mark.parametrize("tuning", [False, True])
+def test_the_loss_is_its_hand_computed_value(tuning):
+    """Distillation: x_r is the teacher's DDIM step from x_t; tuning (no teacher): x_r is the same
+    image with the same noise at r."""
     student, teacher, x0, k = _net(0).eval(), _net(1).eval(), _x0(), 10
     stats = {}
-    loss = consistency_losses(student, SCHED, x0, torch.Generator().manual_seed(5), teacher=teacher, skip=k,
-                              stats=stats)
+    loss = consistency_losses(student, SCHED, x0, torch.Generator().manual_seed(5),
+                              teacher=None if tuning else teacher, skip=k, stats=stats)
     g = torch.Generator().manual_seed(5)  # the draws the loss makes, in its order
     t = torch.randint(1, 198, (6,), generator=g)
     noise = torch.randn(x0.shape, generator=g)
@@ -115,6 +118,8 @@ def test_the_loss_is_its_hand_computed_value():
     with torch.no_grad():
         e_teacher = teacher(xt, t.float()).double()
         x_r = (a_r.sqrt() * (xt - (1 - a_t).sqrt() * e_teacher) / a_t.sqrt() + (1 - a_r).sqrt() * e_teacher).float()
+        if tuning:
+            x_r = (a_r.sqrt() * x0 + (1 - a_r).sqrt() * noise).float()
         f_t = (xt - (1 - a_t).sqrt() * student(xt, t.float()).double()) / a_t.sqrt()
         f_r = (x_r - (1 - a_r).sqrt() * student(x_r, r.float()).double()) / a_r.sqrt()
     c = 0.00054 * 28
@@ -240,7 +245,8 @@ def test_the_objective_defaults_to_ddpm_and_a_student_needs_its_teacher():
     assert TrainConfig.from_dict(old).objective == "ddpm" and TrainConfig.from_dict(old).consistency_sigma_max == 80
     cfg = train_config("smoke", "reduced", objective="consistency", teacher="baseline")
     assert (cfg.sampling.sampler, cfg.sampling.for_schedule(200).steps) == ("consistency", 2)  # its grids
-    for kw, msg in [(dict(), "needs a teacher"), (dict(teacher="b", distill_weight=1.0), "applies to objective ddpm"),
+    assert train_config("smoke", "reduced", objective="consistency").teacher == ""  # consistency tuning
+    for kw, msg in [(dict(teacher="b", distill_weight=1.0), "applies to objective ddpm"),
                     (dict(teacher="b", consistency_skip=0), r"consistency_skip must be in \[1, 199\]"),
                     (dict(teacher="b", consistency_skip=200), r"consistency_skip must be in \[1, 199\]"),
                     (dict(teacher="b", consistency_sigma_max=11.9), "consistency_sigma_max must be a number >= 12"),
@@ -349,3 +355,20 @@ def test_training_takes_the_teachers_step_of_the_current_k(tmp_path, tiny_mnist,
     monkeypatch.setattr(T, "consistency_losses", lambda *a, **k: skips.append(k["skip"]) or real(*a, **k))
     T.train(cfg, tiny_mnist, tmp_path / "run", init_state=load_model(teacher).model.state_dict(), **QUIET)
     assert skips == [8] * 4 + [4] * 4
+
+
+def test_tuning_needs_no_teacher_but_a_trained_start(tmp_path, tiny_mnist, monkeypatch, capsys):
+    """--objective consistency without --teacher: consistency tuning, no teacher loaded; the
+    command line still asks for the weights it starts from."""
+    line = one_error_line(*run_cli(["train", "--preset", "smoke", "--objective", "consistency",
+                                    "--out", tmp_path / "r"], capsys))
+    assert "add --init MODEL (e.g. baseline)" in line
+    start = load_model(tiny_model_file(tmp_path / "start.safetensors", seed=1)).model.state_dict()
+    cfg = train_config("smoke", "reduced", objective="consistency", sample_every=0)
+    monkeypatch.setattr("minidiff.consistency.teacher_ddim_step",
+                        lambda *a, **k: pytest.fail("tuning took a teacher's step"))
+    assert T.load_teacher(cfg, torch.device("cpu")) is None
+    path = T.train(cfg, tiny_mnist, tmp_path / "run", init_state=start, **QUIET)
+    model, _, meta = load_model(path)
+    assert meta["config"]["teacher"] == "" and meta["step"] == 8
+    assert not torch.equal(model.state_dict()["head.weight"], start["head.weight"])

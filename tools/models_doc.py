@@ -97,7 +97,8 @@ def main() -> int:
         save_images(generate(model, sched, 64, own, progress=False, labels=labels), grid)
         state = "complete" if c["complete"] else f"of {c['planned_epochs']:g} planned: stopped, see below"
         base = c.get("finetuned_from")
-        verb = "distilled for" if c["recipe"].get("objective") == "consistency" else "a fine-tune of"
+        verb = ("a fine-tune of" if c["recipe"].get("objective") != "consistency"
+                else "distilled for" if c["recipe"].get("teacher") else "consistency-tuned for")
         before = (f"{base['name']} ({base['images_seen']:,} images), then {verb} " if base else "")
         rows.append(f"| {name} | {c['params']:,} | {c['file_bytes']:,} | {before}{c['epochs']:.2f} epochs "
                     f"({state}); {c['images_seen']:,} images, {c['optimizer_steps']:,} steps | "

@@ -480,8 +480,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.resume:
         cfg = _resume_config(a.out, cfg, **{k: getattr(a, k) for k in RESUME_FLAGS})
     if cfg.objective == "consistency" and a.init is None and not a.resume:  # ECT: the student starts as its teacher
-        raise UserError(f"--objective consistency starts the student from its teacher's weights: add --init "
-                        f"{cfg.teacher}")
+        raise UserError(f"--objective consistency starts the student from a trained model's weights: add --init "
+                        f"{cfg.teacher or 'MODEL (e.g. baseline)'}")
     init_state = masks = None
     if a.init is not None:
         from .prune import finetune_start

@@ -336,18 +336,20 @@ class TrainConfig:
         "λ of teacher distillation: the loss gains λ·‖ε_student − ε_teacher‖² on the same x_t, t "
         "(0 = off; needs --teacher)"))
     teacher: str = field(default="", metadata=_flag(
-        "the frozen teacher of --distill-weight or --objective consistency: a model file or a "
-        "shipped name (e.g. baseline)"))
+        "the frozen teacher of --distill-weight or --objective consistency (without one, "
+        "consistency tuning): a model file or a shipped name (e.g. baseline)"))
     # what the network learns: the DDPM's ε (diffusion.p_losses), or a few-step consistency
     # student distilled from ``teacher`` (minidiff.consistency: Song et al. 2023, Algorithm 2,
     # with iCT's and ECT's changes), whose files sample with the consistency sampler by default
     objective: str = field(default="ddpm", metadata=_flag(
-        "ddpm (default): learn ε; consistency: distil a few-step student from --teacher by "
-        "consistency distillation, started from the teacher's weights (--init TEACHER); it samples "
+        "ddpm (default): learn ε; consistency: a few-step student started from a trained model's "
+        "weights (--init MODEL), by consistency distillation from --teacher, or without one by "
+        "consistency tuning (ECT); it samples "
         "with `--sampler consistency` at 2 steps by default", choices=OBJECTIVES))
-    # k, the teacher's DDIM step in timesteps: from t to max(t − k, 0)
+    # k in timesteps: the teacher's DDIM step (or, tuning, the same noise) from t to max(t − k, 0)
     consistency_skip: int = field(default=DEFAULT_CONSISTENCY_SKIP, metadata=_flag(
-        "--objective consistency: timesteps k of the teacher's DDIM step, from t to max(t − k, 0) "
+        "--objective consistency: timesteps k between the two points the student maps alike, t and "
+        "max(t − k, 0) "
         f"(default {DEFAULT_CONSISTENCY_SKIP})"))
     # ECT's shrinking step (Geng et al. 2024): k halves every this many epochs, down to 1, so the
     # student first links points far apart on the teacher's trajectories, then ever closer ones
@@ -417,9 +419,9 @@ class TrainConfig:
         self.sampling.for_schedule(self.diffusion.timesteps)  # the grids' steps fit this T
 
     def _check_objective(self) -> None:
-        """What each objective takes: a consistency student needs its teacher and a skip that
-        fits T, and has no distill_weight; for the DDPM a teacher and distill_weight > 0 come
-        together."""
+        """What each objective takes: a consistency student (distilled from a teacher, or tuned
+        without one) is unconditional, has a skip that fits T and no distill_weight; for the DDPM a
+        teacher and distill_weight > 0 come together."""
         _check(self.objective in OBJECTIVES,
                f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.objective == "ddpm":
@@ -428,7 +430,6 @@ class TrainConfig:
                    f"(got distill_weight {self.distill_weight}, teacher {self.teacher!r})")
             return
         T = self.diffusion.timesteps
-        _check(bool(self.teacher), "objective consistency needs a teacher: the model it distils (e.g. baseline)")
         _check(self.distill_weight == 0, "distill_weight applies to objective ddpm; objective consistency "
                                          f"has a loss of its own (got distill_weight {self.distill_weight})")
         _check(not self.model.num_classes, "objective consistency is for unconditional models")

@@ -46,6 +46,13 @@ and a consistency function in this parametrisation cannot be accurate; x_T ~ N(0
 from x_197 by its missing 0.016 x_0. The sampler (``samplers.consistency_sample``) starts lower,
 at σ ≤ 12 (t = 188, ``SAMPLE_SIGMA_MAX``: why, and what was measured, beside the constant).
 
+**Without a teacher** (``TrainConfig.teacher`` empty) the loss is consistency *tuning*, ECT's
+own method (Geng et al. 2024; iCT's consistency training started from a pretrained model): the
+point one step further along is the same noisy image at r, x_r = √ᾱ_r x_0 + √(1 − ᾱ_r) ε with the
+same ε as x_t (x̃_r = x_0 + σ_r ε, x̃_t = x_0 + σ_t ε), an unbiased one-sample estimate of the
+trajectory's point in place of a teacher's ODE step. It costs one network evaluation less per
+image, and at r = 0 (k ≥ t) the loss is the pretrained model's own denoising objective in x_0.
+
 **k** (``TrainConfig.consistency_skip``, default ``config.DEFAULT_CONSISTENCY_SKIP`` = 10): T/k = 20
 intervals, near the N = 18 discretisation steps with which Song et al. distilled CIFAR-10 best
 (their ablation over N);
@@ -161,12 +168,13 @@ def consistency_distance(model, sched: Schedule, xt: torch.Tensor, t: torch.Tens
 
 
 def consistency_losses(model, sched: Schedule, x0: torch.Tensor, generator: torch.Generator | None = None,
-                       part: slice | None = None, *, teacher, skip: int = DEFAULT_CONSISTENCY_SKIP,
+                       part: slice | None = None, *, teacher=None, skip: int = DEFAULT_CONSISTENCY_SKIP,
                        stats: dict[str, torch.Tensor] | None = None,
                        sigma_max: float = SIGMA_MAX) -> torch.Tensor:
-    """The consistency-distillation loss of a batch x0 (B, 1, 28, 28) (module docstring):
-    mean of λ(t, r)·d(f_θ(x_t, t), sg[f_θ(x̂_r, r)]) with x̂_r the frozen ``teacher``'s DDIM step
-    from x_t to r = max(t − ``skip``, 0), t drawn up to the largest timestep with σ_t ≤ ``sigma_max``.
+    """The consistency loss of a batch x0 (B, 1, 28, 28) (module docstring): mean of
+    λ(t, r)·d(f_θ(x_t, t), sg[f_θ(x̂_r, r)]) with x̂_r the frozen ``teacher``'s DDIM step from x_t to
+    r = max(t − ``skip``, 0) (distillation), or with ``teacher`` None x_r, the same image and noise
+    at r (tuning); t drawn up to the largest timestep with σ_t ≤ ``sigma_max``.
 
     t and ε are drawn from ``generator`` for the whole batch, where the generator lives, as
     ``diffusion.p_losses`` draws them; ``part`` then keeps one rank's slice of the batch under data
@@ -181,7 +189,7 @@ def consistency_losses(model, sched: Schedule, x0: torch.Tensor, generator: torc
         x0, t, noise = x0[part], t[part], noise[part]
     r = (t - skip).clamp(min=0)
     xt = q_sample(sched, x0, t, noise)
-    x_r = teacher_ddim_step(teacher, sched, xt, t, r)
+    x_r = q_sample(sched, x0, r, noise) if teacher is None else teacher_ddim_step(teacher, sched, xt, t, r)
     per_sample = inverse_step_weight(sched, t, r) * consistency_distance(model, sched, xt, t, x_r, r)
     if stats is not None:
         stats["t"], stats["mse"] = t, per_sample.detach()

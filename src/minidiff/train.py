@@ -118,9 +118,9 @@ def _file_extras(st: TrainState, cfg: TrainConfig) -> dict:
 
 def load_teacher(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | None:
     """The frozen teacher of a distilling run (``cfg.teacher``: a model file or a shipped name),
-    in eval mode and without gradients; None unless ``cfg.distill_weight`` > 0 or the objective
-    is consistency."""
-    if not cfg.distill_weight and cfg.objective != "consistency":
+    in eval mode and without gradients; None when the run names none (a DDPM without
+    distillation, or consistency tuning)."""
+    if not cfg.teacher:
         return None
     from .modelfile import load_model
     from .shipped import resolve_model

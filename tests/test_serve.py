@@ -268,6 +268,7 @@ def test_other_mistakes_are_json_errors_too(port, tiny_models):
     assert status == 200 and [m["name"] for m in info["models"]] == ["tiny", "tiny-b"]
     params = sum(p.numel() for p in load_model(tiny_models["tiny"]).model.parameters())
     assert info["max_images"] == 16 and info["models"][0]["params"] == params < 100_000
+    assert info["max_steps"] == {"consistency": 4}  # the page's steps field offers no more
 
 
 def test_the_page_and_its_assets_come_from_the_package(port):
@@ -815,6 +816,7 @@ def test_the_page_switches_to_a_students_own_sampler_and_back_in_headless_chromi
         assert Select(b.find_element(By.NAME, "sampler")).first_selected_option.get_attribute("value") == "consistency"
         Select(a.find_element(By.NAME, "model")).select_by_value("student")
         assert shown() == ("consistency", CONSISTENCY_STEPS)
+        assert steps.get_attribute("max") == str(SAMPLERS["consistency"].max_steps)  # the field offers 1 to 4
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".run[data-state=done]"))
         frames = browser.execute_script("return document.querySelector('.run').frames.length")

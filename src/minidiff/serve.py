@@ -445,6 +445,8 @@ def create_app(models: dict[str, Path], max_images: int = MAX_IMAGES,
 
     async def api_models(request: Request) -> JSONResponse:
         return JSONResponse(dict(models=[m.info for m in loaded.values()], samplers=list(SAMPLERS),
+                                 # a few-step sampler's cap on steps (the rest: the model's T)
+                                 max_steps={k: s.max_steps for k, s in SAMPLERS.items() if s.max_steps},
                                  max_images=max_images, default_sampler=DEFAULT_SAMPLING.sampler,
                                  default_steps=DEFAULT_STEPS, default_eta=DEFAULT_DDIM_ETA,
                                  digits=MNIST_CLASSES, default_guidance=DEFAULT_GUIDANCE))

@@ -18,12 +18,13 @@ function modelInfo(name) {
   return config.models.find(m => m.name === name);
 }
 
-// η belongs to DDIM; DDPM always runs all T steps of the model's schedule.
+// η belongs to DDIM; DDPM always runs all T steps of the model's schedule; a few-step sampler
+// (consistency) takes at most its own number.
 function syncSetting(fs) {
   const sampler = $("[name=sampler]", fs).value;
   const steps = $("[name=steps]", fs);
   const T = modelInfo($("[name=model]", fs).value).T;
-  steps.max = T;
+  steps.max = Math.min(T, config.max_steps[sampler] ?? T);
   steps.disabled = sampler === "ddpm";
   if (sampler === "ddpm") steps.value = T;
   $("[name=eta]", fs).disabled = sampler !== "ddim";

@@ -651,7 +651,8 @@ def cmd_models(a: argparse.Namespace) -> None:
     notes = []
     for c in cards:
         ev = own_evaluation(c)[1]  # under its own sampler: a student's few steps
-        guided = (c.get("guidance") or {}).get("ddim20", {}).get(f"{c.get('default_guidance', -1):g}")
+        w = c.get("default_guidance")  # a conditional model's; its guidance rows are keyed by f"{w:g}"
+        guided = None if w is None else (c.get("guidance") or {}).get("ddim20", {}).get(f"{w:g}")
         if guided:  # a conditional model: asked for each digit at its default guidance
             notes.append(f"{c['name']}: asked for each digit at its default guidance w = {c['default_guidance']:g} "
                          f"(drawn without a label: confidence {ev['mean_confidence']:.3f}, pseudo-FID "

@@ -449,6 +449,20 @@ def test_ship_model_records_what_a_fine_tune_started_from_and_its_evaluation_bef
     assert c["evaluation"]["ddim20"]["pseudo_fid"] == rows[ckpt.read_header(after)["sha256"]]["pseudo_fid"]
 
 
+def test_ship_model_records_a_fine_tune_of_a_file_that_does_not_ship(curve, monkeypatch, tmp_path):
+    """--finetuned-from FILE (a variant's run before its fine-tune): the card counts that file's
+    own images and epochs, and names it by its architecture and its bytes' sha256."""
+    import hashlib
+    from minidiff.modelfile import epochs_seen, images_seen
+    before, after = curve["models"][:2]
+    c = card(_ship(monkeypatch, "shallow", after, PROVENANCE, tmp_path / "weights", tmp_path, "--eval",
+                   curve["out"] / "curve.json", "--before", before, "--finetuned-from", before))
+    meta = ckpt.read_header(before)
+    assert c["finetuned_from"] == {"name": meta["arch"], "file_sha256": hashlib.sha256(before.read_bytes()).hexdigest(),
+                                   "images_seen": images_seen(meta), "epochs": epochs_seen(meta)}
+    assert c["finetuned_from"]["images_seen"] == meta["step"] * meta["config"]["batch_size"]
+
+
 @pytest.mark.parametrize("flag", ["--guidance", "--before"])
 def test_ship_model_refuses_rows_it_cannot_take_without_eval(flag, curve, monkeypatch, tmp_path, capsys):
     weights = tmp_path / "weights"

@@ -18,6 +18,7 @@ score (rows of benchmarks/quality_curve.py's curve.json for these exact weights)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -83,6 +84,19 @@ def _precision_by_segment(segments: list[dict], default: str) -> str:
     return "; ".join(f"{p} (steps {a:,} to {b:,})" for p, a, b in merged)
 
 
+def _source(name_or_file: str) -> dict:
+    """What a fine-tune started from, for its card: a shipped model by name (its card's counts),
+    or a model file that does not ship, named by its architecture (its own header's counts)."""
+    path = Path(name_or_file)
+    if not path.suffix == ".safetensors":
+        base = card(shipped_path(name_or_file))
+        return {"name": name_or_file, "file_sha256": base["file_sha256"], "images_seen": base["images_seen"],
+                "epochs": base["epochs"]}
+    meta = ckpt.read_header(path)
+    return {"name": meta["arch"], "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "images_seen": images_seen(meta), "epochs": epochs_seen(meta)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -93,8 +107,9 @@ def main(argv=None) -> int:
                     help="store the weights with their zeros left out (non-zero values + a bitmask, "
                          "checkpoint.save_sparse), so a paper-pruned model's pruning shows in its bytes; "
                          "it loads to the very same dense weights")
-    ap.add_argument("--finetuned-from", default=None, metavar="NAME",
-                    help="the shipped model this one was compressed from and fine-tuned: the card "
+    ap.add_argument("--finetuned-from", default=None, metavar="NAME|FILE",
+                    help="the model this one was fine-tuned from — a shipped name, or a model file "
+                         "that does not ship (e.g. a variant's run before its fine-tune): the card "
                          "counts that model's images apart from the fine-tune's own")
     ap.add_argument("--before", type=Path, default=None, metavar="MODEL",
                     help="the compressed file before its fine-tune: its rows of --eval go on the card "
@@ -138,9 +153,7 @@ def main(argv=None) -> int:
             if a.before is not None:
                 c["evaluation_before_finetune"] = _eval_rows(a.eval, ckpt.load(a.before)[1]["sha256"])
         if a.finetuned_from is not None:
-            base = card(shipped_path(a.finetuned_from))
-            c["finetuned_from"] = {"name": a.finetuned_from, "file_sha256": base["file_sha256"],
-                                   "images_seen": base["images_seen"], "epochs": base["epochs"]}
+            c["finetuned_from"] = _source(a.finetuned_from)
         # the weights the evaluation describes, by the digest of the file it was run on (a file
         # stored sparse has other stored tensors, so another digest of its own)
         c["evaluated_sha256"] = meta["sha256"]

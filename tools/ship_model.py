@@ -18,7 +18,6 @@ score (rows of benchmarks/quality_curve.py's curve.json for these exact weights)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -88,13 +87,14 @@ def _source(name_or_file: str) -> dict:
     """What a fine-tune started from, for its card: a shipped model by name (its card's counts),
     or a model file that does not ship, named by its architecture (its own header's counts)."""
     path = Path(name_or_file)
-    if not path.suffix == ".safetensors":
-        base = card(shipped_path(name_or_file))
+    shipped = path.suffix != ".safetensors"
+    base = card(shipped_path(name_or_file) if shipped else path)  # file_sha256 of either
+    if shipped:
         return {"name": name_or_file, "file_sha256": base["file_sha256"], "images_seen": base["images_seen"],
                 "epochs": base["epochs"]}
     meta = ckpt.read_header(path)
-    return {"name": meta["arch"], "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "images_seen": images_seen(meta), "epochs": epochs_seen(meta)}
+    return {"name": meta["arch"], "file_sha256": base["file_sha256"], "images_seen": images_seen(meta),
+            "epochs": epochs_seen(meta)}
 
 
 def main(argv=None) -> int:

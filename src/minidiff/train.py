@@ -331,42 +331,6 @@ def _initial_state(cfg: TrainConfig, ckpt_path: Path | None, device: torch.devic
     return st
 
 
-def _optimizer_step(st: TrainState, net: torch.nn.Module, x0: torch.Tensor, sched, cfg: TrainConfig,
-                    lr: float, precision: str, part, teacher: torch.nn.Module | None, meter: _Meter,
-                    y: torch.Tensor | None = None, epoch: float = 0.0) -> None:
-    """One step on batch ``x0`` (labels ``y`` for a conditional model, dropped with
-    ``cfg.label_dropout`` by the run's generator before it draws t and ε): loss (with the
-    teacher's term when distilling; the consistency loss for that objective), backward, clip,
-    Adam, masks, EMA; the loss (averaged over every process) goes to ``meter`` without waiting
-    for it, and the run checks it at its next row, checkpoint or grid (``_Run.check_finite``).
-    ``epoch`` (fractional) is where the run stands: the consistency loss's k depends on it."""
-    for group in st.opt.param_groups:
-        group["lr"] = lr
-    stats: dict[str, torch.Tensor] = {}
-    if y is not None:
-        y = drop_labels(y, cfg.label_dropout, cfg.model.num_classes, st.g_noise)
-    with autocast(precision, x0.device):
-        if cfg.objective == "consistency":
-            loss = consistency_losses(net, sched, x0, st.g_noise, part, teacher=teacher,
-                                      skip=skip_at(cfg.consistency_skip, cfg.consistency_skip_halving, epoch),
-                                      stats=stats,
-                                      sigma_max=cfg.consistency_sigma_max)
-        else:
-            loss = p_losses(net, sched, x0, st.g_noise, part, teacher=teacher, distill_weight=cfg.distill_weight,
-                            stats=stats, y=y)
-    meter.add(st.step, mean_across(loss), stats["t"], stats["mse"], sched.T, x0.shape[0])
-    st.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
-    st.opt.step()
-    if st.masks:
-        apply_masks(st.model, st.masks)
-    if st.ema is not None:
-        ema_update(st.ema, st.model, cfg.ema_decay, st.step)
-    st.step += 1
-
-
 @dataclass
 class _Run:
     """One call of ``train``: the run directory and everything its phases share."""
@@ -405,6 +369,39 @@ class _Run:
     def is_grid_step(self) -> bool:
         every, step = self.sample_every, self.st.step
         return bool(every) and step % every == 0 and self.total_steps - step >= every // 2
+
+    def optimizer_step(self, lr: float, x0: torch.Tensor, y: torch.Tensor | None) -> None:
+        """One step on batch ``x0`` (labels ``y`` for a conditional model, dropped with
+        ``cfg.label_dropout`` by the run's generator before it draws t and ε): loss (with the
+        teacher's term when distilling; the consistency loss for that objective, whose k depends
+        on the fractional epoch), backward, clip, Adam, masks, EMA; the loss (averaged over every
+        process) goes to the meter without waiting for it, and the run checks it at its next row,
+        checkpoint or grid (``check_finite``)."""
+        st, cfg = self.st, self.cfg
+        for group in st.opt.param_groups:
+            group["lr"] = lr
+        stats: dict[str, torch.Tensor] = {}
+        if y is not None:
+            y = drop_labels(y, cfg.label_dropout, cfg.model.num_classes, st.g_noise)
+        with autocast(self.precision, x0.device):
+            if cfg.objective == "consistency":
+                skip = skip_at(cfg.consistency_skip, cfg.consistency_skip_halving, st.step / self.bpe)
+                loss = consistency_losses(self.net, self.sched, x0, st.g_noise, self.part, teacher=self.teacher,
+                                          skip=skip, stats=stats, sigma_max=cfg.consistency_sigma_max)
+            else:
+                loss = p_losses(self.net, self.sched, x0, st.g_noise, self.part, teacher=self.teacher,
+                                distill_weight=cfg.distill_weight, stats=stats, y=y)
+        self.meter.add(st.step, mean_across(loss), stats["t"], stats["mse"], self.sched.T, x0.shape[0])
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(st.model.parameters(), cfg.grad_clip)
+        st.opt.step()
+        if st.masks:
+            apply_masks(st.model, st.masks)
+        if st.ema is not None:
+            ema_update(st.ema, st.model, cfg.ema_decay, st.step)
+        st.step += 1
 
     def check_finite(self) -> None:
         bad = self.meter.first_bad_step()
@@ -514,8 +511,7 @@ def _loop(run: _Run, minutes: float | None, progress: bool) -> bool:
     st.model.train()
     try:
         for lr, x0, y in run.batches():
-            _optimizer_step(st, run.net, x0, run.sched, cfg, lr, run.precision, run.part, run.teacher, run.meter, y,
-                            epoch=st.step / run.bpe)
+            run.optimizer_step(lr, x0, y)
             bar.update(1)
             # decided once per step: a stop by the clock always has its checkpoint
             run.stopping = deadline is not None and time.perf_counter() >= deadline and st.step < run.total_steps

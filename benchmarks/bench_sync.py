@@ -6,7 +6,7 @@ loop reads the loss every step (``loss.item()``) to print or check it. On a GPU 
 the host wait for the step to finish before it can queue the next one; on a CPU, where every
 operation already runs to completion before the next line, it should cost nothing. This script
 measures both on the device at hand: the same model, recipe and batches through minidiff's own
-optimiser step (``train._optimizer_step``), with and without a read of the loss after every
+optimiser step (``train._Run.optimizer_step``), with and without a read of the loss after every
 step, alternating ``--reps`` times, and prints steps/s with the ratio:
 
   .venv/bin/python benchmarks/bench_sync.py --arch reduced --steps 40 --reps 3
@@ -24,7 +24,7 @@ import torch
 from minidiff.config import TrainConfig, train_config
 from minidiff.diffusion import make_schedule
 from minidiff.runtime import cpu_name, default_device, describe_device, resolve_precision, tune_allocator
-from minidiff.train import _initial_state, _Meter, _optimizer_step
+from minidiff.train import _initial_state, _Meter, _Run
 
 
 def steps_per_s(cfg: TrainConfig, steps: int, sync: bool, device: torch.device) -> float:
@@ -39,9 +39,12 @@ def steps_per_s(cfg: TrainConfig, steps: int, sync: bool, device: torch.device) 
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     x0 = (torch.rand(batch, 1, 28, 28, generator=g) * 2 - 1).to(device).contiguous(memory_format=fmt)
     st.model.train()
+    # a run without data or a directory: its optimiser step needs neither for the DDPM loss
+    run = _Run(cfg=cfg, data=None, out=None, device=device, precision=precision, sched=sched, st=st, teacher=None,
+               heldout=None, main=True, net=st.model, meter=meter)
 
     def step() -> None:
-        _optimizer_step(st, st.model, x0, sched, cfg, cfg.lr, precision, None, None, meter)
+        run.optimizer_step(cfg.lr, x0, None)
         if sync:
             float(meter.sums[0])  # the host waits for this step's loss
 

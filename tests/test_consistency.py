@@ -336,10 +336,17 @@ def test_a_tiny_student_trains_resumes_bit_exactly_and_samples_as_a_student(tmp_
     assert images.shape == (3, 28, 28)
 
 
-def test_the_skip_halves_every_so_many_epochs_down_to_one():
+def test_the_skip_halves_every_so_many_epochs_down_to_its_floor():
     assert [skip_at(80, 2, e) for e in (0, 1.99, 2, 3.99, 4, 8, 12, 13.99, 100)] == [80, 80, 40, 40, 20, 5, 1, 1, 1]
     assert [skip_at(10, 0, e) for e in (0, 50)] == [10, 10]  # 0: k stays
     assert skip_at(7, 0.5, 1.0) == 1  # 7 >> 2
+    # a floor stops the halving: 80, 40, 20, then 10 for good
+    assert [skip_at(80, 0.25, e, floor=10) for e in (0, 0.25, 0.5, 0.75, 1.0, 5, 100)] == [80, 40, 20, 10, 10, 10, 10]
+    assert skip_at(10, 0, 9, floor=5) == 10 and skip_at(12, 1, 1, floor=12) == 12
+    for bad in (0, 81):
+        with pytest.raises(ConfigError, match=r"consistency_skip_min must be in \[1, consistency_skip = 80\]"):
+            train_config("smoke", "reduced", objective="consistency", teacher="b", consistency_skip=80,
+                         consistency_skip_min=bad)
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="consistency_skip_halving must be a number of epochs >= 0"):
             train_config("smoke", "reduced", objective="consistency", teacher="b", consistency_skip_halving=bad)

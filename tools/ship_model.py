@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         if cfg.get("objective", "ddpm") != "ddpm":  # a consistency student: what it was distilled with
             c["recipe"].update(objective=cfg["objective"], teacher=cfg["teacher"],
                                **{k: cfg[k] for k in ("consistency_skip", "consistency_skip_halving",
-                                                      "consistency_sigma_max") if k in cfg})
+                                                      "consistency_skip_min", "consistency_sigma_max") if k in cfg})
         # the evaluation that speaks for the model: under its own sampler at its own steps
         own = SamplingSpec(default_sampler(cfg.get("objective", "ddpm"))).for_schedule(cfg["diffusion"]["timesteps"])
         c["own_sampling"] = f"{own.sampler}{own.steps}"

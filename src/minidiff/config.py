@@ -354,8 +354,12 @@ class TrainConfig:
     # ECT's shrinking step (Geng et al. 2024): k halves every this many epochs, down to 1, so the
     # student first links points far apart on the teacher's trajectories, then ever closer ones
     consistency_skip_halving: float = field(default=0.0, metadata=_flag(
-        "--objective consistency: halve k every this many epochs, down to 1 (default 0: k stays "
-        "--consistency-skip throughout)"))
+        "--objective consistency: halve k every this many epochs, down to --consistency-skip-min "
+        "(default 0: k stays --consistency-skip throughout)"))
+    # where the halving stops (ECT's own: 1); below about 10, bf16 students collapsed here
+    # (minidiff.consistency, under k)
+    consistency_skip_min: int = field(default=1, metadata=_flag(
+        "--objective consistency: the smallest k the halving reaches (default 1)"))
     # σ_max of the training range: t ~ U{1, …, t_max}, t_max the largest t with σ_t ≤ σ_max
     consistency_sigma_max: float = field(default=DEFAULT_CONSISTENCY_SIGMA_MAX, metadata=_flag(
         "--objective consistency: train on the timesteps whose noise level σ_t = √((1 − ᾱ_t)/ᾱ_t) is "
@@ -434,6 +438,9 @@ class TrainConfig:
                                          f"has a loss of its own (got distill_weight {self.distill_weight})")
         _check(not self.model.num_classes, "objective consistency is for unconditional models")
         _check(1 <= self.consistency_skip < T, f"consistency_skip must be in [1, {T - 1}], got {self.consistency_skip}")
+        _check(1 <= self.consistency_skip_min <= self.consistency_skip,
+               f"consistency_skip_min must be in [1, consistency_skip = {self.consistency_skip}], "
+               f"got {self.consistency_skip_min}")
         _check(math.isfinite(self.consistency_skip_halving) and self.consistency_skip_halving >= 0,
                f"consistency_skip_halving must be a number of epochs >= 0, got {self.consistency_skip_halving}")
         _check(math.isfinite(self.consistency_sigma_max) and self.consistency_sigma_max >= CONSISTENCY_SAMPLE_SIGMA_MAX,

@@ -385,7 +385,8 @@ class _Run:
             y = drop_labels(y, cfg.label_dropout, cfg.model.num_classes, st.g_noise)
         with autocast(self.precision, x0.device):
             if cfg.objective == "consistency":
-                skip = skip_at(cfg.consistency_skip, cfg.consistency_skip_halving, st.step / self.bpe)
+                skip = skip_at(cfg.consistency_skip, cfg.consistency_skip_halving, st.step / self.bpe,
+                               cfg.consistency_skip_min)
                 loss = consistency_losses(self.net, self.sched, x0, st.g_noise, self.part, teacher=self.teacher,
                                           skip=skip, stats=stats, sigma_max=cfg.consistency_sigma_max)
             else:

@@ -14,9 +14,10 @@ OUT/results.json keeps every row measured into OUT under what its numbers depend
 sha256, the metric definitions (``evaluate.METRICS_VERSION``) and benchmarks/quality_curve.py's key
 (every field of the SamplingSpec as run on this device, and N). A rerun reuses a row whose key is
 identical and measures the rest; the file is rewritten atomically after every row, so a kill loses
-at most the row in progress. OUT/results.md (a table) and OUT/pseudo_fid_vs_nfe.png (pseudo-FID
-against evaluations per sample, a line per sampler and grid, DDPM-200 as a horizontal line) show
-this run's rows only.
+at most the row in progress. OUT/results.md (a table), OUT/summary.md (per model: each sampler
+on its best grid, each grid with its best sampler, the fewest evaluations within 10 % of DDPM's
+pseudo-FID) and OUT/pseudo_fid_vs_nfe.png (pseudo-FID against evaluations per sample, a line per
+sampler and grid, DDPM-200 as a horizontal line) show this run's rows only.
 
   python benchmarks/sampler_study.py baseline reduced --out runs/sampler_study
   python benchmarks/sampler_study.py reduced --out /tmp/ss -n 256 --steps 4,10 \\
@@ -51,6 +52,7 @@ from quality_curve import cache_key, row_of  # noqa: E402
 
 SAMPLERS = "ddim,ddim:eta=1,dpmpp2m,dpmpp3m"
 STEPS = "2,4,6,8,10,20"
+TOLERANCE = 0.10  # "as good as DDPM": pseudo-FID at most 10 % above its, as bench_sampling.py's verdict
 
 
 def study_specs(a: argparse.Namespace) -> list[SamplingSpec]:
@@ -132,6 +134,56 @@ def table(rows: list[dict]) -> str:
             f"for all; measured on {'; '.join(machines)}\n\n" + "\n".join([head, *lines]) + "\n")
 
 
+def _best(rows: list[dict]) -> dict:
+    """The row of lowest pseudo-FID."""
+    return min(rows, key=lambda r: r["pseudo_fid"])
+
+
+def summary(rows: list[dict], tolerance: float = TOLERANCE) -> str:
+    """This run's rows condensed, per model: the best grid of each sampler at each step count, the
+    best sampler on each grid, and the fewest evaluations within ``tolerance`` of DDPM's pseudo-FID."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        ref = next((r for r in mine if r["sampler"] == "ddpm"), None)
+        fast = [r for r in mine if r["sampler"] != "ddpm"]
+        steps = sorted({r["steps"] for r in fast})
+        head = f"### {model}, N = {mine[0]['n']:,} (floor {mine[0]['floor']:.2f})\n\n"
+        if ref is not None:
+            head += (f"Reference: DDPM over all {ref['steps']} steps, pseudo-FID {ref['pseudo_fid']:.2f}, "
+                     f"confidence {ref['mean_confidence']:.3f}.\n\n")
+        cols = "| " + " | ".join(f"{k} evaluations" for k in steps) + " |\n" + "|---" * (len(steps) + 1) + "|"
+        by_sampler = []
+        for name in dict.fromkeys(sampler_name(r) for r in fast):
+            cells = []
+            for k in steps:
+                at = [r for r in fast if sampler_name(r) == name and r["steps"] == k]
+                cells.append(f"{_best(at)['pseudo_fid']:.2f} ({_best(at)['spacing']})" if at else "—")
+            by_sampler.append(f"| {name} | " + " | ".join(cells) + " |")
+        by_grid = []
+        for spacing in dict.fromkeys(r["spacing"] for r in fast):
+            cells = []
+            for k in steps:
+                at = [r for r in fast if r["spacing"] == spacing and r["steps"] == k]
+                cells.append(f"{_best(at)['pseudo_fid']:.2f} ({sampler_name(_best(at))})" if at else "—")
+            by_grid.append(f"| {spacing} | " + " | ".join(cells) + " |")
+        verdict = ""
+        if ref is not None:
+            bound = (1 + tolerance) * ref["pseudo_fid"]
+            ok = [r for r in fast if r["pseudo_fid"] <= bound]
+            if ok:
+                v = min(ok, key=lambda r: (r["nfe"], r["pseudo_fid"]))
+                verdict = (f"Fewest evaluations within {100 * tolerance:g} % of DDPM's pseudo-FID (≤ {bound:.2f}): "
+                           f"**{sampler_name(v)}, {v['spacing']} grid, {v['steps']} steps**, pseudo-FID "
+                           f"{v['pseudo_fid']:.2f}, confidence {v['mean_confidence']:.3f}.\n")
+            else:
+                verdict = f"No fast setting came within {100 * tolerance:g} % of DDPM's pseudo-FID (≤ {bound:.2f}).\n"
+        out.append(head + "Pseudo-FID of each sampler on its best grid:\n\n| sampler " + cols + "\n"
+                   + "\n".join(by_sampler) + "\n\nPseudo-FID on each grid with its best sampler:\n\n| grid "
+                   + cols + "\n" + "\n".join(by_grid) + "\n\n" + verdict)
+    return "\n".join(out)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Pseudo-FID against network evaluations per sample, a panel per model: a line per sampler
     (colour) and grid (line style), DDPM as a horizontal line."""
@@ -195,8 +247,9 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     rows = measure(todo, a.n, device, a.out / "results.json")
     write_text(a.out / "results.md", table(rows))
+    write_text(a.out / "summary.md", summary(rows))
     plot(rows, a.out / "pseudo_fid_vs_nfe.png")
-    print("\n".join(str(a.out / f) for f in ("results.json", "results.md", "pseudo_fid_vs_nfe.png")))
+    print("\n".join(str(a.out / f) for f in ("results.json", "results.md", "summary.md", "pseudo_fid_vs_nfe.png")))
     return 0
 
 

@@ -175,3 +175,23 @@ def test_sampler_study_plans_the_default_study_on_shipped_names_and_refuses_bad_
             ss.main(["reduced", "--out", str(tmp_path / "bad"), *flags])
         assert e.value.code == 2, flags
     assert not (tmp_path / "bad").exists()
+
+
+def test_sampler_study_summary_takes_each_samplers_best_grid_and_the_fewest_evaluations_near_ddpm():
+    ss = _benchmark("sampler_study")
+
+    def row(sampler, eta, spacing, steps, fid, model="m"):
+        return dict(model=model, sampler=sampler, eta=eta, spacing=spacing, steps=steps, nfe=steps, n=100, floor=0.5,
+                    pseudo_fid=fid, mean_confidence=0.9)
+    rows = [row("ddpm", None, None, 200, 1.0), row("ddim", 0.0, "leading", 4, 3.0), row("ddim", 0.0, "logsnr", 4, 2.0),
+            row("dpmpp2m", None, "leading", 4, 1.2), row("ddim", 0.0, "leading", 10, 1.09),
+            row("dpmpp2m", None, "leading", 10, 1.05), row("dpmpp2m", None, "logsnr", 10, 1.5)]
+    md = ss.summary(rows)
+    assert "| ddim η = 0 | 2.00 (logsnr) | 1.09 (leading) |" in md and "| dpmpp2m | 1.20 (leading) | 1.05 (leading) |" in md
+    assert "| leading | 1.20 (dpmpp2m) | 1.05 (dpmpp2m) |" in md and "| logsnr | 2.00 (ddim η = 0) | 1.50 (dpmpp2m) |" in md
+    # within 10 % of 1.0: both 10-step rows; the fewer evaluations first, then the lower pseudo-FID
+    assert "(≤ 1.10): **dpmpp2m, leading grid, 10 steps**, pseudo-FID 1.05" in md
+    assert "Reference: DDPM over all 200 steps, pseudo-FID 1.00" in md
+    assert "No fast setting came within 10 %" in ss.summary(rows[:4])    # 1.2 is 20 % above
+    alone = ss.summary([row("ddim", 0.0, "leading", 4, 3.0, model="other")])  # no reference: no verdict
+    assert "### other, N = 100 (floor 0.50)" in alone and "DDPM" not in alone

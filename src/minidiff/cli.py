@@ -133,12 +133,13 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help=f"network evaluations per sample (default {DEFAULT_STEPS}; ddpm always uses T; "
                         f"consistency takes 1 to {SAMPLERS['consistency'].max_steps}, default {CONSISTENCY_STEPS})")
     p.add_argument("--spacing", default=d.spacing, choices=SPACINGS,
-                   help=f"timesteps of ddim/dpmpp2m, as diffusers' DDIMScheduler spaces them "
-                        f"(default {d.spacing}; see minidiff.samplers.timestep_grid)")
+                   help=f"timesteps of ddim, dpmpp2m and dpmpp3m: diffusers' DDIMScheduler's three grids or "
+                        f"uniform in log-SNR (default {d.spacing}; with fewer steps logsnr served dpmpp2m best "
+                        f"at 6-10, trailing ddim at 2-4: docs/benchmarks.md)")
     p.add_argument("--eta", type=float, default=None,
                    help=f"ddim only: 0 = deterministic, 1 = ancestral-like noise (default "
-                        f"{DEFAULT_DDIM_ETA:g}: at {DEFAULT_STEPS} steps it came within 3 %% of "
-                        f"ddpm's 200-step pseudo-FID, η = 0 was 32 %% worse)")
+                        f"{DEFAULT_DDIM_ETA:g}: at {DEFAULT_STEPS} steps on the shipped baseline, pseudo-FID "
+                        f"1.31 against η = 0's 1.88; docs/benchmarks.md)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"fixes x_T and every sample's noise (default {d.seed})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"samples per forward pass (default {d.batch_size})")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,

@@ -22,11 +22,14 @@ after the last step, the sample) and ``x0`` (the estimate x̂_0 made at t, clipp
 
 Grids: ``steps`` network evaluations at t_0 > … > t_{steps−1}, spaced as diffusers' DDIMScheduler
 spaces them; the last evaluation's x̂_0 is the sample. The default, ``leading`` (k·⌊T/steps⌋, so
-190, 180, …, 0 for 20 steps), beat ``linspace`` (199 … 0) on the quick baseline: pseudo-FID 20.1
-vs 22.8 for DDIM 10 and 17.0 vs 18.1 for DDIM 20 (N = 256, same x_T). Starting one stride below
-T−1 skips the step from the clipped β_199, where x̂_0 is least reliable.
+190, 180, …, 0 for 20 steps), is the best grid for DDIM η = 1 at 20 steps on the shipped models
+(pseudo-FID 1.31 on the baseline against 1.34 linspace, 1.35 trailing, 1.69 logsnr; N = 2,000,
+benchmarks/sampler_study.py). Starting one stride below T−1 skips the step from the clipped β_199,
+where x̂_0 is least reliable. With fewer steps ``trailing`` (which starts at T−1) served DDIM
+better (10 steps: 3.51 against 4.55).
 ``logsnr`` spaces the grid uniformly in log-SNR instead (the step size DPM-Solver's error
-analysis is written in), which needs the schedule's ᾱ.
+analysis is written in), which needs the schedule's ᾱ; the DPM-Solver++ samplers scored best on
+it from 6 steps up (10 steps: 2.27 for 2M on the baseline).
 Randomness comes in only through the ``torch.Generator`` (one per batch, or one per sample).
 
 Which samplers exist and what each takes is ``config.SAMPLERS``, the one registry; a

@@ -358,8 +358,9 @@ class TrainConfig:
         "--objective consistency: timesteps k between the two points the student maps alike, t and "
         "max(t − k, 0) "
         f"(default {DEFAULT_CONSISTENCY_SKIP})"))
-    # ECT's shrinking step (Geng et al. 2024): k halves every this many epochs, down to 1, so the
-    # student first links points far apart on the teacher's trajectories, then ever closer ones
+    # ECT's shrinking step (Geng et al. 2024): k halves every this many epochs, down to
+    # consistency_skip_min, so the student first links points far apart on the teacher's
+    # trajectories, then ever closer ones
     consistency_skip_halving: float = field(default=0.0, metadata=_flag(
         "--objective consistency: halve k every this many epochs, down to --consistency-skip-min "
         "(default 0: k stays --consistency-skip throughout)"))

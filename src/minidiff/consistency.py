@@ -62,8 +62,8 @@ k bootstraps from the boundary in fewer links but lets the teacher's DDIM step e
 large and halves every so many epochs, down to ``TrainConfig.consistency_skip_min`` (``skip_at``).
 The floor is there because of a measurement: a reduced-width student distilled from the shipped
 baseline in bf16 with k = 80 halving every quarter epoch drew good digits while k ≥ 10 (2 steps:
-pseudo-FID 7.9 at epoch 1, N = 1,000), and collapsed to a few digits within half an epoch of k
-reaching 5, 2 and 1 (2 steps: 77 at epoch 1.5): at small k the two points differ by less than
+pseudo-FID 7.9 at epoch 1, N = 1,000), and collapsed to a few kinds of digit within half an
+epoch of k falling to 5, 2 and 1 (2 steps: 77 at epoch 1.5): at small k the two points differ by less than
 what bf16 and the teacher's step err by, and λ = 1/(σ_t − σ_r) multiplies that error.
 
 **BatchNorm** runs in eval mode in both branches, with the running statistics the student

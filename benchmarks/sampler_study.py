@@ -47,12 +47,11 @@ from minidiff.shipped import resolve_model
 
 # the sibling scripts: on sys.path already when this file runs as a script, not when imported by path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampling import parse_sampler, spec_of  # noqa: E402
+from bench_sampling import TOLERANCE, parse_sampler, spec_of  # noqa: E402
 from quality_curve import cache_key, row_of  # noqa: E402
 
 SAMPLERS = "ddim,ddim:eta=1,dpmpp2m,dpmpp3m"
 STEPS = "2,4,6,8,10,20"
-TOLERANCE = 0.10  # "as good as DDPM": pseudo-FID at most 10 % above its, as bench_sampling.py's verdict
 
 
 def study_specs(a: argparse.Namespace) -> list[SamplingSpec]:
@@ -139,6 +138,20 @@ def _best(rows: list[dict]) -> dict:
     return min(rows, key=lambda r: r["pseudo_fid"])
 
 
+def _best_lines(rows: list[dict], steps: list[int], group, shown) -> list[str]:
+    """A table line per value of ``group(row)``: at each step count, the lowest pseudo-FID among
+    that group's rows, with ``shown`` of the row that scored it."""
+    lines = []
+    for g in dict.fromkeys(map(group, rows)):
+        cells = []
+        for k in steps:
+            at = [r for r in rows if group(r) == g and r["steps"] == k]
+            best = _best(at) if at else None
+            cells.append(f"{best['pseudo_fid']:.2f} ({shown(best)})" if best else "—")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summary(rows: list[dict], tolerance: float = TOLERANCE) -> str:
     """This run's rows condensed, per model: the best grid of each sampler at each step count, the
     best sampler on each grid, and the fewest evaluations within ``tolerance`` of DDPM's pseudo-FID."""
@@ -153,20 +166,8 @@ def summary(rows: list[dict], tolerance: float = TOLERANCE) -> str:
             head += (f"Reference: DDPM over all {ref['steps']} steps, pseudo-FID {ref['pseudo_fid']:.2f}, "
                      f"confidence {ref['mean_confidence']:.3f}.\n\n")
         cols = "| " + " | ".join(f"{k} evaluations" for k in steps) + " |\n" + "|---" * (len(steps) + 1) + "|"
-        by_sampler = []
-        for name in dict.fromkeys(sampler_name(r) for r in fast):
-            cells = []
-            for k in steps:
-                at = [r for r in fast if sampler_name(r) == name and r["steps"] == k]
-                cells.append(f"{_best(at)['pseudo_fid']:.2f} ({_best(at)['spacing']})" if at else "—")
-            by_sampler.append(f"| {name} | " + " | ".join(cells) + " |")
-        by_grid = []
-        for spacing in dict.fromkeys(r["spacing"] for r in fast):
-            cells = []
-            for k in steps:
-                at = [r for r in fast if r["spacing"] == spacing and r["steps"] == k]
-                cells.append(f"{_best(at)['pseudo_fid']:.2f} ({sampler_name(_best(at))})" if at else "—")
-            by_grid.append(f"| {spacing} | " + " | ".join(cells) + " |")
+        by_sampler = _best_lines(fast, steps, sampler_name, lambda r: r["spacing"])
+        by_grid = _best_lines(fast, steps, lambda r: r["spacing"], sampler_name)
         verdict = ""
         if ref is not None:
             bound = (1 + tolerance) * ref["pseudo_fid"]

@@ -132,9 +132,8 @@ def test_run_is_the_whole_study(argv, out, monkeypatch, tmp_path, capsys):
 def test_train_flags_come_from_the_configs_fields(capsys):
     from minidiff.config import TRAIN_FLAGS, train_config
     assert TRAIN_FLAGS == ("epochs", "batch_size", "lr", "ema_decay", "distill_weight", "teacher", "objective",
-                           "consistency_skip", "consistency_skip_halving", "consistency_skip_min", "consistency_sigma_max",
-                           "label_dropout",
-                           "precision", "train_subset", "sample_every", "seed")
+                           "consistency_skip", "consistency_skip_halving", "consistency_skip_min",
+                           "consistency_sigma_max", "label_dropout", "precision", "train_subset", "sample_every", "seed")
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     text = capsys.readouterr().out

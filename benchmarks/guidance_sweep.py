@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     clf, _ = load_or_train_classifier()
     test, train = load_split("test"), load_split("train")
     labels, _ = digit_labels(DIGITS, a.n)
-    key = cache_key(spec, a.n, meta["config"]["diffusion"]["timesteps"], device)
+    key = cache_key(spec, a.n, meta, device)
     mine = []
     for w in weights:
         hit = [r for r in rows if r["sha256"] == meta["sha256"] and r["key"] == key and r["guidance"] == w

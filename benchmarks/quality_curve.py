@@ -31,19 +31,26 @@ from minidiff import checkpoint as ckpt
 from minidiff.cli import UserError, add_sampling_flags, sampling_spec
 from minidiff.config import SamplingSpec
 from minidiff.data import load_split
+from minidiff.diffusion import make_schedule
 from minidiff.files import atomic_write_bytes
 from minidiff.evaluate import METRICS_VERSION, evaluate_checkpoint
-from minidiff.modelfile import epochs_seen, images_seen
+from minidiff.modelfile import epochs_seen, images_seen, model_configs
 from minidiff.classifier import load_or_train_classifier
 from minidiff.runtime import cpu_name, default_device, resolve_precision, tune_allocator
+from minidiff.samplers import consistency_grid
 
 
-def cache_key(spec: SamplingSpec, n: int, timesteps: int, device: torch.device) -> dict:
+def cache_key(spec: SamplingSpec, n: int, meta: dict, device: torch.device) -> dict:
     """What a row's numbers depend on besides the weights and the metric definitions: every
-    field of ``spec`` as the evaluation runs it (steps resolved for a model of ``timesteps``,
-    precision for ``device``) and N."""
-    run = replace(spec.for_schedule(timesteps), precision=resolve_precision(spec.precision, device))
-    return dict(asdict(run), n=n)
+    field of ``spec`` as the evaluation runs it (steps resolved for the model whose header is
+    ``meta``, precision for ``device``), N, and for a consistency student the timesteps its
+    sampler visits (``consistency_grid``: the rule may change, as it did once)."""
+    run = replace(spec.for_schedule(meta["config"]["diffusion"]["timesteps"]),
+                  precision=resolve_precision(spec.precision, device))
+    key = dict(asdict(run), n=n)
+    if run.sampler == "consistency":
+        key["timesteps"] = consistency_grid(make_schedule(model_configs(meta, "the model")[1]), run.steps)
+    return key
 
 
 def row_of(path: Path, meta: dict, label: str, result: dict) -> dict:
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
             spec = sampling_spec(a, header=meta)  # without --sampler, the model's own (a student's)
         except UserError as e:
             ap.error(f"{path}: {e}")
-        key = cache_key(spec, a.n, meta["config"]["diffusion"]["timesteps"], device)
+        key = cache_key(spec, a.n, meta, device)
         keys.append(key)
         if any(r["sha256"] == meta["sha256"] and r.get("key") == key
                and r.get("metrics_version", 1) == METRICS_VERSION for r in rows):

@@ -94,8 +94,7 @@ def plan(a: argparse.Namespace, device: torch.device) -> list[tuple]:
     for model in a.models:
         path = resolve_model(model)
         meta = ckpt.read_header(path)
-        T = meta["config"]["diffusion"]["timesteps"]
-        todo += [(model, path, meta, spec, cache_key(spec, a.n, T, device)) for spec in study_specs(a)]
+        todo += [(model, path, meta, spec, cache_key(spec, a.n, meta, device)) for spec in study_specs(a)]
     return todo
 
 

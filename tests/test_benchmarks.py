@@ -60,6 +60,68 @@ def test_quality_curve_reuses_a_row_only_for_the_same_sampling_and_n(quality_cur
     assert len(rows) == 6 and len({json.dumps(r["key"], sort_keys=True) for r in rows}) == 6
 
 
+def test_quality_curve_keys_a_students_row_by_the_timesteps_its_sampler_visits(quality_curve, tmp_path, monkeypatch):
+    """A consistency row evaluated on another grid (the rule changed once) is not reused."""
+    from minidiff import checkpoint as ckpt
+    from minidiff.config import SamplingSpec
+    from minidiff.diffusion import make_schedule
+    qc, calls, _ = quality_curve
+    student = _student_file(tmp_path / "student.safetensors")
+    meta = ckpt.read_header(student)
+    key = qc.cache_key(SamplingSpec("consistency", 2), 20, meta, torch.device("cpu"))
+    assert key["timesteps"] == qc.consistency_grid(make_schedule(), 2) == [188, 144]
+    assert "timesteps" not in qc.cache_key(SamplingSpec(), 20, meta, torch.device("cpu"))
+    argv = [str(student), "--out", str(tmp_path / "c"), "--label", "s", "-n", "20"]
+    assert qc.main(argv) == 0 and qc.main(argv) == 0 and len(calls) == 1
+    monkeypatch.setattr(qc, "consistency_grid", lambda sched, steps: [188, 99])  # another rule
+    assert qc.main(argv) == 0 and len(calls) == 2
+
+
+def _student_file(path):
+    """An untrained tiny network in a consistency student's model file (T = 200)."""
+    from minidiff.config import train_config
+    from minidiff.modelfile import save_model
+    from minidiff.models.unet import SimpleUnet
+    from _support import tiny_unet_config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = SimpleUnet(tiny_unet_config())
+    return save_model(path, net, train_config("smoke", "reduced", objective="consistency", teacher="baseline"), step=2)
+
+
+def test_consistency_grid_search_samples_as_minidiff_does_and_tries_the_rule_and_the_earlier_grid(tmp_path, monkeypatch):
+    from minidiff.config import SamplingSpec
+    from minidiff.generate import generate
+    from minidiff.modelfile import load_model
+    cg = _benchmark("consistency_grid")
+    student = _student_file(tmp_path / "student.safetensors")
+    model, sched, _ = load_model(student)
+    # its sampling on the rule's grid is `minidiff sample`'s, sample for sample
+    assert torch.equal(cg.sample(model, sched, cg.consistency_grid(sched, 2), 5, 1),
+                       generate(model, sched, 5, SamplingSpec("consistency", 2, seed=1), progress=False))
+    monkeypatch.setattr(cg, "load_split", lambda split: fake_mnist(40, seed=0 if split == "train" else 1))
+    monkeypatch.setattr(cg, "load_or_train_classifier", lambda: (MnistClassifier().eval(), {}))
+    monkeypatch.setattr(cg, "grids", lambda s: [("one", [188]), ("rule", cg.consistency_grid(s, 2)), ("old", [188, 99])])
+    assert cg.main([str(student), "-n", "8", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["timesteps"] for r in result["rows"]] == [[188], [188, 144], [188, 99]] and result["seed"] == 1
+    assert all(r["pseudo_fid"] > 0 and 0 < r["mean_confidence"] <= 1 for r in result["rows"])
+    assert "[188, 144]" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(SystemExit):  # not a student
+        cg.main([str(tiny_model_file(tmp_path / "ddpm.safetensors")), "--out", str(tmp_path / "x")])
+
+
+def test_the_grid_search_covers_the_rule_the_earlier_grid_and_a_scan_without_repeats():
+    from minidiff.diffusion import make_schedule
+    cg = _benchmark("consistency_grid")
+    sched = make_schedule()
+    found = [g for _, g in cg.grids(sched)]
+    assert len(found) == len({tuple(g) for g in found})
+    for steps in (2, 3, 4):
+        assert cg.consistency_grid(sched, steps) in found
+    assert [188, 99] in found and [188, 149, 99, 49] in found and [188, 140] in found
+
+
 def test_quality_curve_evaluates_rows_written_without_a_key_again(quality_curve, tmp_path, capsys):
     qc, calls, _ = quality_curve
     model = shipped_path("reduced")

@@ -18,7 +18,7 @@ from minidiff.diffusion import make_schedule, predict_x0, q_sample
 from minidiff.generate import generate, initial_noise, make_eps_fn, sample_noise_seed
 from minidiff.modelfile import load_model
 from minidiff.models.unet import SimpleUnet
-from minidiff.samplers import consistency_grid, ddim_sample, run_sampler
+from minidiff.samplers import consistency_grid, consistency_sample, ddim_sample, run_sampler
 
 SCHED = make_schedule()
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -43,7 +43,23 @@ def test_t_max_and_the_grid_leave_out_the_clipped_tail_of_the_schedule():
     assert consistency_t_max(SCHED) == 197 and sigma[197] <= 80 < sigma[198]  # the training range's top
     assert consistency_start(SCHED) == 188 and sigma[188] <= 12 < sigma[189]   # where sampling starts
     assert [consistency_grid(SCHED, n) for n in (1, 2, 3, 4)] == [
-        [188], [188, 99], [188, 132, 66], [188, 149, 99, 49]]
+        [188], [188, 144], [188, 158, 129], [188, 166, 144, 121]]  # evenly from 188 towards T/2 - 1 = 99
+
+
+def test_the_consistency_sampler_runs_on_a_grid_it_is_given_and_refuses_one_that_does_not_decrease():
+    x_T = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    seen = []
+    def eps_fn(x, t):
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+    consistency_sample(eps_fn, SCHED, x_T, grid=[150, 120, 30])
+    assert seen == [150, 120, 30]
+    seen.clear()
+    consistency_sample(eps_fn, SCHED, x_T, steps=3)  # without a grid: the rule's
+    assert seen == consistency_grid(SCHED, 3)
+    for bad in ([], [120, 150], [150, 150], [250, 10], [10, -1]):
+        with pytest.raises(ValueError, match="consistency timesteps must decrease"):
+            consistency_sample(eps_fn, SCHED, x_T, grid=bad)
 
 
 def test_the_boundary_condition_holds_to_the_schedules_first_noise_level():
@@ -208,8 +224,8 @@ def test_two_steps_renoise_each_sample_from_its_own_stream_whatever_the_batch():
     x0 = predict_x0(SCHED, x_T, _batch_t(188, 5), eps_fn(x_T, _batch_t(188, 5))).clamp(-1, 1)
     z = torch.stack([torch.randn((1, 28, 28), generator=torch.Generator().manual_seed(sample_noise_seed(3, i)))
                      for i in range(5)])
-    x_99 = SCHED.sqrt_alpha_bars[99] * x0 + SCHED.sqrt_one_minus_alpha_bars[99] * z
-    want = predict_x0(SCHED, x_99, _batch_t(99, 5), eps_fn(x_99, _batch_t(99, 5))).clamp(-1, 1)
+    x_1 = SCHED.sqrt_alpha_bars[144] * x0 + SCHED.sqrt_one_minus_alpha_bars[144] * z  # the grid [188, 144]
+    want = predict_x0(SCHED, x_1, _batch_t(144, 5), eps_fn(x_1, _batch_t(144, 5))).clamp(-1, 1)
     torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
     whole = generate(net, SCHED, 5, SamplingSpec("consistency", 3, seed=3), progress=False)
     for batch in (1, 2):  # the same samples, up to the convolutions' batch-dependent rounding (× 1/√ᾱ_t)
@@ -223,7 +239,7 @@ def test_the_callback_sees_each_grid_point_and_the_last_x_is_the_sample():
     seen = []
     x = run_sampler(SamplingSpec("consistency", 3), lambda x, t: 0.3 * x, SCHED, initial_noise(2, 0),
                     torch.Generator().manual_seed(0), callback=lambda info: seen.append(info))
-    assert [(i["step"], i["steps"], i["t"]) for i in seen] == [(1, 3, 188), (2, 3, 132), (3, 3, 66)]
+    assert [(i["step"], i["steps"], i["t"]) for i in seen] == [(1, 3, 188), (2, 3, 158), (3, 3, 129)]
     assert torch.equal(seen[-1]["x"], x) and torch.equal(seen[-1]["x0"], x)
 
 

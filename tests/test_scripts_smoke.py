@@ -574,6 +574,7 @@ def test_a_student_ships_with_its_own_sampling_on_its_card_and_its_page(monkeypa
     c = card(dest)
     assert c["own_sampling"] == "consistency2" and sorted(c["evaluation"]) == ["consistency1", "consistency2", "consistency4"]
     assert c["evaluation"]["consistency2"]["pseudo_fid"] == rows[1]["pseudo_fid"]
+    assert c["evaluation"]["consistency2"]["timesteps"] == [188, 144]  # the grid it was scored on
     assert (c["recipe"]["objective"], c["recipe"]["teacher"]) == ("consistency", "baseline")
     assert (c["recipe"]["consistency_skip"], c["recipe"]["consistency_skip_halving"],
             c["recipe"]["consistency_sigma_max"]) == (10, 0.0, 80.0)

@@ -33,8 +33,9 @@ from minidiff.shipped import card, shipped_path
 def _how_sampled(r: dict) -> dict:
     """What a card states beside a benchmark row's numbers: N, seed, η, grid, precision, device."""
     s = r["sampling"]
+    grid = {"timesteps": r["key"]["timesteps"]} if "timesteps" in r.get("key", {}) else {}  # a student's
     return dict(n=s["n"], seed=s["seed"], eta=s.get("eta"), spacing=s.get("spacing"),
-                precision_mode=s["precision"], device=r["device"].get("device"))
+                precision_mode=s["precision"], device=r["device"].get("device"), **grid)
 
 
 def _eval_rows(curve: Path, sha: str) -> dict:

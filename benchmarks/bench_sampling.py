@@ -8,8 +8,9 @@ One run on one checkpoint, three parts:
                T = 200 steps, fp32 eager, BN unfused, NCHW, batch 100, glibc malloc defaults
                (MINIDIFF_NO_MALLOPT=1). It still runs under inference_mode (make_eps_fn), so the
                speed-ups below are, if anything, low.
-     minidiff  generate(): allocator fix, BN folded, channels_last, inference_mode, fp32, for
-               ddpm-200 and every sampler x steps below, at each --batch-sizes.
+     minidiff  generate(): allocator fix, BN folded, channels_last, inference_mode, fp32 (or
+               each of --precisions: bf16 where the CPU computes it natively), for ddpm-200 and
+               every sampler x steps below, at each --batch-sizes.
    Each configuration is timed on K = --extrapolate-from samples after a warm-up of two untimed
    network evaluations on one batch, and scaled linearly to --n-speed; the tables mark those
    numbers "extrapolated from K". The verdict configuration is then timed again on all
@@ -41,8 +42,9 @@ down several-fold):
         --out runs/bench_sampling                      # defaults: ~2.5 h on a 2-core AVX2 CPU
     .venv/bin/python benchmarks/bench_sampling.py MODEL --out /tmp/bs --n-quality 64 \\
         --n-speed 200 --extrapolate-from 20 --steps 5,10   # a look at the output: ~8 min
-    .venv/bin/python benchmarks/bench_sampling.py baseline --student student \\
-        --out runs/bench_speedup                        # the few-step student beside its teacher
+    .venv/bin/python benchmarks/bench_sampling.py baseline --student student --n-quality 1000 \\
+        --samplers ddim:eta=1,dpmpp3m:spacing=logsnr --steps 20 --precisions fp32,bf16 --no-confirm \\
+        --out runs/bench_speedup    # the few-step student beside its teacher (~40 min, AMX Xeon)
 
 Default run time on an idle 2-core AVX2 CPU, 2 threads, fp32 (~7 ms per network evaluation per
 image for minidiff's path at batch 256; the naive loop ~1.3-2x that): naive 500 x 200 evaluations
@@ -107,7 +109,8 @@ def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n:
     model, sched, meta = load_model(ckpt)
     macs = M.macs_per_eval(model, torch.zeros(1, 1, 28, 28), torch.zeros(1))
     # naive: the caller's model itself; minidiff: generate() builds the same wrapper per call
-    eps_fn = make_eps_fn(model, "fp32", channels_last=not naive, fold_bn=not naive)
+    precision = "fp32" if naive else (options or {}).get("precision", "fp32")  # naive: always fp32
+    eps_fn = make_eps_fn(model, precision, channels_last=not naive, fold_bn=not naive)
     x = initial_noise(min(batch, n), seed + 1_000_003)
     t = torch.full((x.shape[0],), sched.T - 1)
     for _ in range(2):  # warm-up: oneDNN primitives, the heap
@@ -115,7 +118,7 @@ def time_config(ckpt: str, sampler: str, steps: int, batch: int, naive: bool, n:
     t0 = time.perf_counter()
     # the wrapper built inside the timed region, as generate() builds its own; it counts the
     # images through the network. naive: BN unfused, NCHW, the paper's exact ε-form (no x̂0 clip)
-    counted = CountedEps(make_eps_fn(model, "fp32", channels_last=not naive, fold_bn=not naive))
+    counted = CountedEps(make_eps_fn(model, precision, channels_last=not naive, fold_bn=not naive))
     generate(model, sched, n, spec_of(sampler, steps, options or {}, seed=seed, batch_size=batch),
              progress=False, eps_fn=counted, clip_x0=not naive)
     seconds = time.perf_counter() - t0
@@ -224,7 +227,13 @@ def plot(quality: dict, tol: float, path: Path) -> None:
 
 
 def _ddpm_fid(quality: dict) -> float:
-    return next(r["pseudo_fid"] for r in quality["rows"] if r["sampler"] == "ddpm")
+    """The reference: ddpm's pseudo-FID at the first of --precisions (fp32 by default)."""
+    return next(r["pseudo_fid"] for r in quality["rows"] if r["sampler"].split()[0] == "ddpm")
+
+
+def at_precision(options: dict, precision: str) -> dict:
+    """A configuration's options at ``precision`` (fp32, the default, is left unnamed)."""
+    return options if precision == "fp32" else dict(options, precision=precision)
 
 
 def _speed_table(rows: list[dict], naive_s: float, n_speed: int) -> str:
@@ -249,6 +258,10 @@ def main() -> None:
                     help="fast samplers; ddim:eta=1 is DDIM with eta = 1 (plain ddim: eta = 0)")
     ap.add_argument("--steps", default="5,10,20", help="step counts for each fast sampler")
     ap.add_argument("--batch-sizes", default="256", help="minidiff's batch sizes to time")
+    ap.add_argument("--precisions", default="fp32",
+                    help="minidiff's precisions, fp32 and/or bf16 (e.g. fp32,bf16): every configuration, "
+                         "ddpm and the student included, timed and scored at each; the naive loop is "
+                         "always fp32, and the reference is ddpm at the first one named")
     ap.add_argument("--naive-batch", type=int, default=100)
     ap.add_argument("--tolerance", type=float, default=TOLERANCE, help="allowed pseudo-FID excess over ddpm")
     ap.add_argument("--seed", type=int, default=0)
@@ -281,14 +294,18 @@ def main() -> None:
         student_steps = [int(k) for k in a.student_steps.split(",")] if student else []
     except (CheckpointError, ValueError) as e:
         ap.error(str(e))
+    precisions = a.precisions.split(",")
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions) or len(set(precisions)) < len(precisions):
+        ap.error(f"--precisions takes fp32 and/or bf16, each once, got {a.precisions}")
     if any(not 1 <= k <= 4 for k in student_steps):
         ap.error(f"--student-steps must each be 1 to 4, got {a.student_steps}")
 
     tune_allocator()  # this process only samples for quality; the timed workers set their own
     T = load_model(a.ckpt).meta["config"]["diffusion"]["timesteps"]
-    configs = [("ddpm", T, {})] + [(s, spec_of(s, int(k), o).for_schedule(T).steps, o) for s, o in
-                                    map(parse_sampler, a.samplers.split(","))
-                                    for k in a.steps.split(",")]
+    configs = [(s, steps, at_precision(o, p)) for p in precisions
+               for s, steps, o in [("ddpm", T, {})] + [(s, spec_of(s, int(k), o).for_schedule(T).steps, o)
+                                                       for s, o in map(parse_sampler, a.samplers.split(","))
+                                                       for k in a.steps.split(",")]]
     k = min(a.extrapolate_from, a.n_speed)
     naive_spec = dict(sampler="ddpm", steps=T, batch=a.naive_batch, naive=True, n=k, seed=a.seed)
     naive = run_worker(a.ckpt, naive_spec, a.n_speed)
@@ -309,10 +326,11 @@ def main() -> None:
         fast.append(best)
     speedup = naive["wall_s"] / best["wall_s"]
     # the student: its own sampler at each of its steps, timed and scored as the rest
-    students = [dict(run_worker(student, dict(sampler="consistency", steps=st, batch=int(a.batch_sizes.split(",")[0]),
-                                              naive=False, n=k, seed=a.seed), a.n_speed), config="student")
-                for st in student_steps]
-    s_quality = pseudo_fids(student, [("consistency", st, {}) for st in student_steps], a.n_quality, a.seed,
+    s_configs = [("consistency", st, at_precision({}, p)) for p in precisions for st in student_steps]
+    students = [dict(run_worker(student, dict(sampler=s, steps=st, batch=int(a.batch_sizes.split(",")[0]),
+                                              naive=False, n=k, seed=a.seed, options=o), a.n_speed), config="student")
+                for s, st, o in s_configs]
+    s_quality = pseudo_fids(student, s_configs, a.n_quality, a.seed,
                             None if a.no_cache else a.out / "quality_cache.json") if student else None
 
     m = naive["machine"]
@@ -347,9 +365,9 @@ def main() -> None:
     student_verdicts = []
     for r, q in zip(students, s_quality["rows"] if s_quality else []):
         ratio, x = q["pseudo_fid"] / ref, naive["wall_s"] / r["wall_s"]
-        student_verdicts.append(dict(steps=r["steps"], pseudo_fid=q["pseudo_fid"], vs_ddpm=ratio, speedup=x,
-                                     meets=ratio <= 1.5 and x >= 100))
-        print(f"student, {r['steps']} step{'s' * (r['steps'] > 1)}: pseudo-FID {q['pseudo_fid']:.3f} = "
+        student_verdicts.append(dict(steps=r["steps"], sampler=r["sampler"], pseudo_fid=q["pseudo_fid"],
+                                     vs_ddpm=ratio, speedup=x, meets=ratio <= 1.5 and x >= 100))
+        print(f"student ({r['sampler']}), {r['steps']} step{'s' * (r['steps'] > 1)}: pseudo-FID {q['pseudo_fid']:.3f} = "
               f"{ratio:.2f}x ddpm-{T}'s; {a.n_speed:,} samples in {r['wall_s']:,.1f} s ({how(r)}) -> {x:.1f}x "
               f"the naive loop ({'meets' if student_verdicts[-1]['meets'] else 'MISSES'} the goal: >= 100x "
               "within 1.5x ddpm's pseudo-FID)")

@@ -274,7 +274,8 @@ def test_bench_sampling_times_samples_scores_and_judges(monkeypatch, fake_data, 
 @pytest.mark.slow
 def test_bench_sampling_sets_a_student_beside_the_naive_loop(monkeypatch, fake_data, tmp_path, capsys):
     """--student: the student at each of its steps is timed in its own worker with its own sampler,
-    scored on the same N and seed, and judged against the teacher's ddpm and the naive loop."""
+    scored on the same N and seed, and judged against the teacher's ddpm and the naive loop; with
+    --precisions fp32,bf16 every minidiff configuration runs at both, the naive loop in fp32 only."""
     bs = load_script("benchmarks", "bench_sampling")
     teacher = tiny_model_file(tmp_path / "t20.safetensors", timesteps=20)
     student = tiny_model_file(tmp_path / "s20.safetensors", timesteps=20, seed=1)
@@ -284,25 +285,34 @@ def test_bench_sampling_sets_a_student_beside_the_naive_loop(monkeypatch, fake_d
     monkeypatch.setattr(sys, "argv", ["bench_sampling.py", str(teacher), "--student", str(student),
                                       "--student-steps", "1,2", "--n-quality", "4", "--n-speed", "4",
                                       "--extrapolate-from", "4", "--samplers", "ddim", "--steps", "2",
-                                      "--batch-sizes", "2", "--naive-batch", "2", "--out", str(out_dir)])
+                                      "--batch-sizes", "2", "--naive-batch", "2", "--precisions", "fp32,bf16",
+                                      "--out", str(out_dir)])
     bs.main()
     workers = [(args[0], json.loads(args[args.index("--worker") + 1])) for args, _ in calls]
-    assert [(path, w["sampler"], w["steps"]) for path, w in workers[-2:]] == [
-        (str(student), "consistency", 1), (str(student), "consistency", 2)]
+    assert [(w["sampler"], w["naive"], w.get("options", {}).get("precision")) for _, w in workers[:5]] == [
+        ("ddpm", True, None), ("ddpm", False, None), ("ddim", False, None), ("ddpm", False, "bf16"),
+        ("ddim", False, "bf16")]
+    assert [(path, w["sampler"], w["steps"], w["options"].get("precision")) for path, w in workers[-4:]] == [
+        (str(student), "consistency", 1, None), (str(student), "consistency", 2, None),
+        (str(student), "consistency", 1, "bf16"), (str(student), "consistency", 2, "bf16")]
     result = json.loads((out_dir / "bench_sampling.json").read_text())
-    assert [(r["config"], r["steps"], r["nfe"]) for r in result["student"]] == [("student", 1, 1), ("student", 2, 2)]
-    assert [(r["sampler"], r["steps"]) for r in result["student_quality"]["rows"]] == [("consistency", 1),
-                                                                                       ("consistency", 2)]
-    ref = result["quality"]["rows"][0]["pseudo_fid"]  # the teacher's ddpm
+    assert [(r["config"], r["steps"], r["nfe"]) for r in result["student"]] == [("student", 1, 1), ("student", 2, 2)] * 2
+    assert [(r["sampler"], r["steps"]) for r in result["student_quality"]["rows"]] == [
+        ("consistency", 1), ("consistency", 2), ("consistency precision=bf16", 1), ("consistency precision=bf16", 2)]
+    assert [r["sampler"] for r in result["quality"]["rows"]] == ["ddpm", "ddim", "ddpm precision=bf16",
+                                                                 "ddim precision=bf16"]
+    ref = result["quality"]["rows"][0]["pseudo_fid"]  # the teacher's ddpm, fp32: the first precision named
     for v, q in zip(result["student_verdicts"], result["student_quality"]["rows"]):
         assert v["vs_ddpm"] == pytest.approx(q["pseudo_fid"] / ref) and v["speedup"] > 0
         assert v["meets"] == (v["vs_ddpm"] <= 1.5 and v["speedup"] >= 100)
     out = capsys.readouterr().out
-    assert "student, 1 step: pseudo-FID" in out and "student, 2 steps: pseudo-FID" in out
+    assert "student (consistency), 1 step: pseudo-FID" in out and "student (consistency), 2 steps: pseudo-FID" in out
+    assert "student (consistency precision=bf16), 2 steps: pseudo-FID" in out
 
 
 @pytest.mark.parametrize("flags, says", [(["--student", "no-such-model"], "no-such-model"),
-                                         (["--student-steps", "2,5"], "--student-steps must each be 1 to 4")])
+                                         (["--student-steps", "2,5"], "--student-steps must each be 1 to 4"),
+                                         (["--precisions", "fp16"], "--precisions takes fp32 and/or bf16")])
 def test_bench_sampling_refuses_a_bad_student_in_one_line(monkeypatch, tmp_path, capsys, flags, says):
     bs = load_script("benchmarks", "bench_sampling")
     teacher = tiny_model_file(tmp_path / "t20.safetensors", timesteps=20)

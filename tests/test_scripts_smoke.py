@@ -284,7 +284,7 @@ def test_bench_sampling_sets_a_student_beside_the_naive_loop(monkeypatch, fake_d
     out_dir = tmp_path / "bs"
     monkeypatch.setattr(sys, "argv", ["bench_sampling.py", str(teacher), "--student", str(student),
                                       "--student-steps", "1,2", "--n-quality", "4", "--n-speed", "4",
-                                      "--extrapolate-from", "4", "--samplers", "ddim", "--steps", "2",
+                                      "--extrapolate-from", "2", "--samplers", "ddim", "--steps", "2",
                                       "--batch-sizes", "2", "--naive-batch", "2", "--precisions", "fp32,bf16",
                                       "--out", str(out_dir)])
     bs.main()
@@ -292,9 +292,9 @@ def test_bench_sampling_sets_a_student_beside_the_naive_loop(monkeypatch, fake_d
     assert [(w["sampler"], w["naive"], w.get("options", {}).get("precision")) for _, w in workers[:5]] == [
         ("ddpm", True, None), ("ddpm", False, None), ("ddim", False, None), ("ddpm", False, "bf16"),
         ("ddim", False, "bf16")]
-    assert [(path, w["sampler"], w["steps"], w["options"].get("precision")) for path, w in workers[-4:]] == [
-        (str(student), "consistency", 1, None), (str(student), "consistency", 2, None),
-        (str(student), "consistency", 1, "bf16"), (str(student), "consistency", 2, "bf16")]
+    assert [(path, w["sampler"], w["steps"], w["options"].get("precision"), w["n"]) for path, w in workers[-4:]] == [
+        (str(student), "consistency", 1, None, 4), (str(student), "consistency", 2, None, 4),
+        (str(student), "consistency", 1, "bf16", 4), (str(student), "consistency", 2, "bf16", 4)]
     result = json.loads((out_dir / "bench_sampling.json").read_text())
     assert [(r["config"], r["steps"], r["nfe"]) for r in result["student"]] == [("student", 1, 1), ("student", 2, 2)] * 2
     assert [(r["sampler"], r["steps"]) for r in result["student_quality"]["rows"]] == [

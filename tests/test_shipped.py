@@ -95,7 +95,9 @@ SHIPPED = shipped.available()
 
 def test_the_trained_models_and_the_classifier_ship():
     assert {"baseline", "reduced", "classifier"} <= set(SHIPPED)
-    assert sum(p.stat().st_size for p in SHIPPED.values()) <= 40_000_000  # the repository stays small
+    # the repository stays small: eight files, the largest the baseline-width ones (10.2 MB each:
+    # baseline, and the few-step student distilled from it at its widths, 46.5 MB in all)
+    assert sum(p.stat().st_size for p in SHIPPED.values()) <= 48_000_000
 
 
 @pytest.mark.parametrize("name", [n for n in shipped.DIFFUSION_NAMES if n in SHIPPED])

@@ -226,6 +226,41 @@ def plot(quality: dict, tol: float, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_speedup(result: dict, path: Path) -> None:
+    """pseudo-FID against the wall time of --n-speed samples, one point per configuration that was
+    both timed and scored (the student's included), the naive loop's time and the goal marked:
+    >= 100x faster than the naive loop (left of the dotted line) within 1.5x ddpm's pseudo-FID
+    (below the dashed one)."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless
+    import matplotlib.pyplot as plt
+
+    ref, naive_s = _ddpm_fid(result["quality"]), result["naive"]["wall_s"]
+    fid = {(r["sampler"], r["steps"]): r["pseudo_fid"] for q in (result["quality"], result.get("student_quality"))
+           if q for r in q["rows"]}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in result["minidiff"] + result.get("student", []):
+        if (r["sampler"], r["steps"]) not in fid or "verdict" in r["config"]:
+            continue
+        student, bf16 = r["config"] == "student", "bf16" in r["sampler"]
+        xy = (r["wall_s"], fid[r["sampler"], r["steps"]])
+        ax.plot(*xy, "s" if student else "o", color="C1" if bf16 else "C0")
+        name = "student" if student else r["sampler"].split()[0]  # bf16 labels left of their point
+        ax.annotate(f"{name} {r['steps']}", xy, fontsize=7, xytext=(-5 if bf16 else 5, 3 if bf16 else -9),
+                    textcoords="offset points", ha="right" if bf16 else "left")
+    ax.axvline(naive_s, color="k", lw=1, label=f"naive loop (ddpm, fp32): {naive_s:,.0f} s")
+    ax.axvline(naive_s / 100, color="k", ls=":", lw=1, label="100x faster than the naive loop")
+    ax.axhline(1.5 * ref, color="k", ls="--", lw=1, label=f"1.5x ddpm-{result['quality']['T']}'s pseudo-FID ({1.5 * ref:.2f})")
+    ax.plot([], [], "o", color="C0", label="fp32 (squares: the student)")
+    ax.plot([], [], "o", color="C1", label="bf16")
+    ax.set(xscale="log", yscale="log", xlabel=f"wall time for {int(result['args']['n_speed']):,} samples (s)",
+           ylabel="pseudo-FID", title=f"quality against time, N = {result['quality']['n']:,} for pseudo-FID")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _ddpm_fid(quality: dict) -> float:
     """The reference: ddpm's pseudo-FID at the first of --precisions (fp32 by default)."""
     return next(r["pseudo_fid"] for r in quality["rows"] if r["sampler"].split()[0] == "ddpm")
@@ -376,12 +411,14 @@ def main() -> None:
 
     a.out.mkdir(parents=True, exist_ok=True)
     plot(quality, a.tolerance, a.out / "pseudo_fid_vs_steps.png")
-    write_json(dict(kind="bench_sampling", argv=sys.argv, args={k: str(v) for k, v in vars(a).items()},
-                    machine=m, naive=naive, minidiff=fast, quality=quality, student=students,
-                    student_quality=s_quality, student_verdicts=student_verdicts,
-                    verdict=dict(best, speedup=speedup, tolerance=a.tolerance, text=verdict)),
-               a.out / "bench_sampling.json")
-    print(f"\nwrote {a.out / 'bench_sampling.json'} and {a.out / 'pseudo_fid_vs_steps.png'}")
+    result = dict(kind="bench_sampling", argv=sys.argv, args={k: str(v) for k, v in vars(a).items()},
+                  machine=m, naive=naive, minidiff=fast, quality=quality, student=students,
+                  student_quality=s_quality, student_verdicts=student_verdicts,
+                  verdict=dict(best, speedup=speedup, tolerance=a.tolerance, text=verdict))
+    write_json(result, a.out / "bench_sampling.json")
+    plot_speedup(result, a.out / "pseudo_fid_vs_time.png")
+    print(f"\nwrote {a.out / 'bench_sampling.json'}, {a.out / 'pseudo_fid_vs_steps.png'} and "
+          f"{a.out / 'pseudo_fid_vs_time.png'}")
 
 
 if __name__ == "__main__":

@@ -258,6 +258,7 @@ def test_bench_sampling_times_samples_scores_and_judges(monkeypatch, fake_data, 
     assert result["quality"]["n"] == 4 and result["verdict"]["speedup"] > 0
     assert result["naive"]["nfe"] == 20 and result["minidiff"][1]["nfe"] == 2
     assert (out_dir / "pseudo_fid_vs_steps.png").stat().st_size > 0
+    assert (out_dir / "pseudo_fid_vs_time.png").stat().st_size > 0  # the speed-up: quality against time
     assert len(json.loads((out_dir / "quality_cache.json").read_text())) == 3
     out = capsys.readouterr().out
     assert "## Verdict" in out and "fastest configuration within 10% of ddpm-20" in out

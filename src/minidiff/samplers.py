@@ -317,8 +317,9 @@ def consistency_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, steps:
                        clip_x0: bool = True, grid: Sequence[int] | None = None) -> torch.Tensor:
     """Multistep consistency sampling, Song et al. 2023 Algorithm 1, on ``consistency_grid``
     t_0 > t_1 > … (or on the decreasing timesteps ``grid`` given, which overrides ``steps``), with
-    f(x, t) the student's x̂_0 = (x − √(1 − ᾱ_t) ε̂)/√ᾱ_t (clipped with ``clip_x0``). x_T stands for x_{t_0} (it lacks only √ᾱ_{t_0} x_0, 0.086 x_0 here, as DDIM's
-    grids that start at t = 190 from pure noise lack 0.070 x_0):
+    f(x, t) the student's x̂_0 = (x − √(1 − ᾱ_t) ε̂)/√ᾱ_t (clipped with ``clip_x0``). x_T stands
+    for x_{t_0} (it lacks only √ᾱ_{t_0} x_0, 0.086 x_0 here, as DDIM's grids that start at t = 190
+    from pure noise lack 0.070 x_0):
 
     x̂_0 = f(x_T, t_0);  for i ≥ 1: x_{t_i} = √ᾱ_{t_i} x̂_0 + √(1 − ᾱ_{t_i}) z,  x̂_0 = f(x_{t_i}, t_i),
 

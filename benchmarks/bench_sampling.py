@@ -29,9 +29,10 @@ One run on one checkpoint, three parts:
    ddpm-200's at the same N, and its speed-up over the naive loop (target: >= 25x).
 4. With --student MODEL (a few-step consistency student, e.g. the shipped name ``student``): the
    student at each --student-steps (1, 2, 4) with its own sampler, timed on all --n-speed samples
-   (cheap at its few evaluations) and scored the same way (same N, seed and x_T), each with its speed-up over the naive loop and its pseudo-FID against
-   the teacher's ddpm-200 above: the goal is >= 100x the naive loop within 1.5x ddpm-200's
-   pseudo-FID.
+   (cheap at its few evaluations) and scored the same way (same N, seed and x_T), each with its
+   speed-up over the naive loop and its pseudo-FID against the teacher's ddpm-200 above: the goal
+   is >= 100x the naive loop within 1.5x ddpm-200's pseudo-FID (pseudo_fid_vs_time.png shows
+   every scored configuration against that corner).
 
 Samplers are named like ``ddim``, ``ddim:eta=1`` or ``ddim:eta=1:spacing=trailing``.
 

@@ -54,8 +54,7 @@ def grids(sched, t_ends=(60, 80, None, 120), scan=(99, 120, 130, 140, 150, 160, 
         out.append((f"{steps} steps, trailing (the earlier rule)",
                     [t0, *timestep_grid(sched.T, steps, "trailing")[1:]]))
         for t_end in t_ends:
-            g = (consistency_grid(sched, steps) if t_end is None else
-                 [round(t0 - i * (t0 - t_end) / steps) for i in range(steps)])
+            g = consistency_grid(sched, steps, toward=t_end)
             rule = " (minidiff's rule)" if t_end is None else ""
             out.append((f"{steps} steps, even towards {sched.T // 2 - 1 if t_end is None else t_end}{rule}", g))
     out += [(f"2 steps, t_1 = {t1}", [t0, t1]) for t1 in scan]

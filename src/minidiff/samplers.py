@@ -289,7 +289,7 @@ def _dpmpp_increment(x0s: list[torch.Tensor], hs: list[torch.Tensor], h: torch.T
     return -phi1 * m0 + phi2 * d1 - phi3 * d2
 
 
-def consistency_grid(sched: Schedule, steps: int) -> list[int]:
+def consistency_grid(sched: Schedule, steps: int, toward: int | None = None) -> list[int]:
     """The decreasing timesteps of multistep consistency sampling: first the largest t with
     σ_t = √((1 − ᾱ_t)/ᾱ_t) ≤ 12 (``consistency.consistency_start``: 188 here, below the top of
     the student's training range, 197, where an ε-network's x̂_0 is too imprecise — measured,
@@ -302,13 +302,13 @@ def consistency_grid(sched: Schedule, steps: int) -> list[int]:
     and so was this rule, on the baseline-width student's samples with another seed than its
     card's (``benchmarks/consistency_grid.py``): re-noising high, where the student's one-step
     map is best, scores well below the trailing grid's [188, 99] and [188, 149, 99, 49]
-    (pseudo-FID 3.9 against 4.7 at 2 steps, 1.8 against 2.8 at 4, N = 1,000)."""
+    (pseudo-FID 3.9 against 4.7 at 2 steps, 1.8 against 2.8 at 4, N = 1,000). ``toward`` replaces
+    t_mid (that search's other members)."""
     t0 = consistency_start(sched)
-    t_mid = sched.T // 2 - 1
+    t_mid = sched.T // 2 - 1 if toward is None else toward
     grid = [round(t0 - i * (t0 - t_mid) / steps) for i in range(steps)]
     if t0 <= t_mid or any(a <= b for a, b in zip(grid, grid[1:])):
-        raise ValueError(f"{steps} consistency steps do not fit between t_0 = {t0} and T/2 - 1 = {t_mid} "
-                         f"(T = {sched.T})")
+        raise ValueError(f"{steps} consistency steps do not fit between t_0 = {t0} and {t_mid} (T = {sched.T})")
     return grid
 
 
@@ -327,9 +327,12 @@ def consistency_sample(eps_fn: EpsFn, sched: Schedule, x_T: torch.Tensor, steps:
     sample is given); the sample is the last x̂_0. Each step's ``x`` in the callback is the state
     at the next grid point, the sample after the last."""
     s = sched.to(x_T.device)
-    grid = consistency_grid(sched, steps) if grid is None else [int(t) for t in grid]
-    if not grid or any(a <= b for a, b in zip(grid, grid[1:])) or not 0 <= grid[-1] <= grid[0] < sched.T:
-        raise ValueError(f"consistency timesteps must decrease within [0, {sched.T - 1}], got {grid}")
+    if grid is None:
+        grid = consistency_grid(sched, steps)
+    else:  # the rule's grid is checked where it is made
+        grid = [int(t) for t in grid]
+        if not grid or any(a <= b for a, b in zip(grid, grid[1:])) or not 0 <= grid[-1] <= grid[0] < sched.T:
+            raise ValueError(f"consistency timesteps must decrease within [0, {sched.T - 1}], got {grid}")
     x = x_T
     for i, t in enumerate(grid):
         _, x0 = model_predictions(eps_fn, s, x, t, clip_x0)
